@@ -1,0 +1,85 @@
+"""ClientApp: compute the gradient of this client's local batch and send it back.
+
+Per round the server sends the global weights and this client's ``local-batch-size`` b_i,
+``micro-batch-size``, ``local-steps`` H and ``lr``. The client draws b_i examples from an
+epoch-wise shuffle of its partition (position kept in ``context.state``), accumulates the
+mean-loss gradient over micro-batches, and replies with it (H = 1) or with the
+pseudo-gradient (w_0 - w_H) / lr of H local SGD steps (H > 1), plus its BatchNorm buffers
+and b_i, loss, compute seconds and peak memory.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from client_app.job import get_job, peak_memory_mb
+from workloads.config import ConfigError, RunConfig
+from workloads.training import batch_gradient, draw_batch, local_sgd
+
+app = ClientApp()
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    """Reply with this client's gradient for the round (see the module docstring)."""
+    cfg = RunConfig.from_mapping(context.run_config)
+    pid = int(context.node_config.get("partition-id", 0))
+    nparts = int(context.node_config.get("num-partitions", 1))
+    job = get_job(cfg, pid, nparts)
+    conf = msg.content["config"]
+    b, micro = int(conf["local-batch-size"]), int(conf["micro-batch-size"])
+    steps, lr, rnd = int(conf["local-steps"]), float(conf["lr"]), int(conf["server-round"])
+    n = len(job.partition)
+    if b > n:
+        raise ConfigError(
+            f"run-config key 'global-batch-size' = {cfg.global_batch_size}: this client's local "
+            f"batch b_i = {b} exceeds its partition ({n} examples, partition-id {pid} of {nparts})."
+        )
+
+    sampler = context.state.config_records.get("sampler", ConfigRecord({"epoch": 0, "cursor": 0}))
+    epoch, cursor = int(sampler["epoch"]), int(sampler["cursor"])
+    batches = []
+    for _ in range(steps):
+        pos, epoch, cursor = draw_batch(n, b, cfg.seed * 7919 + pid, epoch, cursor)
+        idx = job.partition[pos]
+        batches.append((job.splits.x_train[idx], job.splits.y_train[idx]))
+    context.state["sampler"] = ConfigRecord({"epoch": epoch, "cursor": cursor})
+
+    model = job.model
+    model.load_state_dict(msg.content["arrays"].to_torch_state_dict())
+    model.train()
+    gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + rnd * 1009 + pid)
+    inputs = job.inputs_fn(gen)
+    if job.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(job.device)
+    t0 = time.perf_counter()
+    if steps == 1:
+        loss = batch_gradient(model, job.loss_fn, inputs, *batches[0], micro)
+        grads = [p.grad.detach() for p in model.parameters()]
+    else:
+        grads, loss = local_sgd(model, job.loss_fn, inputs, batches, lr, micro)
+    if job.device.type == "cuda":
+        torch.cuda.synchronize(job.device)
+    compute_s = time.perf_counter() - t0
+
+    names = [name for name, _ in model.named_parameters()]
+    content = RecordDict({
+        "grads": ArrayRecord({k: g.cpu() for k, g in zip(names, grads)}),
+        "metrics": MetricRecord({
+            "num-examples": b,
+            "train-loss": loss,
+            "compute-s": compute_s,
+            "peak-mem-mb": peak_memory_mb(job.device),
+            "micro-batch-size": min(micro, b),
+            "partition-id": pid,
+            "partition-size": n,
+        }),
+    })
+    buffers = {k: v.detach().cpu() for k, v in model.named_buffers()}
+    if buffers:
+        content["buffers"] = ArrayRecord(buffers)
+    return Message(content=content, reply_to=msg)

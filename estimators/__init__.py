@@ -1,0 +1,1 @@
+"""Estimators: the memory estimator and the parallel performance model."""

@@ -1,0 +1,1 @@
+"""Launcher, benchmarks and experiments (not part of the app bundle's runtime path)."""

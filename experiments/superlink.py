@@ -1,0 +1,217 @@
+"""A private local SuperLink for one checkout: start it, submit a run, judge it, stop it.
+
+Flower 1.42's ``flwr run`` starts a detached SuperLink that outlives it, reuses any healthy
+SuperLink on its port (even another checkout's), installs dependencies with ``uv sync`` per
+run unless told not to, and exits 0 when the run failed. This module avoids all four: it
+starts its own SuperLink on a free port with ``FLWR_HOME`` inside the checkout, runtime
+dependency installation, telemetry and the update check off; it judges the run by its final
+status from ``flwr ls --format json``; and it stops exactly the processes it started, by
+process id.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def bin_path(name: str) -> str:
+    """Return the venv's console script ``name`` (next to this interpreter) or ``name``."""
+    candidate = Path(sys.executable).parent / name
+    return str(candidate) if candidate.exists() else name
+
+
+def free_port() -> int:
+    """Return a TCP port on 127.0.0.1 that is free right now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def flower_env(port: int, flwr_home: Path) -> dict[str, str]:
+    """The environment for the SuperLink and the ``flwr`` CLI calls of one launch."""
+    env = dict(os.environ)
+    env.update({
+        "FLWR_HOME": str(flwr_home),
+        "FLWR_LOCAL_SUPERLINK_HTTP_API_PORT": str(port),
+        "FLWR_LOCAL_CONTROL_API_PORT": str(port),
+        "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+        "FLWR_TELEMETRY_ENABLED": "0",
+        "FLWR_DISABLE_UPDATE_CHECK": "1",
+        "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0",
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}",
+    })
+    return env
+
+
+def descendants(pid: int) -> list[int]:
+    """Return the ids of all live descendants of ``pid`` (read from /proc)."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        ppid = int(stat.rsplit(")", 1)[1].split()[1])
+        children.setdefault(ppid, []).append(int(entry.name))
+    found, stack = [], [pid]
+    while stack:
+        for child in children.get(stack.pop(), []):
+            found.append(child)
+            stack.append(child)
+    return found
+
+
+@dataclass
+class RunOutcome:
+    """Final state of a submitted run."""
+
+    run_id: int
+    status: str  # e.g. "finished:completed", "finished:failed"
+    details: str
+
+    @property
+    def ok(self) -> bool:
+        """Whether the run completed."""
+        return self.status == "finished:completed"
+
+
+class LocalSuperLink:
+    """Context manager owning one ``flower-superlink`` process and its process tree."""
+
+    def __init__(self, log_path: Path, flwr_home: Path | None = None, port: int | None = None) -> None:
+        self.port = port or free_port()
+        self.flwr_home = flwr_home or REPO_ROOT / ".flwr"
+        self.log_path = log_path
+        self.env = flower_env(self.port, self.flwr_home)
+        self.proc: subprocess.Popen | None = None
+
+    def __enter__(self) -> LocalSuperLink:
+        self.flwr_home.mkdir(parents=True, exist_ok=True)
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        cmd = [
+            bin_path("flower-superlink"), "--insecure", "--simulation", "--isolation", "subprocess",
+            "--host", "127.0.0.1", "--port", str(self.port), "--disable-runtime-dependency-installation",
+        ]
+        self._log = open(self.log_path, "ab")  # noqa: SIM115 - closed in __exit__
+        self.proc = subprocess.Popen(
+            cmd, cwd=REPO_ROOT, env=self.env, stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True
+        )
+        self._wait_healthy()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def _wait_healthy(self, timeout_s: float = 60.0) -> None:
+        deadline = time.monotonic() + timeout_s
+        url = f"http://127.0.0.1:{self.port}/health"
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"flower-superlink exited with {self.proc.returncode}; see {self.log_path}")
+            try:
+                with urllib.request.urlopen(url, timeout=1) as resp:
+                    if resp.status == 200:
+                        return
+            except OSError:
+                pass
+            time.sleep(0.2)
+        self.stop()
+        raise RuntimeError(f"flower-superlink did not become healthy on port {self.port} in {timeout_s:.0f} s")
+
+    def flwr(self, *args: str, capture: bool = True, timeout: float | None = None) -> subprocess.CompletedProcess:
+        """Run a ``flwr`` CLI command against this SuperLink."""
+        return subprocess.run(
+            [bin_path("flwr"), *args], cwd=REPO_ROOT, env=self.env, text=True,
+            capture_output=capture, timeout=timeout, check=False,
+        )
+
+    def submit(self, app_dir: Path, run_config_toml: Path, federation_config: str) -> int:
+        """Submit the app; return the run id."""
+        res = self.flwr("run", str(app_dir), "--format", "json", "--run-config", str(run_config_toml),
+                        "--federation-config", federation_config, timeout=300)
+        try:
+            return int(json.loads(res.stdout)["run-id"])
+        except (ValueError, KeyError) as err:
+            raise RuntimeError(f"flwr run did not return a run id:\n{res.stdout}\n{res.stderr}") from err
+
+    def stream_logs(self, run_id: int, log_path: Path, echo: bool = True) -> None:
+        """Copy the run's log (ServerApp and simulation) to ``log_path`` and stdout until it ends."""
+        proc = subprocess.Popen(
+            [bin_path("flwr"), "log", str(run_id), "--stream"], cwd=REPO_ROOT, env=self.env,
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        )
+        with open(log_path, "a", encoding="utf-8") as log_file:
+            for line in proc.stdout:
+                log_file.write(line)
+                if echo:
+                    sys.stdout.write(line)
+                    sys.stdout.flush()
+        proc.wait()
+
+    def outcome(self, run_id: int, timeout_s: float = 120.0) -> RunOutcome:
+        """Poll ``flwr ls --format json`` until the run reaches a final status."""
+        deadline = time.monotonic() + timeout_s
+        status, details = "unknown", ""
+        while time.monotonic() < deadline:
+            res = self.flwr("ls", "--run-id", str(run_id), "--format", "json", timeout=60)
+            try:
+                run = json.loads(res.stdout)["runs"][0]
+                status, details = run["status"], run.get("status-details", "")
+            except (ValueError, KeyError, IndexError):
+                pass
+            if status.startswith("finished"):
+                break
+            time.sleep(1.0)
+        return RunOutcome(run_id, status, details)
+
+    def stop(self) -> None:
+        """Stop the SuperLink and every process it started (by pid), then close the log."""
+        if self.proc is None:
+            return
+        tree = descendants(self.proc.pid)
+        for pid in [self.proc.pid, *tree]:
+            _signal(pid, signal.SIGTERM)
+        try:
+            self.proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            pass
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and any(_alive(p) for p in tree):
+            time.sleep(0.2)
+        for pid in [self.proc.pid, *tree]:
+            if _alive(pid):
+                _signal(pid, signal.SIGKILL)
+        self.proc.wait()
+        self.proc = None
+        self._log.close()
+
+
+def _signal(pid: int, sig: int) -> None:
+    try:
+        os.kill(pid, sig)
+    except ProcessLookupError:
+        pass
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    try:  # a zombie is not alive
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False

@@ -1,0 +1,1 @@
+"""The Flower ServerApp: runs the large-batch strategy, evaluates centrally, writes results."""

@@ -1,0 +1,1 @@
+"""Server-side math and the Flower strategy: aggregation, server optimizer, teachers."""

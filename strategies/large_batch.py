@@ -1,0 +1,202 @@
+"""The Flower strategy for synchronous large-global-batch training (thin glue).
+
+Each round: sample K clients, send client i the global weights and its own config (local
+batch b_i, micro-batch size, local steps, learning rate), collect one gradient per client,
+average them weighted by b_i into the gradient of the global batch B = sum_i b_i
+(strategies/aggregation.py), pass it through the teacher (strategies/teachers.py) and apply
+the server optimizer (strategies/server_opt.py). With ``local-steps`` H > 1 the clients
+return pseudo-gradients (w_0 - w_H) / lr instead, which makes FedAvg-style baselines the same
+code path.
+
+Only ``configure_train``, ``aggregate_train`` and ``summary`` are overridden; ``start`` is
+Flower's. Client-side federated evaluation is off; the ServerApp evaluates centrally.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Iterable
+from logging import INFO
+from typing import Any
+
+import numpy as np
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.common.logger import log
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import FedAvg
+
+from strategies.aggregation import aggregate_buffers, weighted_mean
+from strategies.server_opt import ServerSGD, lr_at
+from strategies.teachers import TeacherInput, TeacherOutput
+from workloads.config import ConfigError, RunConfig, split_global_batch
+
+NODE_WAIT_S = 300.0  # how long to wait for clients-per-round nodes before failing
+
+
+class ClientFailure(RuntimeError):
+    """A client replied with an error: the global batch would be incomplete."""
+
+
+class LargeBatchStrategy(FedAvg):
+    """Synchronous large-global-batch SGD with a teacher hook.
+
+    Parameters
+    ----------
+    cfg : RunConfig
+        The parsed run config.
+    initial_state : dict[str, torch.Tensor]
+        The model's ``state_dict`` (parameters and buffers) before round 1.
+    param_names : list[str]
+        Names of the trainable parameters, in ``model.parameters()`` order.
+    teacher : callable
+        ``TeacherInput -> TeacherOutput``.
+    """
+
+    def __init__(
+        self,
+        cfg: RunConfig,
+        initial_state: dict[str, torch.Tensor],
+        param_names: list[str],
+        teacher: Callable[[TeacherInput], TeacherOutput],
+    ) -> None:
+        super().__init__(min_train_nodes=1, min_available_nodes=1)
+        self.cfg = cfg
+        self.state: OrderedDict[str, torch.Tensor] = OrderedDict(
+            (k, v.detach().clone().cpu()) for k, v in initial_state.items()
+        )
+        self.param_names = list(param_names)
+        self.buffer_names = [k for k in self.state if k not in set(self.param_names)]
+        self.teacher = teacher
+        self.optimizer = ServerSGD(momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+        self.rng = np.random.default_rng(cfg.seed)
+        self.samples_seen = 0
+        self.round_lr = 0.0
+        self.last_round: dict[str, Any] = {}  # summary of the last aggregated round
+        self.client_rows: list[dict[str, Any]] = []  # one row per client per round
+
+    def summary(self) -> None:
+        """Log the strategy's settings."""
+        c = self.cfg
+        log(INFO, "\t├──> LargeBatchStrategy: global batch %d, clients/round %s, micro-batch %s",
+            c.global_batch_size, c.clients_per_round or "all", c.micro_batch_size or "off")
+        log(INFO, "\t└──> server SGD lr %.4g (%s, warm-up %d), momentum %.3g, weight decay %.3g, "
+            "local steps %d, teacher %s", c.lr, c.schedule, c.warmup_rounds, c.momentum,
+            c.weight_decay, c.local_steps, c.teacher)
+
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        """Sample K clients and send each its local batch size and the round's LR."""
+        nodes = _wait_for_nodes(grid, max(1, self.cfg.clients_per_round))
+        k = self.cfg.clients_per_round or len(nodes)
+        if k > len(nodes):
+            raise ConfigError(
+                f"run-config key 'clients-per-round' = {k}: only {len(nodes)} nodes are connected."
+            )
+        # Choose positions, not ids: node ids are uint64 and numpy would turn a mix into float64.
+        sampled = sorted(nodes[int(i)] for i in self.rng.choice(len(nodes), size=k, replace=False))
+        batches = split_global_batch(self.cfg.global_batch_size, k)
+        self.round_lr = lr_at(server_round, self.cfg.num_server_rounds, self.cfg.lr,
+                              self.cfg.warmup_rounds, self.cfg.schedule)
+        self._t_sent = time.perf_counter()
+        messages = []
+        for node_id, b in zip(sampled, batches):
+            node_config = ConfigRecord({
+                "server-round": server_round,
+                "local-batch-size": b,
+                "micro-batch-size": self.cfg.micro_batch_size or b,
+                "local-steps": self.cfg.local_steps,
+                "lr": self.round_lr,
+            })
+            content = RecordDict({"arrays": arrays, "config": node_config})
+            messages.append(Message(content=content, message_type=MessageType.TRAIN, dst_node_id=node_id))
+        return messages
+
+    def configure_evaluate(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        """No federated evaluation: the ServerApp evaluates the global model centrally."""
+        return []
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """Average gradients by b_i, apply the teacher and the server optimizer."""
+        replies = list(replies)
+        t_recv = time.perf_counter()
+        failed = [m for m in replies if m.has_error()]
+        if failed or not replies:
+            reasons = "; ".join(f"node {m.metadata.src_node_id}: {m.error.reason}" for m in failed)
+            raise ClientFailure(
+                f"round {server_round}: {len(failed)} of {len(replies)} clients failed, so the "
+                f"global batch is incomplete. {reasons or 'No replies arrived.'}"
+            )
+        grads, buffers, batches, metrics = [], [], [], []
+        for m in replies:
+            g = m.content["grads"].to_torch_state_dict()
+            grads.append([g[name] for name in self.param_names])
+            if self.buffer_names:
+                buffers.append(m.content["buffers"].to_torch_state_dict())
+            mr = m.content["metrics"]
+            batches.append(int(mr["num-examples"]))
+            metrics.append({k: float(v) for k, v in mr.items()} | {"node-id": m.metadata.src_node_id})
+
+        t0 = time.perf_counter()
+        global_grad = weighted_mean(grads, batches)
+        taught = self.teacher(TeacherInput(global_grad, grads, batches, server_round))
+        params = [self.state[name] for name in self.param_names]
+        lr = self.round_lr * taught.lr_scale
+        self.optimizer.step(params, taught.grad, lr)
+        for name, value in aggregate_buffers(buffers, batches).items():
+            self.state[name] = value
+        server_s = time.perf_counter() - t0
+
+        global_batch = sum(batches)
+        self.samples_seen += global_batch * self.cfg.local_steps
+        loss = sum(b * m["train-loss"] for b, m in zip(batches, metrics)) / global_batch
+        self.last_round = {
+            "round": server_round,
+            "clients": len(replies),
+            "global_batch": global_batch,
+            "samples_seen": self.samples_seen,
+            "lr": lr,
+            "train_loss": loss,
+            "grad_norm": float(torch.sqrt(sum((g.double() ** 2).sum() for g in global_grad))),
+            "client_compute_s_max": max(m["compute-s"] for m in metrics),
+            "client_peak_mem_mb_max": max(m["peak-mem-mb"] for m in metrics),
+            "round_trip_s": t_recv - self._t_sent,
+            "server_s": server_s,
+            **{f"teacher_{k}": v for k, v in taught.metrics.items()},
+        }
+        for m in metrics:
+            self.client_rows.append({
+                "round": server_round,
+                "node_id": m["node-id"],
+                "partition_id": int(m["partition-id"]),
+                "local_batch": int(m["num-examples"]),
+                "micro_batch": int(m["micro-batch-size"]),
+                "train_loss": m["train-loss"],
+                "compute_s": m["compute-s"],
+                "peak_mem_mb": m["peak-mem-mb"],
+            })
+        summary = MetricRecord({"train-loss": loss, "global-batch": global_batch, "lr": lr})
+        return ArrayRecord(self.state), summary
+
+
+def _wait_for_nodes(grid: Grid, minimum: int, timeout_s: float = NODE_WAIT_S) -> list[int]:
+    """Return the connected node ids once at least ``minimum`` are connected."""
+    start = last_log = time.monotonic()
+    while len(nodes := sorted(grid.get_node_ids())) < minimum:
+        now = time.monotonic()
+        if now - start > timeout_s:
+            raise ConfigError(
+                f"run-config key 'clients-per-round' = {minimum}: only {len(nodes)} nodes "
+                f"connected within {timeout_s:.0f} s."
+            )
+        if now - last_log > 10:
+            log(INFO, "Waiting for nodes: %d connected, %d needed", len(nodes), minimum)
+            last_log = now
+        time.sleep(0.5)
+    return nodes

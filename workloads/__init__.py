@@ -1,0 +1,1 @@
+"""Shared by the ServerApp and the ClientApp: config, datasets, partitions, models, training math."""

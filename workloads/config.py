@@ -1,0 +1,209 @@
+"""The run configuration, parsed once into a typed, validated dataclass.
+
+Flower hands the ServerApp and the ClientApp a flat ``run_config`` dict with kebab-case keys
+(``[tool.flwr.app.config]`` in ``pyproject.toml`` fused with ``--run-config`` overrides).
+``RunConfig.from_mapping`` turns it into a frozen dataclass and rejects unknown keys, wrong
+types and out-of-range values with a message that names the key, the value and what is
+allowed. Nothing below the apps receives a ``Context``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, fields
+from typing import Any
+
+SCHEDULES = ("constant", "cosine", "linear")
+PARTITIONERS = ("iid", "dirichlet")
+DEVICES = ("auto", "cpu", "cuda")
+
+
+class ConfigError(ValueError):
+    """A run-config value is unknown, of the wrong type or out of range."""
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Typed run configuration; field ``foo_bar`` is run-config key ``foo-bar``."""
+
+    dataset: str = "digits"  # workload name, see workloads.registry.WORKLOADS
+    data_dir: str = ""  # folder with <dataset>/*.npz; "" = $FLB_DATA_DIR, then download
+    model: str = "auto"  # "auto" = the workload's default model
+    partitioner: str = "iid"  # "iid" or "dirichlet" (over labels)
+    dirichlet_alpha: float = 0.5  # concentration of the Dirichlet label split
+    val_fraction: float = 0.1  # share of the training split held out for validation
+    num_server_rounds: int = 60  # rounds = global steps (with local-steps=1)
+    clients_per_round: int = 0  # K clients sampled per round; 0 = every connected node
+    global_batch_size: int = 256  # B = sum of the local batches b_i, in examples
+    micro_batch_size: int = 0  # examples per forward/backward on a client; 0 = b_i
+    local_steps: int = 1  # H; 1 = gradient of the global batch, >1 = FedAvg-style
+    lr: float = 0.3  # peak server learning rate per global step
+    momentum: float = 0.9  # server SGD momentum
+    weight_decay: float = 5e-4  # L2 coefficient added to the gradient on the server
+    warmup_rounds: int = 2  # linear warm-up from lr/warmup to lr over this many rounds
+    schedule: str = "cosine"  # decay after warm-up: constant, cosine or linear
+    eval_every: int = 5  # central evaluation every this many rounds (and the last)
+    seed: int = 0  # seeds partitioning, client sampling, shuffles and model init
+    out_dir: str = ""  # results folder; "" = ./results/<timestamp>
+    teacher: str = "none"  # gradient teacher, see strategies.teachers.TEACHERS
+    augment: bool = True  # random crop + flip on training batches (CIFAR-10 only)
+    device: str = "auto"  # "auto" = cuda when available, else cpu
+
+    @classmethod
+    def keys(cls) -> tuple[str, ...]:
+        """Return the run-config keys in kebab case."""
+        return tuple(f.name.replace("_", "-") for f in fields(cls))
+
+    @classmethod
+    def defaults(cls) -> dict[str, Any]:
+        """Return the defaults as a kebab-case dict (the pyproject table)."""
+        return {f.name.replace("_", "-"): f.default for f in fields(cls)}
+
+    @classmethod
+    def from_mapping(cls, mapping: Mapping[str, Any]) -> RunConfig:
+        """Parse and validate a kebab-case run-config mapping.
+
+        Missing keys take their defaults, so ``run_simulation`` (which passes an empty
+        ``run_config``) works too.
+
+        Raises
+        ------
+        ConfigError
+            On an unknown key, a value of the wrong type or a value out of range.
+        """
+        known = {f.name.replace("_", "-"): f for f in fields(cls)}
+        values: dict[str, Any] = {}
+        for key, value in mapping.items():
+            if key not in known:
+                hint = difflib.get_close_matches(key, list(known), n=1)
+                extra = f" Did you mean '{hint[0]}'?" if hint else ""
+                raise ConfigError(
+                    f"run-config key '{key}' is unknown.{extra} "
+                    f"Allowed keys: {', '.join(known)}."
+                )
+            values[known[key].name] = _coerce(key, value, type(known[key].default))
+        cfg = cls(**values)
+        cfg.validate()
+        return cfg
+
+    def to_mapping(self) -> dict[str, Any]:
+        """Return the config as a kebab-case dict (what ``config.json`` holds)."""
+        return {k.replace("_", "-"): v for k, v in dataclasses.asdict(self).items()}
+
+    def replace(self, **changes: Any) -> RunConfig:
+        """Return a validated copy with some fields changed (snake-case names)."""
+        cfg = dataclasses.replace(self, **changes)
+        cfg.validate()
+        return cfg
+
+    def validate(self) -> None:
+        """Check ranges and names; raise ConfigError naming key, value and what is allowed."""
+        # Imported here: the registries import torch-side modules, the config must not.
+        from strategies.teachers import TEACHERS
+        from workloads.registry import WORKLOADS, resolve_model
+
+        _choice("dataset", self.dataset, tuple(WORKLOADS))
+        resolve_model(self.dataset, self.model)  # raises ConfigError with the choices
+        _choice("partitioner", self.partitioner, PARTITIONERS)
+        _choice("schedule", self.schedule, SCHEDULES)
+        _choice("teacher", self.teacher, tuple(TEACHERS))
+        _choice("device", self.device, DEVICES)
+        _positive("dirichlet-alpha", self.dirichlet_alpha)
+        _positive("num-server-rounds", self.num_server_rounds, allow_zero=True)
+        _positive("clients-per-round", self.clients_per_round, allow_zero=True)
+        _positive("global-batch-size", self.global_batch_size)
+        _positive("micro-batch-size", self.micro_batch_size, allow_zero=True)
+        _positive("local-steps", self.local_steps)
+        _positive("lr", self.lr)
+        _positive("weight-decay", self.weight_decay, allow_zero=True)
+        _positive("warmup-rounds", self.warmup_rounds, allow_zero=True)
+        _positive("eval-every", self.eval_every)
+        _positive("seed", self.seed, allow_zero=True)
+        if not 0.0 <= self.momentum < 1.0:
+            raise ConfigError(f"run-config key 'momentum' = {self.momentum!r}: must be in [0, 1).")
+        if not 0.0 < self.val_fraction < 0.5:
+            raise ConfigError(
+                f"run-config key 'val-fraction' = {self.val_fraction!r}: must be in (0, 0.5)."
+            )
+        if self.clients_per_round and self.global_batch_size < self.clients_per_round:
+            raise ConfigError(
+                f"run-config key 'global-batch-size' = {self.global_batch_size}: must be at "
+                f"least clients-per-round = {self.clients_per_round} (one example per client)."
+            )
+
+
+def split_global_batch(global_batch: int, num_clients: int) -> list[int]:
+    """Split a global batch B into K local batches b_i that differ by at most one.
+
+    Parameters
+    ----------
+    global_batch : int
+        B, examples per global step.
+    num_clients : int
+        K, clients in the round.
+
+    Returns
+    -------
+    list[int]
+        b_1..b_K with sum B; the first ``B mod K`` clients get one extra example.
+    """
+    if num_clients < 1 or global_batch < num_clients:
+        raise ConfigError(
+            f"run-config key 'global-batch-size' = {global_batch}: must be at least the "
+            f"number of clients in the round ({num_clients})."
+        )
+    base, extra = divmod(global_batch, num_clients)
+    return [base + (1 if i < extra else 0) for i in range(num_clients)]
+
+
+def check_batches_fit(local_batches: list[int], partition_sizes: list[int]) -> None:
+    """Raise ConfigError when the largest local batch exceeds the smallest partition."""
+    largest, smallest = max(local_batches), min(partition_sizes)
+    if largest > smallest:
+        raise ConfigError(
+            f"run-config key 'global-batch-size': a local batch of {largest} examples is "
+            f"larger than the smallest client partition ({smallest} examples; sizes "
+            f"{sorted(partition_sizes)[:8]}...). Allowed: global-batch-size <= "
+            f"{smallest * len(local_batches)} for {len(local_batches)} clients, or more "
+            "data per client (fewer supernodes, a larger dirichlet-alpha)."
+        )
+
+
+def _coerce(key: str, value: Any, kind: type) -> Any:
+    """Convert a TOML-typed value to the field's type or raise ConfigError."""
+    if kind is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false"):
+            return value.lower() == "true"
+    elif kind is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+    elif kind is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            if math.isfinite(value):
+                return float(value)
+    elif kind is str:
+        if isinstance(value, str):
+            return value
+    raise ConfigError(
+        f"run-config key '{key}' = {value!r} has the wrong type: expected {kind.__name__}."
+    )
+
+
+def _choice(key: str, value: str, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ConfigError(
+            f"run-config key '{key}' = {value!r} is not allowed. Allowed: {', '.join(allowed)}."
+        )
+
+
+def _positive(key: str, value: float, allow_zero: bool = False) -> None:
+    if value < 0 or (value == 0 and not allow_zero):
+        bound = ">= 0" if allow_zero else "> 0"
+        raise ConfigError(f"run-config key '{key}' = {value!r}: must be {bound}.")

@@ -1,0 +1,166 @@
+"""Training math shared by the ClientApp, the reference runs and the benchmarks.
+
+The large-global-batch step (Tyagi, arXiv 2509.10537): client i computes the gradient of the
+mean loss over its local batch of b_i examples,
+
+    g_i = (1/b_i) * sum_{j in batch_i} grad l(x_j; w),
+
+accumulated over micro-batches so that memory follows the micro-batch, not b_i. The server
+forms G = sum_i b_i g_i / sum_i b_i, which is exactly the gradient of the mean loss over the
+union of the local batches (B = sum_i b_i examples).
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Sequence
+
+import torch
+from torch import nn
+
+InputFn = Callable[[torch.Tensor], torch.Tensor]  # uint8 batch -> float model input
+
+
+@functools.lru_cache(maxsize=4)
+def _epoch_permutation(n: int, seed: int, epoch: int) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    return torch.randperm(n, generator=gen)
+
+
+def draw_batch(n: int, b: int, seed: int, epoch: int, cursor: int) -> tuple[torch.Tensor, int, int]:
+    """Take the next ``b`` positions of an epoch-wise shuffle of ``range(n)``.
+
+    Every epoch visits each position exactly once; a batch that crosses an epoch boundary
+    finishes the old permutation and continues with the next one.
+
+    Parameters
+    ----------
+    n : int
+        Partition size (examples).
+    b : int
+        Examples to draw; at most ``n``.
+    seed : int
+        Seeds the permutation of every epoch (with the epoch number).
+    epoch, cursor : int
+        Where the previous draw stopped (kept in ``context.state`` by the ClientApp).
+
+    Returns
+    -------
+    (positions, epoch, cursor)
+        Int64 positions into the partition, and the new epoch and cursor.
+    """
+    if not 0 < b <= n:
+        raise ValueError(f"batch of {b} examples from a partition of {n}: need 0 < b <= n")
+    taken: list[torch.Tensor] = []
+    need = b
+    while need:
+        perm = _epoch_permutation(n, seed, epoch)
+        take = min(need, n - cursor)
+        taken.append(perm[cursor : cursor + take])
+        need -= take
+        cursor += take
+        if cursor == n:
+            epoch, cursor = epoch + 1, 0
+    return torch.cat(taken), epoch, cursor
+
+
+def batch_gradient(
+    model: nn.Module,
+    loss_fn: nn.Module,
+    inputs: InputFn,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    micro_batch: int = 0,
+) -> float:
+    """Put d(mean loss over the batch)/dw into ``p.grad`` and return the mean loss.
+
+    The batch is processed in micro-batches of ``micro_batch`` examples (0 = all at once);
+    each micro-batch adds ``sum of its losses / len(batch)``, so the accumulated gradient is
+    the full-batch mean gradient whatever the split (up to float rounding).
+
+    Parameters
+    ----------
+    loss_fn : nn.Module
+        A loss with ``reduction="sum"``.
+    inputs : callable
+        Turns a uint8 micro-batch into the float model input (normalise, augment, move).
+    x, y : torch.Tensor
+        The uint8 examples and int64 labels of the batch (on the CPU).
+    """
+    model.zero_grad(set_to_none=False)
+    n = len(y)
+    step = micro_batch if micro_batch and micro_batch < n else n
+    total = 0.0
+    for start in range(0, n, step):
+        xb = inputs(x[start : start + step])
+        yb = y[start : start + step].to(xb.device, non_blocking=True)
+        loss = loss_fn(model(xb), yb)
+        (loss / n).backward()
+        total += float(loss.detach())
+    return total / n
+
+
+def local_sgd(
+    model: nn.Module,
+    loss_fn: nn.Module,
+    inputs: InputFn,
+    batches: Sequence[tuple[torch.Tensor, torch.Tensor]],
+    lr: float,
+    micro_batch: int = 0,
+) -> tuple[list[torch.Tensor], float]:
+    """Run plain SGD (no momentum, no weight decay) over ``batches``; return a pseudo-gradient.
+
+    Returns
+    -------
+    (pseudo_grad, mean_loss)
+        ``(w_0 - w_H) / lr`` per parameter: with one batch this equals that batch's gradient,
+        so the server applies local-steps=H updates with the same optimizer as H=1.
+    """
+    params = [p for p in model.parameters()]
+    start = [p.detach().clone() for p in params]
+    losses = []
+    for x, y in batches:
+        losses.append(batch_gradient(model, loss_fn, inputs, x, y, micro_batch))
+        with torch.no_grad():
+            for p in params:
+                p.add_(p.grad, alpha=-lr)
+    with torch.no_grad():
+        pseudo = [(w0 - p.detach()) / lr for w0, p in zip(start, params)]
+    return pseudo, sum(losses) / len(losses)
+
+
+@torch.no_grad()
+def evaluate(
+    model: nn.Module,
+    loss_fn: nn.Module,
+    inputs: InputFn,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    batch_size: int = 1024,
+) -> tuple[float, float]:
+    """Return (mean loss, accuracy) of ``model`` in eval mode over uint8 examples ``x``."""
+    was_training = model.training
+    model.eval()
+    loss_sum, correct = 0.0, 0
+    for start in range(0, len(y), batch_size):
+        xb = inputs(x[start : start + batch_size])
+        yb = y[start : start + batch_size].to(xb.device)
+        logits = model(xb)
+        loss_sum += float(loss_fn(logits, yb))
+        correct += int((logits.argmax(1) == yb).sum())
+    model.train(was_training)
+    return loss_sum / len(y), correct / len(y)
+
+
+def pick_device(name: str) -> torch.device:
+    """Map the run-config key ``device`` to a torch device (``auto``: cuda if available)."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        from workloads.config import ConfigError
+
+        raise ConfigError(
+            "run-config key 'device' = 'cuda': no CUDA device is visible here. In simulation "
+            "set --federation-config 'client-resources-num-gpus=<fraction>'. Allowed: auto, cpu, cuda."
+        )
+    return torch.device(name)
