@@ -13,12 +13,12 @@ from __future__ import annotations
 import time
 
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from client_app.job import get_job, peak_memory_mb
 from workloads.config import ConfigError, RunConfig
-from workloads.training import batch_gradient, draw_batch, local_sgd
+from workloads.training import batch_gradient, local_sgd
 
 app = ClientApp()
 
@@ -40,14 +40,7 @@ def train(msg: Message, context: Context) -> Message:
             f"batch b_i = {b} exceeds its partition ({n} examples, partition-id {pid} of {nparts})."
         )
 
-    sampler = context.state.config_records.get("sampler", ConfigRecord({"epoch": 0, "cursor": 0}))
-    epoch, cursor = int(sampler["epoch"]), int(sampler["cursor"])
-    batches = []
-    for _ in range(steps):
-        pos, epoch, cursor = draw_batch(n, b, cfg.seed * 7919 + pid, epoch, cursor)
-        idx = job.partition[pos]
-        batches.append((job.splits.x_train[idx], job.splits.y_train[idx]))
-    context.state["sampler"] = ConfigRecord({"epoch": epoch, "cursor": cursor})
+    batches = job.draw(context.state, b, steps)
 
     model = job.model
     model.load_state_dict(msg.content["arrays"].to_torch_state_dict())

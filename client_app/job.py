@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+from flwr.app import ConfigRecord, RecordDict
 from torch import nn
 
 from workloads.config import RunConfig
@@ -20,7 +21,7 @@ from workloads.data import Splits, augment_crop_flip, load_splits
 from workloads.models import build_model
 from workloads.partition import client_partition
 from workloads.registry import WORKLOADS, resolve_model
-from workloads.training import pick_device
+from workloads.training import draw_batch, pick_device
 
 
 @dataclass
@@ -34,6 +35,26 @@ class ClientJob:
     loss_fn: nn.Module
     device: torch.device
     augment: bool
+
+    partition_id: int = 0
+
+    def draw(self, state: RecordDict, batch: int, steps: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Draw ``steps`` batches of ``batch`` examples and advance the sampler in ``state``.
+
+        The sampler is an epoch-wise shuffle of this client's partition; its position
+        (epoch, cursor) lives in ``state["sampler"]`` (the ClientApp's ``context.state``), so
+        it survives across rounds in simulation and on a SuperNode alike.
+        """
+        record = state.config_records.get("sampler", ConfigRecord({"epoch": 0, "cursor": 0}))
+        epoch, cursor = int(record["epoch"]), int(record["cursor"])
+        seed = self.cfg.seed * 7919 + self.partition_id
+        out = []
+        for _ in range(steps):
+            pos, epoch, cursor = draw_batch(len(self.partition), batch, seed, epoch, cursor)
+            idx = self.partition[pos]
+            out.append((self.splits.x_train[idx], self.splits.y_train[idx]))
+        state["sampler"] = ConfigRecord({"epoch": epoch, "cursor": cursor})
+        return out
 
     def inputs_fn(self, generator: torch.Generator | None):
         """Return the uint8 -> float input function for this round (augmenting if enabled)."""
@@ -65,6 +86,7 @@ def get_job(cfg: RunConfig, partition_id: int, num_partitions: int) -> ClientJob
         loss_fn=workload.loss(),
         device=device,
         augment=cfg.augment and workload.augment,
+        partition_id=partition_id,
     )
 
 
