@@ -72,7 +72,7 @@ class ClientJob:
 def get_job(cfg: RunConfig, partition_id: int, num_partitions: int) -> ClientJob:
     """Build (once per process and config) the data, partition and model of a client."""
     workload = WORKLOADS[cfg.dataset]
-    splits = load_splits(cfg.dataset, cfg.data_dir, cfg.val_fraction)
+    splits = load_splits(cfg.dataset, cfg.data_dir, cfg.val_fraction, cfg.train_limit)
     idx = client_partition(
         splits.y_train.numpy(), partition_id, num_partitions, cfg.partitioner, cfg.dirichlet_alpha, cfg.seed
     )

@@ -105,7 +105,7 @@ def prepare(run_config: str, federation_config: str, out: str) -> tuple[RunConfi
     stamp = time.strftime("%Y%m%d-%H%M%S")
     out_dir = Path(out or cfg.out_dir or REPO_ROOT / "results" / f"{stamp}-{cfg.dataset}-s{cfg.seed}")
     cfg = cfg.replace(out_dir=str(out_dir.expanduser().resolve()), data_dir=str(folder) if folder else "")
-    splits = load_splits(cfg.dataset, cfg.data_dir, cfg.val_fraction)
+    splits = load_splits(cfg.dataset, cfg.data_dir, cfg.val_fraction, cfg.train_limit)
     sizes = partition_sizes(splits.y_train.numpy(), nodes, cfg.partitioner, cfg.dirichlet_alpha, cfg.seed)
     check_batches_fit(split_global_batch(cfg.global_batch_size, k), sizes)
     return cfg, fed, Path(cfg.out_dir)

@@ -11,7 +11,7 @@ from flwr.serverapp import Grid, ServerApp
 
 from server_app.results import ResultsWriter, resolve_out_dir
 from strategies.large_batch import LargeBatchStrategy
-from strategies.teachers import build_teacher
+from strategies.teacher_registry import build_teacher
 from workloads.config import RunConfig
 from workloads.data import load_splits
 from workloads.models import build_model
@@ -27,7 +27,7 @@ def main(grid: Grid, context: Context) -> None:
     cfg = RunConfig.from_mapping(context.run_config)
     workload = WORKLOADS[cfg.dataset]
     model_name = resolve_model(cfg.dataset, cfg.model)
-    splits = load_splits(cfg.dataset, cfg.data_dir, cfg.val_fraction)
+    splits = load_splits(cfg.dataset, cfg.data_dir, cfg.val_fraction, cfg.train_limit)
     device = pick_device(cfg.device)
     model = build_model(model_name, workload.input_shape, workload.num_classes, cfg.seed).to(device)
     loss_fn = workload.loss()

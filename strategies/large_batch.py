@@ -28,6 +28,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
 from strategies.aggregation import aggregate_buffers, weighted_mean
+from strategies.noise_scale import noise_stats
 from strategies.server_opt import ServerSGD, lr_at
 from strategies.teachers import TeacherInput, TeacherOutput
 from workloads.config import ConfigError, RunConfig, split_global_batch
@@ -145,8 +146,14 @@ class LargeBatchStrategy(FedAvg):
 
         t0 = time.perf_counter()
         global_grad = weighted_mean(grads, batches)
-        taught = self.teacher(TeacherInput(global_grad, grads, batches, server_round))
+        stats = noise_stats(global_grad, grads, batches)
         params = [self.state[name] for name in self.param_names]
+        t_teacher = time.perf_counter()
+        taught = self.teacher(TeacherInput(
+            global_grad, grads, batches, server_round, lr=self.round_lr, params=params,
+            weight_decay=self.cfg.weight_decay, stats=stats,
+        ))
+        teacher_s = time.perf_counter() - t_teacher
         lr = self.round_lr * taught.lr_scale
         self.optimizer.step(params, taught.grad, lr)
         for name, value in aggregate_buffers(buffers, batches).items():
@@ -163,11 +170,15 @@ class LargeBatchStrategy(FedAvg):
             "samples_seen": self.samples_seen,
             "lr": lr,
             "train_loss": loss,
-            "grad_norm": float(torch.sqrt(sum((g.double() ** 2).sum() for g in global_grad))),
+            "grad_norm": stats.grad_norm,
+            "tr_sigma": stats.tr_sigma,
+            "grad_sq": stats.grad_sq,
+            "b_simple": stats.b_simple,
             "client_compute_s_max": max(m["compute-s"] for m in metrics),
             "client_peak_mem_mb_max": max(m["peak-mem-mb"] for m in metrics),
             "round_trip_s": t_recv - self._t_sent,
             "server_s": server_s,
+            "teacher_time_s": teacher_s,
             **{f"teacher_{k}": v for k, v in taught.metrics.items()},
         }
         for m in metrics:

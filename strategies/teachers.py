@@ -1,35 +1,50 @@
 """Teachers: map the large-global-batch gradient toward its small-batch equivalent.
 
 Tyagi (arXiv 2509.10537) proposes a teacher that rescales the gradient of a large global
-batch so that training keeps the generalisation of small batches. The strategy calls the
-teacher once per round, after aggregation and before the server optimizer, with
+batch so that training keeps the generalisation of small batches; the paper evaluates only a
+step-function stand-in. The strategy calls the teacher once per round, after aggregation and
+before the server optimizer, with a ``TeacherInput``; it applies the returned gradient with
+the scheduled learning rate times ``lr_scale`` and logs ``metrics`` as ``teacher_<name>``
+columns of rounds.csv. A teacher keeps its own state on itself.
 
-- ``grad``: the aggregated gradient G of the global batch B = sum_i b_i;
-- ``client_grads`` and ``client_batches``: each client's gradient g_i and batch size b_i;
-- ``server_round``;
+This module holds the interface and the teachers that need no noise statistics:
 
-and applies the returned gradient with the learning rate multiplied by ``lr_scale``.
-A teacher keeps whatever state it needs on itself. ``metrics`` become columns of rounds.csv.
+- ``none``: identity.
+- ``step``: the paper's stand-in, a piecewise-constant multiplier on G over rounds.
+- ``linear``: Goyal et al. 2017 linear LR scaling, lr * B / b_s (with the schedule's warm-up).
+- ``sqrt``: Hoffer et al. 2017 square-root scaling, lr * sqrt(B / b_s).
+- ``lars``: You et al. 2017 layer-wise trust ratios.
+
+``noise`` and ``adascale`` are in strategies/gradient_noise.py; the registry is in
+strategies/teacher_registry.py.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
 
-from workloads.config import RunConfig
+from strategies.noise_scale import NoiseStats
+from workloads.config import ConfigError
+
+LARS_TRUST = 1e-3  # eta in You et al. 2017; only its product with lr matters, lr is tuned
 
 
 @dataclass(frozen=True)
 class TeacherInput:
-    """What the strategy hands a teacher each round."""
+    """What the strategy hands a teacher each round. Teachers must not modify the tensors."""
 
     grad: list[torch.Tensor]  # G, per parameter tensor
     client_grads: Sequence[Sequence[torch.Tensor]]  # g_i, per client, per parameter tensor
     client_batches: Sequence[int]  # b_i, examples
     server_round: int
+    lr: float = 0.0  # the round's scheduled learning rate
+    params: Sequence[torch.Tensor] = ()  # current global parameters w (before the step)
+    weight_decay: float = 0.0  # the server optimizer's L2 coefficient
+    stats: NoiseStats | None = None  # tr(Sigma), |mu|^2, B_simple of this round
 
 
 @dataclass
@@ -47,17 +62,94 @@ class IdentityTeacher:
     name = "none"
 
     def __call__(self, inp: TeacherInput) -> TeacherOutput:
-        """Return G as is, with an LR multiplier of 1."""
-        return TeacherOutput(grad=inp.grad)
+        """Return G as is."""
+        return TeacherOutput(grad=inp.grad, metrics={"scale": 1.0})
 
 
-TeacherFactory = Callable[[RunConfig], Callable[[TeacherInput], TeacherOutput]]
+def parse_steps(text: str, num_rounds: int) -> list[tuple[int, float]]:
+    """Parse ``teacher-steps`` into ``[(first_round_index, multiplier), ...]``.
 
-TEACHERS: dict[str, TeacherFactory] = {
-    "none": lambda cfg: IdentityTeacher(),
-}
+    Entries are ``start:multiplier`` separated by commas. ``start`` is a number of completed
+    rounds (an integer >= 1, or 0) or, when below 1, a fraction of ``num-server-rounds``:
+    ``"0:4,0.33:2,0.66:1"`` is 4x for the first third of training, 2x, then 1x.
+
+    Raises
+    ------
+    ConfigError
+        On a malformed entry, a first start other than 0, unsorted starts or a multiplier <= 0.
+    """
+    out = []
+    try:
+        for item in text.split(","):
+            start_s, mult_s = item.split(":")
+            start, mult = float(start_s), float(mult_s)
+            out.append((int(round(start * num_rounds)) if start < 1 else int(start), mult))
+    except ValueError:
+        out = []
+    starts = [s for s, _ in out]
+    if not out or starts[0] != 0 or starts != sorted(starts) or min(m for _, m in out) <= 0:
+        raise ConfigError(
+            f"run-config key 'teacher-steps' = {text!r}: expected comma-separated start:multiplier "
+            "entries, starts ascending from 0 (rounds, or fractions of num-server-rounds below 1), "
+            "multipliers > 0, e.g. \"0:4.0,300:2.0,600:1.0\"."
+        )
+    return out
 
 
-def build_teacher(cfg: RunConfig) -> Callable[[TeacherInput], TeacherOutput]:
-    """Construct the teacher named by the run-config key ``teacher``."""
-    return TEACHERS[cfg.teacher](cfg)
+class StepTeacher:
+    """``teacher = "step"``: multiply G by a piecewise-constant factor over rounds."""
+
+    name = "step"
+
+    def __init__(self, steps: str, num_rounds: int) -> None:
+        self.steps = parse_steps(steps, num_rounds)
+
+    def multiplier(self, server_round: int) -> float:
+        """Factor for round ``server_round`` (1-based; start s applies after s completed rounds)."""
+        return [m for start, m in self.steps if start <= server_round - 1][-1]
+
+    def __call__(self, inp: TeacherInput) -> TeacherOutput:
+        """Return m(round) * G."""
+        m = self.multiplier(inp.server_round)
+        return TeacherOutput([g * m for g in inp.grad], metrics={"scale": m})
+
+
+class ScalingTeacher:
+    """``linear`` / ``sqrt``: scale the learning rate by (B / b_s) or sqrt(B / b_s).
+
+    ``lr`` in the run config is then the small-batch learning rate for b_s examples.
+    """
+
+    def __init__(self, small_batch: int, power: float, name: str) -> None:
+        self.small_batch, self.power, self.name = small_batch, power, name
+
+    def __call__(self, inp: TeacherInput) -> TeacherOutput:
+        """Return G with an LR multiplier of (B / b_s) ** power."""
+        factor = (sum(inp.client_batches) / self.small_batch) ** self.power
+        return TeacherOutput(inp.grad, lr_scale=factor, metrics={"scale": factor})
+
+
+class LarsTeacher:
+    """``teacher = "lars"``: layer-wise adaptive rate scaling (You, Gitman & Ginsburg 2017).
+
+    For every weight tensor w (ndim > 1; biases and norm parameters are left alone, as is
+    usual) with gradient g, trust = eta * |w| / (|g| + lambda |w|), and the applied update
+    direction is trust * (g + lambda w). The server optimizer adds lambda * w itself, so the
+    teacher returns trust * (g + lambda w) - lambda w.
+    """
+
+    name = "lars"
+
+    def __call__(self, inp: TeacherInput) -> TeacherOutput:
+        """Return the trust-ratio-scaled gradient."""
+        wd, out, ratios = inp.weight_decay, [], []
+        for g, w in zip(inp.grad, inp.params):
+            if w.ndim <= 1:
+                out.append(g)
+                continue
+            w_norm, g_norm = float(w.norm()), float(g.norm())
+            trust = LARS_TRUST * w_norm / (g_norm + wd * w_norm) if w_norm > 0 and g_norm > 0 else 1.0
+            ratios.append(trust)
+            out.append(g.mul(trust).add_(w, alpha=wd * (trust - 1.0)))
+        mean = math.fsum(ratios) / len(ratios) if ratios else 1.0
+        return TeacherOutput(out, metrics={"scale": mean})

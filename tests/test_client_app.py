@@ -8,7 +8,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Error, Message, RecordDict
 
 from client_app.app import app as client_app
 from strategies.large_batch import ClientFailure, LargeBatchStrategy
-from strategies.teachers import build_teacher
+from strategies.teacher_registry import build_teacher
 from tests.conftest import FakeGrid, client_context, delivered, reply_via_client, state_arrays
 from workloads.config import ConfigError, RunConfig
 from workloads.models import build_model

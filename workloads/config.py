@@ -35,6 +35,7 @@ class RunConfig:
     partitioner: str = "iid"  # "iid" or "dirichlet" (over labels)
     dirichlet_alpha: float = 0.5  # concentration of the Dirichlet label split
     val_fraction: float = 0.1  # share of the training split held out for validation
+    train_limit: int = 0  # keep this many training examples (fixed random subset); 0 = all
     num_server_rounds: int = 60  # rounds = global steps (with local-steps=1)
     clients_per_round: int = 0  # K clients sampled per round; 0 = every connected node
     global_batch_size: int = 256  # B = sum of the local batches b_i, in examples
@@ -48,7 +49,10 @@ class RunConfig:
     eval_every: int = 5  # central evaluation every this many rounds (and the last)
     seed: int = 0  # seeds partitioning, client sampling, shuffles and model init
     out_dir: str = ""  # results folder; "" = ./results/<timestamp>
-    teacher: str = "none"  # gradient teacher, see strategies.teachers.TEACHERS
+    teacher: str = "none"  # gradient teacher, see strategies/teacher_registry.py
+    teacher_steps: str = "0:4.0,0.33:2.0,0.66:1.0"  # step teacher: start:multiplier, ...
+    teacher_small_batch: int = 64  # b_s: the small batch a teacher targets (noise, lr scaling)
+    teacher_ema: float = 0.9  # adascale: EMA decay of the noise statistics per round
     augment: bool = True  # random crop + flip on training batches (CIFAR-10 only)
     device: str = "auto"  # "auto" = cuda when available, else cpu
 
@@ -102,7 +106,8 @@ class RunConfig:
     def validate(self) -> None:
         """Check ranges and names; raise ConfigError naming key, value and what is allowed."""
         # Imported here: the registries import torch-side modules, the config must not.
-        from strategies.teachers import TEACHERS
+        from strategies.teacher_registry import TEACHERS
+        from strategies.teachers import parse_steps
         from workloads.registry import WORKLOADS, resolve_model
 
         _choice("dataset", self.dataset, tuple(WORKLOADS))
@@ -122,6 +127,11 @@ class RunConfig:
         _positive("warmup-rounds", self.warmup_rounds, allow_zero=True)
         _positive("eval-every", self.eval_every)
         _positive("seed", self.seed, allow_zero=True)
+        _positive("train-limit", self.train_limit, allow_zero=True)
+        _positive("teacher-small-batch", self.teacher_small_batch)
+        parse_steps(self.teacher_steps, max(1, self.num_server_rounds))
+        if not 0.0 <= self.teacher_ema < 1.0:
+            raise ConfigError(f"run-config key 'teacher-ema' = {self.teacher_ema!r}: must be in [0, 1).")
         if not 0.0 <= self.momentum < 1.0:
             raise ConfigError(f"run-config key 'momentum' = {self.momentum!r}: must be in [0, 1).")
         if not 0.0 < self.val_fraction < 0.5:

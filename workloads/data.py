@@ -127,16 +127,20 @@ def load_raw(name: str, data_dir: str = "") -> RawData:
 
 
 @functools.lru_cache(maxsize=4)
-def load_splits(name: str, data_dir: str = "", val_fraction: float = 0.1) -> Splits:
+def load_splits(name: str, data_dir: str = "", val_fraction: float = 0.1, train_limit: int = 0) -> Splits:
     """Load a dataset once per process and split a validation set off its training split.
 
     The validation examples are drawn with a fixed seed (``VAL_SPLIT_SEED``), so the split
-    does not depend on the run seed and tuning on it is comparable across seeds.
+    does not depend on the run seed and tuning on it is comparable across seeds. With
+    ``train_limit`` > 0, a fixed random subset of that many training examples is kept (the
+    validation and test splits are unchanged).
     """
     raw = load_raw(name, data_dir)
     order = np.random.default_rng(VAL_SPLIT_SEED).permutation(len(raw.y_train))
     n_val = max(1, round(val_fraction * len(order)))
     val, train = np.sort(order[:n_val]), np.sort(order[n_val:])
+    if 0 < train_limit < len(train):
+        train = np.sort(np.random.default_rng(VAL_SPLIT_SEED + 2).permutation(train)[:train_limit])
     x_train = torch.from_numpy(np.ascontiguousarray(raw.x_train[train]))
     mean, std = _channel_stats(x_train, raw.max_value)
     return Splits(

@@ -1,0 +1,52 @@
+"""Gradient-noise statistics from the clients' spread (McCandlish et al. 2018).
+
+Notation: K clients, client i returns g_i, the mean gradient over its b_i examples;
+G = sum_i b_i g_i / B with B = sum_i b_i; Sigma is the per-example gradient covariance and
+mu the true gradient. For IID sampling, Cov(g_i - G) = Sigma * (1/b_i - 1/B), hence
+
+    tr_sigma = sum_i b_i |g_i - G|^2 / (K - 1)        unbiased for tr(Sigma)
+    grad_sq  = |G|^2 - tr_sigma / B                    unbiased for |mu|^2
+    B_simple = tr_sigma / grad_sq                      McCandlish et al. 2018 (arXiv 1812.06162)
+
+(the same two-scale estimator AdaptDL uses, ``gradient_noise_scale.py``). Under non-IID
+partitions g_i - G also contains client drift, which inflates tr_sigma.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class NoiseStats:
+    """Per-round gradient statistics (units: squared gradient norm)."""
+
+    tr_sigma: float  # trace of the per-example gradient covariance (nan with K < 2)
+    grad_sq: float  # unbiased |mu|^2 (may be <= 0 when noise dominates)
+    b_simple: float  # tr_sigma / grad_sq, examples (nan when grad_sq <= 0)
+    grad_norm: float = math.nan  # |G|, the norm of the aggregated gradient
+
+
+def sq_norm(tensors: Sequence[torch.Tensor]) -> float:
+    """Squared L2 norm of a list of tensors, accumulated in float64."""
+    return float(sum(t.double().pow(2).sum() for t in tensors))
+
+
+def noise_stats(grad: Sequence[torch.Tensor], client_grads: Sequence[Sequence[torch.Tensor]],
+                client_batches: Sequence[int]) -> NoiseStats:
+    """Estimate tr(Sigma), |mu|^2 and B_simple from one round's client gradients."""
+    k, total = len(client_batches), float(sum(client_batches))
+    g_sq = sq_norm(grad)
+    if k < 2:
+        return NoiseStats(math.nan, g_sq, math.nan, math.sqrt(g_sq))
+    spread = 0.0
+    for b, g_i in zip(client_batches, client_grads):
+        spread += b * sum(float((gi.double() - G.double()).pow(2).sum()) for gi, G in zip(g_i, grad))
+    tr_sigma = spread / (k - 1)
+    grad_sq = g_sq - tr_sigma / total
+    b_simple = tr_sigma / grad_sq if grad_sq > 0 else math.nan
+    return NoiseStats(tr_sigma, grad_sq, b_simple, math.sqrt(g_sq))
