@@ -179,7 +179,7 @@ class LargeBatchStrategy(FedAvg):
             "round_trip_s": t_recv - self._t_sent,
             "server_s": server_s,
             "teacher_time_s": teacher_s,
-            **{f"teacher_{k}": v for k, v in taught.metrics.items()},
+            **{f"teacher_{k}": v for k, v in ({"scale": 1.0, "noise_norm": 0.0} | taught.metrics).items()},
         }
         for m in metrics:
             self.client_rows.append({

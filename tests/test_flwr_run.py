@@ -9,8 +9,10 @@ import re
 import subprocess
 import sys
 
+import pytest
 import torch
 
+from experiments.inprocess import run_inprocess
 from experiments.run import launch, prepare
 from tests.conftest import REPO_ROOT
 
@@ -54,6 +56,13 @@ def test_launcher_runs_flwr_and_writes_results(tmp_path):
     state = torch.load(out / "model.pt")
     assert set(state) == {"1.weight", "1.bias", "3.weight", "3.bias", "5.weight", "5.bias"}
     assert "[round 3/3]" in (out / "run.log").read_text()
+
+    # The same config in one process (no Ray) gives the same numbers: only transport differs.
+    local = run_inprocess({"num-server-rounds": 3, "eval-every": 1, "global-batch-size": 64,
+                           "warmup-rounds": 0, "out-dir": str(tmp_path / "local")}, num_clients=4)
+    for col in ("train_loss", "test_loss", "test_accuracy"):
+        ray_values = [float(r[col]) for r in rows[1:]]
+        assert local[col].iloc[1:].tolist() == pytest.approx(ray_values, rel=1e-4), col
 
 
 def test_failed_run_is_reported_as_failure(tmp_path):

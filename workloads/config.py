@@ -55,6 +55,9 @@ class RunConfig:
     teacher_ema: float = 0.9  # adascale: EMA decay of the noise statistics per round
     augment: bool = True  # random crop + flip on training batches (CIFAR-10 only)
     device: str = "auto"  # "auto" = cuda when available, else cpu
+    device_profiles: str = ""  # simulated devices: name:memory_mb[:speed[:mbps[:ms]]], ...
+    memory_budget_mb: float = 0.0  # client memory budget when no profile/node config; 0 = none
+    memory_margin: float = 0.1  # share of a budget held back from the estimator's prediction
 
     @classmethod
     def keys(cls) -> tuple[str, ...]:
@@ -130,6 +133,12 @@ class RunConfig:
         _positive("train-limit", self.train_limit, allow_zero=True)
         _positive("teacher-small-batch", self.teacher_small_batch)
         parse_steps(self.teacher_steps, max(1, self.num_server_rounds))
+        _positive("memory-budget-mb", self.memory_budget_mb, allow_zero=True)
+        if not 0.0 <= self.memory_margin < 1.0:
+            raise ConfigError(f"run-config key 'memory-margin' = {self.memory_margin!r}: must be in [0, 1).")
+        from workloads.devices import parse_profiles
+
+        parse_profiles(self.device_profiles)
         if not 0.0 <= self.teacher_ema < 1.0:
             raise ConfigError(f"run-config key 'teacher-ema' = {self.teacher_ema!r}: must be in [0, 1).")
         if not 0.0 <= self.momentum < 1.0:

@@ -1,0 +1,185 @@
+"""Parallel performance model: iteration time, round time, and the batch size that costs least.
+
+Tyagi (arXiv 2509.10537) proposes a parallel performance model that finds the global batch
+of least compute cost, assuming linear speed-up until memory runs out. We make it measurable.
+
+**Iteration time of one device** (seconds, for a local batch of b examples)::
+
+    t(b) = alpha + (floor^p + (beta * b)^p)^(1/p)
+
+``alpha`` is the fixed per-step overhead (weight copy-in, launch, gradient copy-out), ``floor``
+the time of the smallest step the hardware can do (an under-utilised device: adding examples is
+free until the work fills it), ``beta`` the seconds per example once saturated and ``p`` the
+sharpness of that knee. p = 1 gives the linear model ``alpha + floor + beta b`` of Pollux
+(Qiao et al., OSDI'21, ``PerfParams``) and FedScale; large p gives ``alpha + max(floor, beta b)``.
+The smooth p-norm follows Pollux's compute/network overlap term. It is fitted from at most four
+profiled batch sizes per device, by least squares on log time.
+
+**Communication** (seconds): ``2 * latency + model_bytes * 8 / bandwidth_up + model_bytes * 8 /
+bandwidth_down`` (weights down, gradient up).
+
+**Synchronous round**: the slowest client's compute plus communication, plus the server's
+aggregation and teacher time.
+
+**Statistical efficiency** (McCandlish et al. 2018; Pollux): with gradient noise scale
+``B_noise`` (B_simple measured per round, strategies/noise_scale.py), reaching a target takes
+``S(B) = S_min * (1 + B_noise / B)`` steps, so the time to a target is proportional to
+``(1 + B_noise / B) * T_round(B)`` and the compute cost to ``(1 + B_noise / B) * B``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class IterTimeModel:
+    """t(b) = alpha + (floor^p + (beta b)^p)^(1/p), in seconds."""
+
+    alpha: float  # fixed overhead per step, s
+    floor: float  # smallest compute time of a step (under-utilised device), s
+    beta: float  # seconds per example at saturation, s
+    p: float  # knee sharpness, >= 1
+
+    def __call__(self, b: float | np.ndarray) -> float | np.ndarray:
+        """Predicted seconds per step at local batch ``b``."""
+        b = np.asarray(b, dtype=float)
+        out = self.alpha + (self.floor**self.p + (self.beta * b) ** self.p) ** (1.0 / self.p)
+        return float(out) if out.ndim == 0 else out
+
+    def inverse(self, seconds: float) -> float:
+        """Largest (real) batch whose step takes at most ``seconds`` (0 if none)."""
+        compute = seconds - self.alpha
+        if compute < self.floor:
+            return 0.0
+        return (compute**self.p - self.floor**self.p) ** (1.0 / self.p) / self.beta
+
+    def scaled(self, speed: float) -> IterTimeModel:
+        """The same curve on a device ``speed`` times as fast."""
+        return IterTimeModel(self.alpha / speed, self.floor / speed, self.beta / speed, self.p)
+
+
+@dataclass(frozen=True)
+class LinearTimeModel:
+    """t(b) = alpha + beta b: the Pollux / FedScale compute model, for comparison."""
+
+    alpha: float
+    beta: float
+
+    def __call__(self, b: float | np.ndarray) -> float | np.ndarray:
+        """Predicted seconds per step at local batch ``b``."""
+        out = self.alpha + self.beta * np.asarray(b, dtype=float)
+        return float(out) if out.ndim == 0 else out
+
+
+def fit_linear(batches: Sequence[float], seconds: Sequence[float]) -> LinearTimeModel:
+    """Least-squares fit of alpha + beta b (Pollux's accumulation-time model)."""
+    b, t = np.asarray(batches, float), np.asarray(seconds, float)
+    beta, alpha = np.polyfit(b, t, 1) if len(b) > 1 else (t[0] / b[0], 0.0)
+    return LinearTimeModel(float(max(alpha, 0.0)), float(max(beta, 1e-12)))
+
+
+def fit_iter_time(batches: Sequence[float], seconds: Sequence[float]) -> IterTimeModel:
+    """Fit ``IterTimeModel`` to profiled (batch, seconds) pairs; at most 4 are needed.
+
+    Minimises the squared error of log time (relative errors count equally at small and large
+    batches) with scipy's bounded least squares, from a few starting points.
+
+    Raises
+    ------
+    ValueError
+        With fewer than 2 points or a non-positive batch or time.
+    """
+    from scipy.optimize import least_squares
+
+    b, t = np.asarray(batches, float), np.asarray(seconds, float)
+    if len(b) < 2 or len(b) != len(t) or (b <= 0).any() or (t <= 0).any():
+        raise ValueError(f"need >= 2 (batch > 0, seconds > 0) pairs, got batches={list(b)} seconds={list(t)}")
+    slope = max((t[-1] - t[0]) / (b[-1] - b[0]), 1e-9) if b[-1] != b[0] else t[-1] / b[-1]
+
+    def residual(x: np.ndarray) -> np.ndarray:
+        alpha, floor, beta, p = np.exp(x[:3]).tolist() + [1.0 + math.exp(x[3])]
+        return np.log(alpha + (floor**p + (beta * b) ** p) ** (1 / p)) - np.log(t)
+
+    best = None
+    for share in (0.1, 0.5, 0.9):
+        for p0 in (0.5, 2.0):
+            x0 = np.log([share * t[0] + 1e-9, (1 - share) * t[0] + 1e-9, slope]).tolist() + [math.log(p0)]
+            res = least_squares(residual, x0, bounds=([-30, -30, -30, -5], [5, 5, 5, 4]))
+            if best is None or res.cost < best.cost:
+                best = res
+    alpha, floor, beta = np.exp(best.x[:3])
+    return IterTimeModel(float(alpha), float(floor), float(beta), 1.0 + math.exp(float(best.x[3])))
+
+
+@dataclass(frozen=True)
+class Link:
+    """A client's network link."""
+
+    bandwidth_mbps: float = 100.0  # megabits per second, each way
+    latency_ms: float = 20.0  # one-way latency, milliseconds
+
+
+def comm_seconds(model_bytes: float, link: Link) -> float:
+    """Seconds to receive the weights and send the gradient back over ``link``."""
+    return 2 * link.latency_ms / 1000 + 2 * model_bytes * 8 / (link.bandwidth_mbps * 1e6)
+
+
+def round_seconds(compute_s: Sequence[float], comm_s: Sequence[float], server_s: float = 0.0) -> float:
+    """Synchronous round time: the slowest client's compute + communication, plus the server."""
+    return max(c + m for c, m in zip(compute_s, comm_s)) + server_s
+
+
+def steps_factor(global_batch: float | np.ndarray, noise_scale: float) -> float | np.ndarray:
+    """S(B) / S_min = 1 + B_noise / B: steps to a target relative to infinitely large batches."""
+    return 1.0 + noise_scale / np.asarray(global_batch, dtype=float)
+
+
+def pollux_efficiency(global_batch: float, base_batch: float, noise_scale: float) -> float:
+    """Pollux's statistical efficiency (B_noise + B0) / (B_noise + B): progress per example."""
+    return (noise_scale + base_batch) / (noise_scale + global_batch)
+
+
+def split_for_equal_finish(
+    global_batch: int, models: Sequence[IterTimeModel], comm_s: Sequence[float], max_batches: Sequence[int]
+) -> list[int]:
+    """Split ``global_batch`` so that every client finishes its step at about the same time.
+
+    Faster clients get larger shares: find the round time T at which sum_i b_i(T) = B, with
+    b_i(T) = t_i^-1(T - comm_i) capped at ``max_batches[i]`` (its memory limit), by bisection,
+    then round to integers that sum to B (largest remainders). Every client gets >= 1 example.
+
+    Raises
+    ------
+    ValueError
+        When B exceeds the clients' total memory limit or is below the number of clients.
+    """
+    k = len(models)
+    if not k <= global_batch <= sum(max_batches):
+        raise ValueError(f"global batch {global_batch}: must be between {k} clients and their "
+                         f"total memory limit {sum(max_batches)}")
+
+    def sizes(T: float) -> np.ndarray:
+        return np.array([min(float(m_max), max(1.0, m.inverse(T - c))) for m, c, m_max in zip(models, comm_s, max_batches)])
+
+    lo, hi = 0.0, max(m(mx) + c for m, c, mx in zip(models, comm_s, max_batches)) * 2
+    for _ in range(100):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if sizes(mid).sum() < global_batch else (lo, mid)
+    real = sizes(hi) * global_batch / sizes(hi).sum()
+    out = np.minimum(np.maximum(np.floor(real), 1), max_batches).astype(int)
+    order = np.argsort(-(real - out))
+    i = 0
+    while out.sum() < global_batch:  # largest remainders first, respecting the caps
+        j = order[i % k]
+        if out[j] < max_batches[j]:
+            out[j] += 1
+        i += 1
+    while out.sum() > global_batch:
+        j = int(np.argmax(out))
+        out[j] -= 1
+    return out.tolist()
