@@ -116,17 +116,23 @@ def fit_iter_time(batches: Sequence[float], seconds: Sequence[float]) -> IterTim
     return IterTimeModel(float(alpha), float(floor), float(beta), 1.0 + math.exp(float(best.x[3])))
 
 
-@dataclass(frozen=True)
-class Link:
-    """A client's network link."""
+def comm_seconds(model_bytes: float, link) -> float:
+    """Seconds to receive the weights and send the gradient back over a link.
 
-    bandwidth_mbps: float = 100.0  # megabits per second, each way
-    latency_ms: float = 20.0  # one-way latency, milliseconds
-
-
-def comm_seconds(model_bytes: float, link: Link) -> float:
-    """Seconds to receive the weights and send the gradient back over ``link``."""
+    ``link`` has ``bandwidth_mbps`` (each way) and ``latency_ms`` (one way), e.g. a
+    ``workloads.devices.DeviceProfile``.
+    """
     return 2 * link.latency_ms / 1000 + 2 * model_bytes * 8 / (link.bandwidth_mbps * 1e6)
+
+
+def client_virtual_seconds(compute_s: float, profile, model_bytes: float) -> float:
+    """A client's round time on its simulated device: measured compute / speed + its link.
+
+    ``profile`` is a ``workloads.devices.DeviceProfile`` or ``None`` (this machine, no link).
+    """
+    if profile is None:
+        return compute_s
+    return compute_s / profile.speed + comm_seconds(model_bytes, profile)
 
 
 def round_seconds(compute_s: Sequence[float], comm_s: Sequence[float], server_s: float = 0.0) -> float:
@@ -183,3 +189,55 @@ def split_for_equal_finish(
         j = int(np.argmax(out))
         out[j] -= 1
     return out.tolist()
+
+
+@dataclass(frozen=True)
+class BatchChoice:
+    """The chosen global batch and what the model predicts for it."""
+
+    global_batch: int
+    split: list[int]  # b_i per client, same order as the inputs
+    round_s: float  # predicted synchronous round time, s
+    rel_time: float  # (1 + B_noise/B) * round_s: time to a target up to the constant S_min, s
+    rel_cost: float  # (1 + B_noise/B) * sum_i compute_i: device-seconds to a target up to S_min
+    table: list[tuple[int, float, float, float]]  # (B, round_s, rel_time, rel_cost) per candidate
+
+
+def choose_batch(
+    models: Sequence[IterTimeModel],
+    comm_s: Sequence[float],
+    max_batches: Sequence[int],
+    noise_scale: float,
+    server_s: float = 0.0,
+    objective: str = "time",
+    candidates: Sequence[int] | None = None,
+) -> BatchChoice:
+    """Pick the global batch (and its split) that reaches a target soonest, or cheapest.
+
+    Every candidate B is split with ``split_for_equal_finish`` (faster clients get more,
+    nobody beyond its memory limit), its round time predicted, and scored by
+    ``(1 + B_noise / B) * round_s`` (``objective="time"``) or ``(1 + B_noise / B) * sum of the
+    clients' compute seconds`` (``"cost"``, the paper's least-compute-cost batch). Candidates
+    default to 50 geometrically spaced sizes between K and the total memory limit (AdaptDL's
+    ``optimize`` scores a ``geomspace`` grid the same way).
+    """
+    if objective not in ("time", "cost"):
+        raise ValueError(f"objective = {objective!r}: allowed 'time' or 'cost'")
+    k, limit = len(models), int(sum(max_batches))
+    if candidates is None:
+        candidates = np.unique(np.geomspace(k, limit, 50).round().astype(int))
+    table, best = [], None
+    for B in (int(c) for c in candidates if k <= c <= limit):
+        split = split_for_equal_finish(B, models, comm_s, max_batches)
+        compute = [float(m(b)) for m, b in zip(models, split)]
+        r_s = round_seconds(compute, comm_s, server_s)
+        factor = float(steps_factor(B, max(noise_scale, 0.0)))
+        row = (B, r_s, factor * r_s, factor * sum(compute))
+        table.append(row)
+        score = row[2] if objective == "time" else row[3]
+        if best is None or score < best[0]:
+            best = (score, row, split)
+    if best is None:
+        raise ValueError(f"no candidate batch between {k} clients and the memory limit {limit}")
+    _, (B, r_s, rel_time, rel_cost), split = best
+    return BatchChoice(B, split, r_s, rel_time, rel_cost, table)

@@ -27,11 +27,13 @@ from flwr.common.logger import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
+from estimators.performance import client_virtual_seconds
 from strategies.aggregation import aggregate_buffers, weighted_mean
 from strategies.noise_scale import noise_stats
 from strategies.server_opt import ServerSGD, lr_at
 from strategies.teachers import TeacherInput, TeacherOutput
 from workloads.config import ConfigError, RunConfig, split_global_batch
+from workloads.devices import parse_profiles, profile_for
 
 NODE_WAIT_S = 300.0  # how long to wait for clients-per-round nodes before failing
 
@@ -76,6 +78,9 @@ class LargeBatchStrategy(FedAvg):
         self.round_lr = 0.0
         self.last_round: dict[str, Any] = {}  # summary of the last aggregated round
         self.client_rows: list[dict[str, Any]] = []  # one row per client per round
+        self.profiles = parse_profiles(cfg.device_profiles)
+        self.model_bytes = sum(v.numel() * v.element_size() for v in self.state.values())
+        self.virtual_total = 0.0  # seconds of the virtual clock (device profiles applied)
 
     def summary(self) -> None:
         """Log the strategy's settings."""
@@ -163,6 +168,9 @@ class LargeBatchStrategy(FedAvg):
         global_batch = sum(batches)
         self.samples_seen += global_batch * self.cfg.local_steps
         loss = sum(b * m["train-loss"] for b, m in zip(batches, metrics)) / global_batch
+        virtual = [client_virtual_seconds(m["compute-s"], profile_for(self.profiles, int(m["partition-id"])),
+                                          self.model_bytes) for m in metrics]
+        self.virtual_total += max(virtual) + server_s
         self.last_round = {
             "round": server_round,
             "clients": len(replies),
@@ -174,6 +182,8 @@ class LargeBatchStrategy(FedAvg):
             "tr_sigma": stats.tr_sigma,
             "grad_sq": stats.grad_sq,
             "b_simple": stats.b_simple,
+            "virtual_s": max(virtual) + server_s,
+            "virtual_total_s": self.virtual_total,
             "client_compute_s_max": max(m["compute-s"] for m in metrics),
             "client_peak_mem_mb_max": max(m["peak-mem-mb"] for m in metrics),
             "round_trip_s": t_recv - self._t_sent,
@@ -181,17 +191,13 @@ class LargeBatchStrategy(FedAvg):
             "teacher_time_s": teacher_s,
             **{f"teacher_{k}": v for k, v in ({"scale": 1.0, "noise_norm": 0.0} | taught.metrics).items()},
         }
-        for m in metrics:
-            self.client_rows.append({
-                "round": server_round,
-                "node_id": m["node-id"],
-                "partition_id": int(m["partition-id"]),
-                "local_batch": int(m["num-examples"]),
-                "micro_batch": int(m["micro-batch-size"]),
-                "train_loss": m["train-loss"],
-                "compute_s": m["compute-s"],
-                "peak_mem_mb": m["peak-mem-mb"],
-            })
+        self.client_rows += [
+            {"round": server_round, "node_id": m["node-id"], "partition_id": int(m["partition-id"]),
+             "local_batch": int(m["num-examples"]), "micro_batch": int(m["micro-batch-size"]),
+             "train_loss": m["train-loss"], "compute_s": m["compute-s"], "virtual_s": v,
+             "peak_mem_mb": m["peak-mem-mb"]}
+            for m, v in zip(metrics, virtual)
+        ]
         summary = MetricRecord({"train-loss": loss, "global-batch": global_batch, "lr": lr})
         return ArrayRecord(self.state), summary
 

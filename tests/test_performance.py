@@ -7,6 +7,7 @@ import pytest
 
 from estimators.performance import (
     IterTimeModel,
+    choose_batch,
     comm_seconds,
     fit_iter_time,
     fit_linear,
@@ -71,3 +72,21 @@ def test_split_makes_clients_finish_together_within_memory():
     assert sum(capped) == 600 and capped[0] == 200 and capped[1] > split[1]
     with pytest.raises(ValueError, match="total memory limit"):
         split_for_equal_finish(5000, models, comm, max_batches=[1000, 1000, 1000])
+
+
+def test_choose_batch_trades_round_time_against_steps():
+    models = [IterTimeModel(0.005, 0.02, 0.0005, 3.0)] * 4
+    comm = [0.05] * 4
+    # Little noise: large batches buy nothing, the smallest round wins.
+    quiet = choose_batch(models, comm, [4096] * 4, noise_scale=1.0)
+    # Much noise: steps shrink with B until rounds get long; an interior optimum.
+    noisy = choose_batch(models, comm, [4096] * 4, noise_scale=4000.0)
+    assert quiet.global_batch < 64 < noisy.global_batch < 16384
+    b = np.array([row[0] for row in noisy.table])
+    times = np.array([row[2] for row in noisy.table])
+    assert noisy.rel_time == times.min() and sum(noisy.split) == noisy.global_batch
+    # A brute-force check of the score on its own grid
+    i = int(np.argmin(times))
+    assert b[i] == noisy.global_batch
+    cheap = choose_batch(models, comm, [4096] * 4, noise_scale=4000.0, objective="cost")
+    assert cheap.global_batch <= noisy.global_batch  # compute cost favours less parallel waste
