@@ -46,7 +46,8 @@ SMALL, LARGE, CLIENTS = 64, 1024, 8
 # ``lr`` means the step's lr for small/large/noise; step multiplies G by 4, 2, 1 over thirds;
 # linear/sqrt/adascale take the small-batch base lr and scale it by 16, 4 and r in [1, 16];
 # LARS multiplies it by per-layer trust ratios (eta = 1e-3 times |w|/|g|, about 1e-2 here).
-# Grids are placed so that the effective large-batch step sizes cover the same range.
+# Grids are placed so that the effective large-batch step sizes cover the same range. A window
+# whose best validation accuracy was at its edge was shifted one step (AdaScale's, once).
 def _ladder(low: float, n: int = 5) -> tuple[float, ...]:
     return tuple(low * 2**i for i in range(n))
 
@@ -56,7 +57,7 @@ METHODS: dict[str, tuple[int, str, tuple[float, ...]]] = {
     "large": (LARGE, "none", _ladder(0.025)),
     "step": (LARGE, "step", _ladder(0.00625)),
     "noise": (LARGE, "noise", _ladder(0.025)),
-    "adascale": (LARGE, "adascale", _ladder(0.003125)),
+    "adascale": (LARGE, "adascale", _ladder(0.00625)),  # first window (from 0.003125) peaked at its top
     "linear": (LARGE, "linear", _ladder(0.0015625)),
     "sqrt": (LARGE, "sqrt", _ladder(0.00625)),
     "lars": (LARGE, "lars", _ladder(1.0)),
