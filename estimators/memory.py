@@ -1,0 +1,405 @@
+"""Memory estimator: the peak bytes of one client training step, and the largest batch that fits.
+
+Each federated client picks its local batch ``b_i`` (and micro-batch) from this estimate
+instead of probing for out-of-memory errors (PyTorch Lightning's ``BatchSizeFinder`` doubles
+the batch until it crashes, then binary-searches).
+
+**Model.** Record the allocator's live bytes after every allocation and free of a real
+training step (``estimators/memory_trace.py``: the client's step, once gradients and optimizer
+state exist, as in its second step) at a ladder of small batch sizes (3, 6, 12, 24).
+Within one op sequence every tensor's size is affine in the batch (activations, their
+gradients and the input scale with b; parameters, gradients and optimizer state do not), so
+the live bytes after event t are affine too. With ``m`` the micro-batch (``m = b`` without
+micro-batching) and ``r`` the size of the last micro-batch::
+
+    base(b)     = state + input * b                      (live when the step starts)
+    live_t(m)   = fixed_t + slope_t * m                  (minus base, after event t)
+    peak(b, m)  = base(b) + max(0, max_t live_t(m), max_t live_t(r))      bytes
+
+``state`` = parameters + buffers + gradients + optimizer state (SGD momentum; Adam exp_avg,
+exp_avg_sq, step), ``input`` = bytes of one example plus its int64 label. The input batch stays
+resident for the whole step, while activations, the transient peak inside backward (gradient
+buffers of each op before ``AccumulateGrad`` adds them in place) and the optimizer's
+temporaries follow the micro-batch: micro-batches are processed one after another.
+
+**Kernel switches.** The op sequence is not the same at every batch: PyTorch picks kernels by
+shape (on the CPU, ``ConvParams::use_mkldnn`` runs 1x1 convolutions natively below batch 16
+with one thread, and oneDNN with its reorder buffers above; cuDNN picks algorithms and
+workspaces per shape). So the fit is piecewise, one affine piece between adjacent ladder
+sizes. Events are matched across the two ends by (op, sign) with ``difflib``; an event seen
+only at the upper end keeps its bytes there and its neighbour's slope. A piece whose ends ran
+different op sequences straddles a switch: between its ends the prediction is the maximum of
+that piece and the nearest clean pieces below and above (either regime may hold there); above
+the ladder the top piece extrapolates. The optimizer step's allocations do not depend on the
+batch, so it is recorded once and appended to every size.
+
+**On a GPU** cuDNN and cuBLAS choose algorithms, and workspaces, by shape, so the ladder
+is extended by doubling (``refine``, on by default for CUDA) to at least half the batch a
+query asks about; each new knot is a batch already predicted to fit, so nothing runs near
+the limit. Some cuDNN workspaces are opportunistic: PyTorch falls back to an algorithm with a
+smaller workspace when the allocation fails, so an uncapped ``max_memory_allocated`` can lie
+far above what the step needs (experiments/bench_memory.py re-runs such cases under a cap).
+
+**Why a real trace, not a static graph.** DNNMem (Gao et al., ESEC/FSE 2020) sums
+liveness-analysed graph tensors plus an allocator model; its mean error is quoted at 14-16%
+(second-hand, notes/large-batch-literature.md section 3). ColossalAI's MetaInfoProp (PR #1587)
+is within -9.3% .. +8.0% on the forward alone; PyTorch's MemTracker on FakeTensor (PR #124685)
+publishes no error. A real trace sees op-internal workspaces (oneDNN scratchpads and reorders,
+cuDNN/cuBLAS workspaces), allocator rounding and in-place reuse, which those must model. The
+cost: two optimizer steps (one materialises the state from zero gradients, one is recorded)
+and forward/backward passes at the ladder sizes (45 examples in all), never a step at a
+predicted size. Unlike the probe (Lightning),
+nothing is run near the memory limit.
+"""
+
+from __future__ import annotations
+
+import difflib
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+
+from estimators.memory_trace import (
+    MakeInput,
+    StepTrace,
+    check_optimizer,
+    check_positive,
+    default_make_input,
+    measure_peak_bytes,
+    trace_steps,
+)
+
+TRACE_BATCH_SIZES = (3, 6, 12, 24)  # examples: a doubling ladder; see MemoryEstimator
+
+__all__ = ["MemoryEstimator", "StepMemoryModel", "fit_step_model", "measure_peak_bytes"]
+
+
+@dataclass(frozen=True)
+class StepMemoryModel:
+    """Live bytes of a training step, piecewise affine in the (micro-)batch size.
+
+    Attributes
+    ----------
+    state_bytes : float
+        Live bytes at step start that do not scale with b: parameters, buffers, gradients,
+        optimizer state, bytes.
+    input_bytes_per_example : float
+        Live bytes at step start per example of the batch (input and label), bytes/example.
+    knots : tuple of int
+        The traced batch sizes, ascending; piece i spans ``knots[i] .. knots[i+1]``.
+    fixed, slope : tuple of np.ndarray
+        Per piece and per event t, live bytes above the step start are
+        ``fixed[i][t] + slope[i][t] * m`` for a micro-batch of m examples; bytes, bytes/example.
+    same_ops : tuple of bool
+        Per piece, whether both ends ran the same op sequence. If not, a kernel switches
+        between them and the piece only bounds the regime of its upper end.
+    """
+
+    state_bytes: float
+    input_bytes_per_example: float
+    knots: tuple[int, ...]
+    fixed: tuple[np.ndarray, ...]
+    slope: tuple[np.ndarray, ...]
+    same_ops: tuple[bool, ...]
+
+    def _pieces_for(self, m: int) -> list[int]:
+        """Pieces whose regime may hold at m: its own, plus nearest clean ones if it straddles a switch."""
+        i = int(np.clip(np.searchsorted(self.knots, m, side="right") - 1, 0, len(self.same_ops) - 1))
+        if self.same_ops[i]:
+            return [i]
+        below = [j for j in range(i) if self.same_ops[j]][-1:]
+        above = [j for j in range(i + 1, len(self.same_ops)) if self.same_ops[j]][:1]
+        return [i, *below, *above]
+
+    def transient_bytes(self, micro_batch: int) -> float:
+        """Largest live bytes above the step start for one (micro-)batch of ``micro_batch``, bytes."""
+        peaks = [(self.fixed[i] + self.slope[i] * micro_batch).max(initial=0.0) for i in self._pieces_for(micro_batch)]
+        return max(0.0, float(max(peaks)))
+
+    def peak_bytes(self, batch_size: int, micro_batch: int) -> float:
+        """Peak live bytes of a step over ``batch_size`` examples in micro-batches, bytes."""
+        last = batch_size - (math.ceil(batch_size / micro_batch) - 1) * micro_batch
+        transient = max(self.transient_bytes(micro_batch), self.transient_bytes(last))
+        return self.state_bytes + self.input_bytes_per_example * batch_size + transient
+
+
+def _align(lo: StepTrace, hi: StepTrace) -> np.ndarray:
+    """For each event of ``hi``, the index of its matching event in ``lo`` (-1 if none)."""
+    if lo.keys == hi.keys:  # the usual case: the same op sequence at both sizes
+        return np.arange(len(hi.keys))
+    match = np.full(len(hi.keys), -1, dtype=np.int64)
+    matcher = difflib.SequenceMatcher(a=lo.keys, b=hi.keys, autojunk=False)
+    for block in matcher.get_matching_blocks():
+        match[block.b : block.b + block.size] = np.arange(block.a, block.a + block.size)
+    return match
+
+
+def fit_piece(lo: StepTrace, hi: StepTrace) -> tuple[np.ndarray, np.ndarray]:
+    """Per-event (fixed bytes, bytes/example) through traces at ``lo.batch_size < hi.batch_size``.
+
+    Exact at both sizes for events matched by (op, sign); an event seen only at the upper size
+    keeps its bytes there and the slope of the last matched event before it.
+    """
+    span = float(hi.batch_size - lo.batch_size)
+    match = _align(lo, hi)
+    d_hi = hi.deltas.astype(np.float64)
+    matched = match >= 0
+    slope = np.zeros_like(d_hi)
+    slope[matched] = (d_hi[matched] - lo.deltas[match[matched]]) / span
+    last = np.maximum.accumulate(np.where(matched, np.arange(len(match)), -1))
+    slope[~matched] = np.where(last[~matched] >= 0, slope[np.maximum(last[~matched], 0)], 0.0)
+    return d_hi - slope * hi.batch_size, slope
+
+
+def with_optimizer(trace: StepTrace, ref: StepTrace) -> StepTrace:
+    """``trace`` (forward/backward only) followed by the optimizer events of ``ref``.
+
+    The optimizer's allocations do not depend on the batch; they start from whatever the
+    forward/backward left live (0 bytes above the step start once the graph is freed).
+    """
+    if trace.has_optimizer:
+        return trace
+    left = int(trace.deltas[-1]) if len(trace.deltas) else 0
+    ref_left = int(ref.deltas[ref.optimizer_start - 1]) if ref.optimizer_start else 0
+    opt = ref.deltas[ref.optimizer_start :] - ref_left + left
+    return StepTrace(
+        batch_size=trace.batch_size, live_before=trace.live_before, input_bytes=trace.input_bytes,
+        deltas=np.concatenate([trace.deltas, opt]), keys=trace.keys + ref.keys[ref.optimizer_start :],
+        optimizer_start=len(trace.deltas),
+    )
+
+
+def fit_step_model(traces: list[StepTrace]) -> StepMemoryModel:
+    """Fit :class:`StepMemoryModel` to traces at two or more ascending batch sizes.
+
+    Parameters
+    ----------
+    traces : list of StepTrace
+        From :func:`estimators.memory_trace.trace_steps`; the first has the optimizer events.
+
+    Returns
+    -------
+    StepMemoryModel
+    """
+    sizes = [t.batch_size for t in traces]
+    if len(traces) < 2 or any(a >= b for a, b in zip(sizes, sizes[1:])):
+        raise ValueError(f"trace batch sizes {sizes} are not allowed; need two or more, strictly ascending")
+    full = [with_optimizer(t, traces[0]) for t in traces]
+    pieces = [fit_piece(lo, hi) for lo, hi in zip(full, full[1:])]
+    return StepMemoryModel(
+        state_bytes=float(max(t.live_before - t.input_bytes for t in traces)),
+        input_bytes_per_example=float(max(t.input_bytes / t.batch_size for t in traces)),
+        knots=tuple(sizes),
+        fixed=tuple(f for f, _ in pieces),
+        slope=tuple(sl for _, sl in pieces),
+        same_ops=tuple(lo.keys == hi.keys for lo, hi in zip(full, full[1:])),
+    )
+
+
+class MemoryEstimator:
+    """Predict the peak memory of the clients' training step for any batch size.
+
+    Parameters
+    ----------
+    model : nn.Module
+        The model (kept on the CPU; a deep copy is traced, the model is not modified).
+    input_shape : tuple of int
+        Shape of one example without the batch dimension: ``(C, H, W)`` for images,
+        ``(seq_len,)`` for token ids, ``(seq_len, features)`` for feature sequences.
+    num_classes : int
+        Number of classes; labels are int64 class indices.
+    optimizer : {"sgd", "adam", "none"}
+        ``SGD(momentum=0.9, weight_decay=5e-4)`` (one momentum buffer per parameter),
+        ``Adam`` (exp_avg and exp_avg_sq per parameter), or ``"none"``: gradients only, the
+        step of a flower-large-batch client (the server applies the update).
+    input_dtype : torch.dtype, default float32
+        dtype of the model input: a floating dtype (images, features; random normal values)
+        or an integer dtype such as ``torch.long`` (token ids; zeros, valid for any vocabulary).
+    make_input : callable, optional
+        ``make_input(b) -> Tensor`` builds the input for ``b`` examples; overrides
+        ``input_shape``/``input_dtype`` when the input is not one plain tensor of that shape.
+    device : str or torch.device, default "cpu"
+        Where the step runs: ``"cpu"`` or a CUDA device (traced with the CUDA allocator).
+    trace_batch_sizes : tuple of int, default (3, 6, 12, 24)
+        The small batches that are traced (two or more; >= 2 for BatchNorm nets whose last
+        map is 1x1). Estimation runs forward/backward passes only at these sizes (45 examples
+        in all) plus two optimizer steps.
+    refine : bool, optional
+        Extend the ladder by doubling (48, 96, ...) up to half the batch a query asks about,
+        tracing each new size once. Default: on for CUDA, off for the CPU. cuDNN and cuBLAS
+        pick algorithms (and workspaces) by shape, so on a GPU a trace at 24 examples says
+        little about 512; a knot at >= b/2 bounds the extrapolation to one doubling. Every
+        new knot is smaller than a batch already predicted to fit the queried budget, so
+        refinement never runs a step near the memory limit. The model is kept by reference
+        for these later traces: do not train it in between.
+
+    Notes
+    -----
+    Trace with the thread count the client will use (``torch.get_num_threads()``): kernel
+    choice, and so memory, depends on it.
+
+    Attributes
+    ----------
+    step_model : StepMemoryModel
+        The fitted model (bytes).
+    estimate_seconds : float
+        Wall time the two traces and the fit took, s.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        input_shape: tuple[int, ...],
+        num_classes: int,
+        optimizer: str = "sgd",
+        *,
+        input_dtype: torch.dtype = torch.float32,
+        make_input: MakeInput | None = None,
+        device: str | torch.device = "cpu",
+        trace_batch_sizes: tuple[int, ...] = TRACE_BATCH_SIZES,
+        refine: bool | None = None,
+    ) -> None:
+        self.optimizer = check_optimizer(optimizer)
+        self.num_classes = check_positive("num_classes", num_classes)
+        if not isinstance(input_dtype, torch.dtype):
+            raise ValueError(f"input_dtype={input_dtype!r} is not allowed; pass a torch.dtype such as torch.float32 or torch.long")
+        if make_input is None and (not input_shape or any(int(d) != d or d <= 0 for d in input_shape)):
+            raise ValueError(f"input_shape={input_shape!r} is not allowed; give one example's shape, positive ints, e.g. (3, 32, 32) or (128,)")
+        sizes = sorted({check_positive("trace_batch_sizes", b) for b in trace_batch_sizes})
+        if len(sizes) < 2:
+            raise ValueError(f"trace_batch_sizes={trace_batch_sizes!r} is not allowed; give two or more distinct sizes >= 1")
+        self.input_shape = tuple(int(d) for d in input_shape)
+        self.make_input = make_input or default_make_input(self.input_shape, input_dtype)
+        self.device = torch.device(device)
+        if self.device.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError(f"device={str(device)!r} is not available here; allowed: 'cpu' or a visible CUDA device")
+        self.refine = self.device.type == "cuda" if refine is None else bool(refine)
+        self._model = model
+        self._traces: list[StepTrace] = []
+        self.estimate_seconds = 0.0
+        self._trace(sizes)
+
+    def _trace(self, sizes: list[int]) -> None:
+        """Trace ``sizes`` and refit; adds their wall time to ``estimate_seconds``."""
+        start = time.perf_counter()
+        new = trace_steps(self._model, self.optimizer, self.make_input, self.num_classes, sizes, 0, self.device,
+                          optimizer_once=True, warmup="state")
+        self._traces = sorted(self._traces + new, key=lambda t: t.batch_size)
+        self.step_model = fit_step_model(self._traces)
+        self.estimate_seconds += time.perf_counter() - start
+
+    def _refined(self, search: Callable[[], int]) -> int:
+        """Run ``search`` (a batch size); with ``refine``, add doubling knots below it and search again."""
+        found = search()
+        while self.refine and found > 2 * self.step_model.knots[-1]:
+            self._trace([2 * self.step_model.knots[-1]])  # < found, which is predicted to fit
+            found = search()
+        return found
+
+    def refine_to(self, batch_size: int) -> None:
+        """Trace doubling sizes until the largest knot is at least ``batch_size / 2`` (if ``refine``)."""
+        b = check_positive("batch_size", batch_size)
+        while self.refine and b > 2 * self.step_model.knots[-1]:
+            self._trace([2 * self.step_model.knots[-1]])
+
+    @property
+    def state_bytes(self) -> int:
+        """Parameters, buffers, gradients and optimizer state, bytes."""
+        return int(math.ceil(self.step_model.state_bytes))
+
+    def peak_bytes(self, batch_size: int, micro_batch_size: int | None = None) -> int:
+        """Predicted peak live bytes of a training step over ``batch_size`` examples.
+
+        Parameters
+        ----------
+        batch_size : int
+            Examples in the step (>= 1).
+        micro_batch_size : int, optional
+            Accumulate in micro-batches of this many examples (None, or >= batch_size: one pass).
+
+        Returns
+        -------
+        int
+            Bytes, rounded up.
+        """
+        b = check_positive("batch_size", batch_size)
+        m = b if micro_batch_size is None else min(b, check_positive("micro_batch_size", micro_batch_size))
+        return int(math.ceil(self.step_model.peak_bytes(b, m)))
+
+    def _check_budget(self, budget_bytes: int) -> int:
+        if isinstance(budget_bytes, bool) or not float(budget_bytes) >= self.state_bytes:
+            raise ValueError(
+                f"budget_bytes={budget_bytes!r} is not allowed: the model state alone (parameters, "
+                f"gradients, {self.optimizer} state) takes {self.state_bytes} bytes; allowed: >= {self.state_bytes}"
+            )
+        return int(budget_bytes)
+
+    def max_batch_size(self, budget_bytes: int, micro_batch_size: int | None = None) -> int:
+        """Largest batch whose predicted peak fits ``budget_bytes`` (0 if not even one example).
+
+        With ``micro_batch_size`` the batch is accumulated in micro-batches of that size, so
+        only the resident input batch grows with b.
+
+        Raises
+        ------
+        ValueError
+            If the budget is below the model state, which no batch size can fix.
+        """
+        budget = self._check_budget(budget_bytes)
+        if micro_batch_size is not None:
+            check_positive("micro_batch_size", micro_batch_size)
+        return self._refined(lambda: self._max_batch_size(budget, micro_batch_size))
+
+    def _max_batch_size(self, budget: int, micro_batch_size: int | None) -> int:
+        fits = lambda b: self.peak_bytes(b, micro_batch_size) <= budget  # noqa: E731
+        if not fits(1):
+            return 0
+        # Doubling then bisection on the predicted (convex, non-decreasing) peak: no real steps.
+        lo, hi = 1, 2
+        while fits(hi):
+            lo, hi = hi, hi * 2
+            if hi > 1 << 40:
+                raise ValueError(f"budget_bytes={budget!r} admits more than 2**40 examples; the step does not grow with b")
+        while hi - lo > 1:
+            mid = (lo + hi) // 2
+            lo, hi = (mid, hi) if fits(mid) else (lo, mid)
+        return lo
+
+    def micro_batch_for(self, batch_size: int, budget_bytes: int) -> int:
+        """Micro-batch size for an assigned batch ``batch_size`` under ``budget_bytes``.
+
+        The largest micro-batch m whose step fits, then balanced: the same number of passes
+        ``k = ceil(b / m)`` with micro-batches of ``ceil(b / k)`` (never more, lower peak).
+
+        Returns
+        -------
+        int
+            ``batch_size`` itself when the whole batch fits in one pass.
+
+        Raises
+        ------
+        ValueError
+            If even micro-batches of one example do not fit.
+        """
+        b = check_positive("batch_size", batch_size)
+        budget = self._check_budget(budget_bytes)
+        if self.peak_bytes(b, 1) > budget:
+            raise ValueError(
+                f"budget_bytes={budget_bytes!r} is too small for batch_size={b}: even micro-batches of 1 "
+                f"example need {self.peak_bytes(b, 1)} bytes; allowed: budget >= that, or a smaller batch"
+            )
+        lo = self._refined(lambda: self._largest_micro_batch(b, budget))
+        balanced = math.ceil(b / math.ceil(b / lo))
+        return balanced if self.peak_bytes(b, balanced) <= budget else lo
+
+    def _largest_micro_batch(self, b: int, budget: int) -> int:
+        lo, hi = 1, b + 1  # peak(b, lo) fits, peak(b, hi) is out of range
+        while hi - lo > 1:
+            mid = (lo + hi) // 2
+            lo, hi = (mid, hi) if self.peak_bytes(b, mid) <= budget else (lo, mid)
+        return lo

@@ -1,0 +1,400 @@
+"""Instrumentation for the memory estimator: run a training step and record its live bytes.
+
+The step is exactly the client's (``workloads.training.batch_gradient`` then
+``optimizer.step()``): ``zero_grad(set_to_none=False)``, forward, ``CrossEntropyLoss(
+reduction="sum") / n``, backward accumulated over micro-batches, one optimizer step.
+
+**What is recorded.** One allocator-level stream of (allocation, free) events per step:
+
+- CPU: the PyTorch profiler's memory events (``profile_memory=True``). Every allocation and
+  free through c10's CPU allocator reports its size and the running total of bytes it has
+  handed out while profiling (``_ExtraFields_Allocation.total_allocated``). That covers tensor
+  storages *and* op-internal buffers (oneDNN scratchpads and reorders go through c10 via
+  ideep's registered allocator). It does not see memory allocated before the profiler started,
+  so the session starts *before* the model copy is made: parameters, buffers, gradients,
+  optimizer state and the input batch are all allocated, and counted, inside it. It also does
+  not see allocations made on OpenMP worker threads (the profiler state is thread-local): small
+  per-thread buffers, none with one intra-op thread.
+- CUDA: ``torch.cuda.memory._record_memory_history`` (alloc / free_completed of caching-
+  allocator blocks, sizes rounded to 512 B as in ``max_memory_allocated``), started from
+  ``torch.cuda.memory_allocated()``, so all state already on the device counts.
+
+**Which step.** Optimizer state exists only after the first step (SGD momentum buffers, Adam
+``exp_avg``/``exp_avg_sq``), and ``zero_grad(set_to_none=False)`` keeps gradients allocated
+after it, so the step of record is the *second* one. The ground truth warms up with a full
+step at the same size. The estimator records several sizes after one cheaper warm-up (zero
+gradients and one optimizer step); on the benchmark models both give identical event streams,
+because the warm-up only materialises state that does not depend on the batch.
+
+References: PyTorch MemTracker / FakeTensor (pytorch/pytorch PR #124685) for the idea of an
+allocator-faithful step trace; DNNMem (Gao et al., ESEC/FSE 2020) for the error sources
+(workspaces, allocator rounding) that a real trace captures and a static graph does not.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+
+from workloads.training import batch_gradient
+
+OPTIMIZERS = ("sgd", "adam", "none")  # "none": gradients only, the server takes the step
+MakeInput = Callable[[int], torch.Tensor]  # batch size -> model input of that many examples
+os.environ.setdefault("KINETO_LOG_LEVEL", "6")  # read at the first profiling session: no per-trace log lines
+_STEP_MARK = "memory_estimator::step"  # profiler ranges "<mark>:<step>:fb|opt" around recorded phases
+
+
+@dataclass(frozen=True)
+class StepTrace:
+    """Live bytes of one recorded training step.
+
+    Attributes
+    ----------
+    batch_size : int
+        Examples in the step.
+    live_before : int
+        Bytes live when the step starts: parameters, buffers, gradients, optimizer state and
+        the input batch (x and labels), bytes.
+    input_bytes : int
+        Bytes of the input batch (x plus int64 labels) inside ``live_before``, bytes.
+    deltas : np.ndarray
+        Live bytes after each allocation/free event of the step, minus ``live_before`` (int64,
+        one entry per event, in time order), bytes.
+    keys : tuple of str
+        One label per event, to align traces taken at two batch sizes: the op that allocated
+        or freed, and ``+``/``-`` (CUDA: the sign only).
+    optimizer_start : int
+        Index of the first event of ``optimizer.step()``; events before it are zero_grad,
+        forward and backward.
+    has_optimizer : bool
+        False when only zero_grad, forward and backward were recorded.
+    """
+
+    batch_size: int
+    live_before: int
+    input_bytes: int
+    deltas: np.ndarray
+    keys: tuple[str, ...]
+    optimizer_start: int
+    has_optimizer: bool = True
+
+    @property
+    def peak_bytes(self) -> int:
+        """Peak of all live bytes during the step, bytes."""
+        return self.live_before + max(0, int(self.deltas.max(initial=0)))
+
+
+def check_optimizer(optimizer: str) -> str:
+    """Return the canonical optimizer name or raise ``ValueError`` naming what is allowed."""
+    name = str(optimizer).lower()
+    if name not in OPTIMIZERS:
+        raise ValueError(f"optimizer={optimizer!r} is not supported; allowed: {', '.join(OPTIMIZERS)}")
+    return name
+
+
+def check_positive(name: str, value: int) -> int:
+    """Return ``value`` as int if it is a positive integer, else raise ``ValueError``."""
+    if isinstance(value, bool) or int(value) != value or value <= 0:
+        raise ValueError(f"{name}={value!r} is not allowed; it must be an integer >= 1")
+    return int(value)
+
+
+class GradientsOnly:
+    """The ``"none"`` optimizer: a step that allocates and changes nothing.
+
+    flower-large-batch clients only compute gradients; the server applies the global step,
+    so a client holds parameters and gradients but no optimizer state.
+    """
+
+    def step(self) -> None:
+        """Do nothing."""
+
+
+def make_optimizer(params, optimizer: str) -> torch.optim.Optimizer | GradientsOnly:
+    """SGD(momentum=0.9, weight_decay=5e-4), default Adam, or :class:`GradientsOnly`."""
+    name = check_optimizer(optimizer)
+    if name == "none":
+        return GradientsOnly()
+    if name == "sgd":
+        return torch.optim.SGD(params, lr=0.01, momentum=0.9, weight_decay=5e-4)
+    return torch.optim.Adam(params, lr=1e-3)
+
+
+def default_make_input(input_shape: tuple[int, ...], input_dtype: torch.dtype) -> MakeInput:
+    """Inputs of shape ``(b, *input_shape)``: standard normal floats, or zeros for integer dtypes.
+
+    Token ids of 0 are valid for every vocabulary, and allocation sizes do not depend on the
+    values, so zeros stand in for real token ids.
+    """
+    shape = tuple(int(d) for d in input_shape)
+    if input_dtype.is_floating_point:
+        return lambda b: torch.randn((b, *shape), dtype=input_dtype)
+    return lambda b: torch.zeros((b, *shape), dtype=input_dtype)
+
+
+def training_step(model: nn.Module, opt: torch.optim.Optimizer | GradientsOnly, x: torch.Tensor, y: torch.Tensor, micro_batch: int = 0) -> None:
+    """One client step: ``batch_gradient`` (micro-batches are views of ``x``) then ``opt.step()``."""
+    batch_gradient(model, nn.CrossEntropyLoss(reduction="sum"), lambda t: t, x, y, micro_batch)
+    opt.step()
+
+
+Phase = Callable[[int, str], contextlib.AbstractContextManager]  # (step index, "fb"|"opt") -> recorder
+
+
+def _run_steps(
+    model: nn.Module, optimizer: str, make_input: MakeInput, num_classes: int, batch_sizes: Sequence[int],
+    micro_batch: int, device: torch.device, optimizer_once: bool, warmup: str, phase: Phase,
+) -> list[int]:
+    """Copy the model, warm it up, then record one step per size.
+
+    ``warmup="step"`` runs a full step at ``batch_sizes[0]``; ``"state"`` only zero gradients and
+    an optimizer step, which materialise the same gradients and optimizer state without a
+    forward/backward pass (the estimator's choice: one pass fewer on large models).
+
+    Each recorded step runs zero_grad/forward/backward inside ``phase(i, "fb")`` and
+    ``optimizer.step()`` inside ``phase(i, "opt")`` (only for i = 0 if ``optimizer_once``: the
+    optimizer's allocations do not depend on the batch). Returns the input bytes per step.
+    """
+    clone = copy.deepcopy(model).to(device)
+    clone.train()
+    opt = make_optimizer(clone.parameters(), optimizer)
+    loss_fn = nn.CrossEntropyLoss(reduction="sum")
+    input_bytes = []
+    x = y = None
+    for i, b in enumerate(batch_sizes):
+        del x, y  # free the previous batch before the next is made: one batch is resident
+        x = make_input(b).to(device)
+        y = torch.arange(b, device=device) % num_classes  # int64 labels, as the clients'
+        input_bytes.append(x.untyped_storage().nbytes() + y.untyped_storage().nbytes())
+        if i == 0 and warmup == "step":  # gradients (kept by zero_grad(set_to_none=False)), optimizer state
+            training_step(clone, opt, x, y, micro_batch)
+        elif i == 0:
+            for p in clone.parameters():
+                if p.requires_grad:
+                    p.grad = torch.zeros_like(p)
+            opt.step()
+        with phase(i, "fb"):
+            batch_gradient(clone, loss_fn, lambda t: t, x, y, micro_batch)
+        if i == 0 or not optimizer_once:
+            with phase(i, "opt"):
+                opt.step()
+    return input_bytes
+
+
+def _cpu_events(prof) -> tuple[np.ndarray, np.ndarray, list[str], dict[str, tuple[int, int]]]:
+    """Time (ns), live bytes since the session start and key of each CPU memory event; phase ranges."""
+    allocs, ranges = [], {}
+    stack = list(prof.profiler.kineto_results.experimental_event_tree())
+    while stack:
+        ev = stack.pop()
+        stack.extend(ev.children)
+        if type(ev.extra_fields).__name__ == "_ExtraFields_Allocation":
+            if ev.extra_fields.device.type == "cpu":
+                allocs.append(ev)
+        elif ev.name.startswith(_STEP_MARK):
+            ranges[ev.name] = (ev.start_time_ns, ev.end_time_ns)
+    allocs.sort(key=lambda e: e.start_time_ns)
+    times = np.array([e.start_time_ns for e in allocs], dtype=np.int64)
+    # total_allocated is the allocator's running total, updated under its lock, so it is exact even
+    # where timestamps tie; it may include stale bytes from earlier sessions, hence the offset.
+    first = allocs[0].extra_fields
+    session_base = first.total_allocated - first.alloc_size
+    live = np.array([e.extra_fields.total_allocated for e in allocs], dtype=np.int64) - session_base
+    # Key = op name and sign; a free directly under a phase range (a Python local going out of
+    # scope) gets the phase name without the step index, so that steps compare equal.
+    parents = [e.parent.name if e.parent else "" for e in allocs]
+    parents = [p.split(":")[-1] if p.startswith(_STEP_MARK) else p for p in parents]
+    keys = [f"{p}{'+' if e.extra_fields.alloc_size > 0 else '-'}" for p, e in zip(parents, allocs)]
+    return times, live, keys, ranges
+
+
+def _trace_cpu(run: Callable[[Phase], list[int]], batch_sizes: Sequence[int]) -> list[StepTrace]:
+    from torch.profiler import ProfilerActivity, profile, record_function
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        input_bytes = run(lambda i, name: record_function(f"{_STEP_MARK}:{i}:{name}"))
+    times, live, keys, ranges = _cpu_events(prof)
+    traces = []
+    for i, b in enumerate(batch_sizes):
+        t0, t_fb = ranges[f"{_STEP_MARK}:{i}:fb"]
+        t_opt, t1 = ranges.get(f"{_STEP_MARK}:{i}:opt", (t_fb, t_fb))
+        before = live[times < t0]
+        live_before = int(before[-1]) if len(before) else 0
+        inside = (times >= t0) & (times <= t1)
+        traces.append(StepTrace(
+            batch_size=b, live_before=live_before, input_bytes=input_bytes[i],
+            deltas=live[inside] - live_before, keys=tuple(k for k, keep in zip(keys, inside) if keep),
+            optimizer_start=int(((times >= t0) & (times < t_opt)).sum()),
+            has_optimizer=f"{_STEP_MARK}:{i}:opt" in ranges,
+        ))
+    return traces
+
+
+def _trace_cuda(run: Callable[[Phase], list[int]], batch_sizes: Sequence[int], device: torch.device) -> list[StepTrace]:
+    from torch.cuda import memory as cuda_memory
+
+    steps: dict[int, dict] = {}
+
+    @contextlib.contextmanager
+    def phase(i: int, name: str):
+        torch.cuda.synchronize(device)
+        step = steps.setdefault(i, {"live_before": torch.cuda.memory_allocated(device), "sizes": [], "split": None})
+        cuda_memory._record_memory_history(enabled="all", context=None, stacks="python", device=device, clear_history=True)
+        try:
+            yield
+        finally:
+            torch.cuda.synchronize(device)
+            trace = cuda_memory._snapshot(device)["device_traces"][device.index or 0]
+            cuda_memory._record_memory_history(enabled=None, device=device)
+            if name == "opt":
+                step["split"] = len(step["sizes"])
+            # allocated_bytes (what max_memory_allocated tracks) rises at "alloc" and falls when
+            # the block is really released ("free_completed", after any cross-stream use ends).
+            step["sizes"] += [int(e["size"]) if e["action"] == "alloc" else -int(e["size"])
+                              for e in trace if e["action"] in ("alloc", "free_completed")]
+
+    input_bytes = run(phase)
+    traces = []
+    for i, b in enumerate(batch_sizes):
+        step = steps[i]
+        sizes = np.array(step["sizes"], dtype=np.int64)
+        traces.append(StepTrace(
+            batch_size=b, live_before=int(step["live_before"]), input_bytes=input_bytes[i],
+            deltas=np.cumsum(sizes), keys=tuple("+" if v > 0 else "-" for v in sizes),
+            optimizer_start=len(sizes) if step["split"] is None else step["split"],
+            has_optimizer=step["split"] is not None,
+        ))
+    return traces
+
+
+def trace_steps(
+    model: nn.Module,
+    optimizer: str,
+    make_input: MakeInput,
+    num_classes: int,
+    batch_sizes: Sequence[int],
+    micro_batch: int = 0,
+    device: str | torch.device = "cpu",
+    optimizer_once: bool = False,
+    warmup: str = "step",
+) -> list[StepTrace]:
+    """Record the live bytes of training steps of a copy of ``model``, one per batch size.
+
+    One copy is trained: a warm-up step at ``batch_sizes[0]`` (after it, gradients and optimizer
+    state exist), then one recorded step per size. The caller's model is not modified; random
+    draws (inputs, dropout) use a forked RNG seeded with 0.
+
+    Parameters
+    ----------
+    model : nn.Module
+        The model; keep it on the CPU (on CUDA, a device-resident original is counted too).
+    optimizer : {"sgd", "adam", "none"}
+        The step's optimizer ("none": gradients only, as flower-large-batch clients).
+    make_input : callable
+        ``make_input(b)`` returns the model input for ``b`` examples.
+    num_classes : int
+        Labels are int64 in ``[0, num_classes)``.
+    batch_sizes : sequence of int
+        Examples per recorded step.
+    micro_batch : int
+        Micro-batch size of every step (0: one pass).
+    device : str or torch.device
+        ``"cpu"`` or a CUDA device.
+    optimizer_once : bool
+        Run ``optimizer.step()`` only in the first recorded step (its allocations do not depend
+        on the batch; it is the slow part for large models).
+    warmup : {"step", "state"}
+        A full warm-up step at ``batch_sizes[0]``, or only zero gradients and an optimizer step
+        (the same state, without a forward/backward pass).
+
+    Returns
+    -------
+    list of StepTrace
+    """
+    optimizer = check_optimizer(optimizer)
+    sizes = [check_positive("batch_size", b) for b in batch_sizes]
+    device = torch.device(device)
+
+    def run(phase: Phase) -> list[int]:
+        return _run_steps(model, optimizer, make_input, num_classes, sizes, micro_batch, device, optimizer_once, warmup, phase)
+
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(0)
+        if device.type == "cuda":
+            return _trace_cuda(run, sizes, device)
+        return _trace_cpu(run, sizes)
+
+
+def measure_peak_bytes(
+    model: nn.Module,
+    input_shape: tuple[int, ...],
+    num_classes: int,
+    optimizer: str,
+    batch_size: int,
+    device: str | torch.device = "cpu",
+    micro_batch_size: int | None = None,
+    input_dtype: torch.dtype = torch.float32,
+    make_input: MakeInput | None = None,
+) -> int:
+    """Ground truth: peak of all live bytes during a real second training step, in bytes.
+
+    CPU: from the profiler's allocator events (see the module docstring); the count includes
+    the copy's parameters, buffers, gradients, optimizer state and the input batch, because
+    they are allocated inside the profiling session. CUDA: ``reset_peak_memory_stats()`` before
+    the second step, ``max_memory_allocated()`` after it, minus nothing: everything on the
+    device counts (pass a CPU-resident model so that only the trained copy is there).
+
+    Parameters
+    ----------
+    model : nn.Module
+        Not modified: a deep copy is trained.
+    input_shape : tuple of int
+        Shape of one example, e.g. ``(3, 32, 32)`` or ``(seq_len,)``.
+    num_classes : int
+        Number of classes of the labels.
+    optimizer : {"sgd", "adam", "none"}
+        The step's optimizer ("none": gradients only, as flower-large-batch clients).
+    batch_size : int
+        Examples in the step (>= 1).
+    device : str or torch.device
+        ``"cpu"`` or ``"cuda[:i]"``.
+    micro_batch_size : int, optional
+        Accumulate the batch in micro-batches of this many examples (None: one pass).
+    input_dtype : torch.dtype
+        dtype of the input (float32 images/features, int64 token ids).
+    make_input : callable, optional
+        ``make_input(b)`` -> input batch; overrides ``input_shape``/``input_dtype``.
+
+    Returns
+    -------
+    int
+        Peak live bytes of the step.
+    """
+    make_input = make_input or default_make_input(input_shape, input_dtype)
+    micro = 0 if micro_batch_size is None else check_positive("micro_batch_size", micro_batch_size)
+    device = torch.device(device)
+    if device.type != "cuda":
+        return trace_steps(model, optimizer, make_input, num_classes, [batch_size], micro, device)[0].peak_bytes
+    if not torch.cuda.is_available():
+        raise ValueError(f"device={str(device)!r} is not available here; allowed: 'cpu' or a visible CUDA device")
+    batch_size = check_positive("batch_size", batch_size)
+
+    clone = copy.deepcopy(model).to(device).train()
+    opt = make_optimizer(clone.parameters(), optimizer)
+    with torch.random.fork_rng(devices=[device]):
+        torch.manual_seed(0)
+        x = make_input(batch_size).to(device)
+        y = torch.arange(batch_size, device=device) % num_classes
+        training_step(clone, opt, x, y, micro)  # warm-up: gradients and optimizer state now exist
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        training_step(clone, opt, x, y, micro)
+        torch.cuda.synchronize(device)
+    return int(torch.cuda.max_memory_allocated(device))
