@@ -6,6 +6,11 @@ epoch-wise shuffle of its partition (position kept in ``context.state``), accumu
 mean-loss gradient over micro-batches, and replies with it (H = 1) or with the
 pseudo-gradient (w_0 - w_H) / lr of H local SGD steps (H > 1), plus its BatchNorm buffers
 and b_i, loss, compute seconds and peak memory.
+
+Memory: the client's budget comes from its node config, its device profile or the run config
+(workloads/devices.py ``memory_budget_mb``); the memory estimator of its exact step picks the
+micro-batch that fits the budget less ``memory-margin``. The reply carries the predicted and
+the measured peak of the step (estimators/step_peak.py).
 """
 
 from __future__ import annotations
@@ -16,7 +21,9 @@ import torch
 from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from client_app.job import get_job, peak_memory_mb
+from client_app.job import get_job
+from estimators.step_peak import step_peak
+from workloads.devices import memory_budget_mb, parse_profiles
 from workloads.config import ConfigError, RunConfig
 from workloads.training import batch_gradient, local_sgd
 
@@ -40,6 +47,8 @@ def train(msg: Message, context: Context) -> Message:
             f"batch b_i = {b} exceeds its partition ({n} examples, partition-id {pid} of {nparts})."
         )
 
+    budget_mb, source = memory_budget_mb(context.node_config, parse_profiles(cfg.device_profiles), cfg.memory_budget_mb, pid)
+    plan = job.memory_plan(b, micro, budget_mb, source)  # before any data is drawn: a bad budget fails first
     batches = job.draw(context.state, b, steps)
 
     model = job.model
@@ -47,17 +56,17 @@ def train(msg: Message, context: Context) -> Message:
     model.train()
     gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + rnd * 1009 + pid)
     inputs = job.inputs_fn(gen)
-    if job.device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(job.device)
-    t0 = time.perf_counter()
-    if steps == 1:
-        loss = batch_gradient(model, job.loss_fn, inputs, *batches[0], micro)
-        grads = [p.grad.detach() for p in model.parameters()]
-    else:
-        grads, loss = local_sgd(model, job.loss_fn, inputs, batches, lr, micro)
-    if job.device.type == "cuda":
-        torch.cuda.synchronize(job.device)
-    compute_s = time.perf_counter() - t0
+    resident = [*model.parameters(), *(p.grad for p in model.parameters()), *model.buffers(), *(t for xy in batches for t in xy)]
+    with step_peak(job.device, resident) as peak:  # timed inside: the profiler's start/stop is not compute
+        t0 = time.perf_counter()
+        if steps == 1:
+            loss = batch_gradient(model, job.loss_fn, inputs, *batches[0], plan.micro_batch)
+            grads = [p.grad.detach() for p in model.parameters()]
+        else:
+            grads, loss = local_sgd(model, job.loss_fn, inputs, batches, lr, plan.micro_batch)
+        if job.device.type == "cuda":
+            torch.cuda.synchronize(job.device)
+        compute_s = time.perf_counter() - t0
 
     names = [name for name, _ in model.named_parameters()]
     content = RecordDict({
@@ -66,8 +75,11 @@ def train(msg: Message, context: Context) -> Message:
             "num-examples": b,
             "train-loss": loss,
             "compute-s": compute_s,
-            "peak-mem-mb": peak_memory_mb(job.device),
-            "micro-batch-size": min(micro, b),
+            "peak-mem-mb": peak.bytes / 2**20,
+            "predicted-peak-mb": plan.predicted_mb,
+            "budget-mb": plan.budget_mb,
+            "max-batch": plan.max_batch,
+            "micro-batch-size": plan.micro_batch,
             "partition-id": pid,
             "partition-size": n,
         }),

@@ -8,7 +8,6 @@ use and cached here, so a round only copies weights in and gradients out.
 from __future__ import annotations
 
 import functools
-import resource
 from dataclasses import dataclass
 
 import numpy as np
@@ -16,12 +15,26 @@ import torch
 from flwr.app import ConfigRecord, RecordDict
 from torch import nn
 
-from workloads.config import RunConfig
+from estimators.memory import MemoryEstimator
+from workloads.config import ConfigError, RunConfig
 from workloads.data import Splits, augment_crop_flip, load_splits
 from workloads.models import build_model
 from workloads.partition import client_partition
 from workloads.registry import WORKLOADS, resolve_model
 from workloads.training import draw_batch, pick_device
+
+MIB = 2**20
+_ESTIMATORS: dict[tuple, MemoryEstimator] = {}  # see ClientJob.estimator
+
+
+@dataclass(frozen=True)
+class MemoryPlan:
+    """How a client runs one round's batch under its memory budget."""
+
+    micro_batch: int  # examples per forward/backward pass
+    predicted_mb: float  # the estimator's peak for (batch, micro_batch), MiB
+    budget_mb: float  # the budget, MiB (0 = unlimited)
+    max_batch: int  # largest single-pass batch that fits budget x (1 - margin); 0 without a budget
 
 
 @dataclass
@@ -56,6 +69,51 @@ class ClientJob:
         state["sampler"] = ConfigRecord({"epoch": epoch, "cursor": cursor})
         return out
 
+    @property
+    def estimator(self) -> MemoryEstimator:
+        """Memory estimator of this client's exact step: stored uint8 batch, ``inputs`` per micro-batch, no optimizer.
+
+        It depends on the architecture, input pipeline, device and thread count (kernel
+        choice), not on the weights, seed or partition: a process builds one per such key.
+        """
+        key = (self.cfg.dataset, resolve_model(self.cfg.dataset, self.cfg.model), str(self.device), self.augment,
+               torch.get_num_threads())
+        if key not in _ESTIMATORS:
+            shape, dtype = tuple(self.splits.x_train.shape[1:]), self.splits.x_train.dtype
+            _ESTIMATORS[key] = MemoryEstimator(
+                self.model, shape, WORKLOADS[self.cfg.dataset].num_classes, "none",
+                make_input=lambda b: torch.zeros((b, *shape), dtype=dtype),
+                transform=self.inputs_fn(torch.Generator().manual_seed(0)), device=self.device,
+            )
+        return _ESTIMATORS[key]
+
+    def memory_plan(self, batch: int, micro: int, budget_mb: float, source: str) -> MemoryPlan:
+        """Micro-batch for ``batch`` examples under ``budget_mb`` MiB less the run's ``memory-margin``.
+
+        The server's micro-batch is kept when the step fits; otherwise the estimator's largest
+        fitting micro-batch (balanced over the passes) is used: accumulation is exact, so the
+        gradient does not change. ``budget_mb = 0`` means no limit.
+
+        Raises
+        ------
+        ConfigError
+            If not even micro-batches of one example fit, naming where the budget came from.
+        """
+        est, micro = self.estimator, min(micro, batch)
+        if budget_mb <= 0:
+            return MemoryPlan(micro, est.peak_bytes(batch, micro) / MIB, 0.0, 0)
+        usable = budget_mb * MIB * (1 - self.cfg.memory_margin)
+        need_mb = est.peak_bytes(batch, 1) / MIB / (1 - self.cfg.memory_margin)
+        if est.peak_bytes(batch, 1) > usable:
+            raise ConfigError(
+                f"{source} = {budget_mb:g} MiB is too small for partition {self.partition_id}'s batch of {batch}: even "
+                f"micro-batches of one example need {need_mb:.1f} MiB with memory-margin {self.cfg.memory_margin:g}. "
+                f"Allowed: a budget >= {need_mb:.1f} MiB, or a smaller global-batch-size."
+            )
+        if est.peak_bytes(batch, micro) > usable:
+            micro = est.micro_batch_for(batch, int(usable))
+        return MemoryPlan(micro, est.peak_bytes(batch, micro) / MIB, budget_mb, est.max_batch_size(int(usable)))
+
     def inputs_fn(self, generator: torch.Generator | None):
         """Return the uint8 -> float input function for this round (augmenting if enabled)."""
 
@@ -68,7 +126,7 @@ class ClientJob:
         return inputs
 
 
-@functools.lru_cache(maxsize=4)
+@functools.lru_cache(maxsize=64)
 def get_job(cfg: RunConfig, partition_id: int, num_partitions: int) -> ClientJob:
     """Build (once per process and config) the data, partition and model of a client."""
     workload = WORKLOADS[cfg.dataset]
@@ -88,10 +146,3 @@ def get_job(cfg: RunConfig, partition_id: int, num_partitions: int) -> ClientJob
         augment=cfg.augment and workload.augment,
         partition_id=partition_id,
     )
-
-
-def peak_memory_mb(device: torch.device) -> float:
-    """Peak memory of the step: CUDA allocator peak, or the process's max RSS on the CPU."""
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux

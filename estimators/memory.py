@@ -67,6 +67,7 @@ from torch import nn
 from estimators.memory_trace import (
     MakeInput,
     StepTrace,
+    Transform,
     check_optimizer,
     check_positive,
     default_make_input,
@@ -223,6 +224,10 @@ class MemoryEstimator:
     make_input : callable, optional
         ``make_input(b) -> Tensor`` builds the input for ``b`` examples; overrides
         ``input_shape``/``input_dtype`` when the input is not one plain tensor of that shape.
+    transform : callable, optional
+        ``transform(x) -> input`` applied to each (micro-)batch inside the step, as a client
+        turns its stored uint8 batch into normalised floats on its device; the batch from
+        ``make_input`` then stays resident as made (on the host).
     device : str or torch.device, default "cpu"
         Where the step runs: ``"cpu"`` or a CUDA device (traced with the CUDA allocator).
     trace_batch_sizes : tuple of int, default (3, 6, 12, 24)
@@ -260,6 +265,7 @@ class MemoryEstimator:
         *,
         input_dtype: torch.dtype = torch.float32,
         make_input: MakeInput | None = None,
+        transform: Transform | None = None,
         device: str | torch.device = "cpu",
         trace_batch_sizes: tuple[int, ...] = TRACE_BATCH_SIZES,
         refine: bool | None = None,
@@ -275,6 +281,7 @@ class MemoryEstimator:
             raise ValueError(f"trace_batch_sizes={trace_batch_sizes!r} is not allowed; give two or more distinct sizes >= 1")
         self.input_shape = tuple(int(d) for d in input_shape)
         self.make_input = make_input or default_make_input(self.input_shape, input_dtype)
+        self.transform = transform
         self.device = torch.device(device)
         if self.device.type == "cuda" and not torch.cuda.is_available():
             raise ValueError(f"device={str(device)!r} is not available here; allowed: 'cpu' or a visible CUDA device")
@@ -288,7 +295,7 @@ class MemoryEstimator:
         """Trace ``sizes`` and refit; adds their wall time to ``estimate_seconds``."""
         start = time.perf_counter()
         new = trace_steps(self._model, self.optimizer, self.make_input, self.num_classes, sizes, 0, self.device,
-                          optimizer_once=True, warmup="state")
+                          optimizer_once=True, warmup="state", transform=self.transform)
         self._traces = sorted(self._traces + new, key=lambda t: t.batch_size)
         self.step_model = fit_step_model(self._traces)
         self.estimate_seconds += time.perf_counter() - start

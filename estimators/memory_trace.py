@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import gc
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -47,6 +48,7 @@ from workloads.training import batch_gradient
 
 OPTIMIZERS = ("sgd", "adam", "none")  # "none": gradients only, the server takes the step
 MakeInput = Callable[[int], torch.Tensor]  # batch size -> model input of that many examples
+Transform = Callable[[torch.Tensor], torch.Tensor]  # stored (micro-)batch -> model input, inside the step
 os.environ.setdefault("KINETO_LOG_LEVEL", "6")  # read at the first profiling session: no per-trace log lines
 _STEP_MARK = "memory_estimator::step"  # profiler ranges "<mark>:<step>:fb|opt" around recorded phases
 
@@ -139,10 +141,45 @@ def default_make_input(input_shape: tuple[int, ...], input_dtype: torch.dtype) -
     return lambda b: torch.zeros((b, *shape), dtype=input_dtype)
 
 
-def training_step(model: nn.Module, opt: torch.optim.Optimizer | GradientsOnly, x: torch.Tensor, y: torch.Tensor, micro_batch: int = 0) -> None:
+def training_step(
+    model: nn.Module, opt: torch.optim.Optimizer | GradientsOnly, x: torch.Tensor, y: torch.Tensor,
+    micro_batch: int = 0, transform: Transform | None = None,
+) -> None:
     """One client step: ``batch_gradient`` (micro-batches are views of ``x``) then ``opt.step()``."""
-    batch_gradient(model, nn.CrossEntropyLoss(reduction="sum"), lambda t: t, x, y, micro_batch)
+    batch_gradient(model, nn.CrossEntropyLoss(reduction="sum"), transform or _identity, x, y, micro_batch)
     opt.step()
+
+
+@contextlib.contextmanager
+def no_gc():
+    """Keep Python's cyclic garbage collector out of a recorded step.
+
+    The allocator's running total is process-wide: tensors of unrelated, unreachable objects
+    freed by a collection inside the recording would count as the step freeing memory.
+    """
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
+
+
+def _identity(t: torch.Tensor) -> torch.Tensor:
+    return t
+
+
+def _batch(make_input: MakeInput, num_classes: int, b: int, device: torch.device, transform: Transform | None):
+    """Input and int64 labels of ``b`` examples: on ``device``, or as stored (CPU) when a ``transform`` moves them."""
+    where = device if transform is None else torch.device("cpu")
+    x = make_input(b).to(where)
+    return x, torch.arange(b, device=where) % num_classes
+
+
+def _input_bytes(x: torch.Tensor, y: torch.Tensor, device: torch.device) -> int:
+    """Bytes of the resident batch on ``device`` (0 when it stays on the host of a CUDA step)."""
+    return x.untyped_storage().nbytes() + y.untyped_storage().nbytes() if x.device == device else 0
 
 
 Phase = Callable[[int, str], contextlib.AbstractContextManager]  # (step index, "fb"|"opt") -> recorder
@@ -151,6 +188,7 @@ Phase = Callable[[int, str], contextlib.AbstractContextManager]  # (step index, 
 def _run_steps(
     model: nn.Module, optimizer: str, make_input: MakeInput, num_classes: int, batch_sizes: Sequence[int],
     micro_batch: int, device: torch.device, optimizer_once: bool, warmup: str, phase: Phase,
+    transform: Transform | None = None,
 ) -> list[int]:
     """Copy the model, warm it up, then record one step per size.
 
@@ -170,18 +208,17 @@ def _run_steps(
     x = y = None
     for i, b in enumerate(batch_sizes):
         del x, y  # free the previous batch before the next is made: one batch is resident
-        x = make_input(b).to(device)
-        y = torch.arange(b, device=device) % num_classes  # int64 labels, as the clients'
-        input_bytes.append(x.untyped_storage().nbytes() + y.untyped_storage().nbytes())
+        x, y = _batch(make_input, num_classes, b, device, transform)
+        input_bytes.append(_input_bytes(x, y, device))
         if i == 0 and warmup == "step":  # gradients (kept by zero_grad(set_to_none=False)), optimizer state
-            training_step(clone, opt, x, y, micro_batch)
+            training_step(clone, opt, x, y, micro_batch, transform)
         elif i == 0:
             for p in clone.parameters():
                 if p.requires_grad:
                     p.grad = torch.zeros_like(p)
             opt.step()
         with phase(i, "fb"):
-            batch_gradient(clone, loss_fn, lambda t: t, x, y, micro_batch)
+            batch_gradient(clone, loss_fn, transform or _identity, x, y, micro_batch)
         if i == 0 or not optimizer_once:
             with phase(i, "opt"):
                 opt.step()
@@ -201,6 +238,8 @@ def _cpu_events(prof) -> tuple[np.ndarray, np.ndarray, list[str], dict[str, tupl
         elif ev.name.startswith(_STEP_MARK):
             ranges[ev.name] = (ev.start_time_ns, ev.end_time_ns)
     allocs.sort(key=lambda e: e.start_time_ns)
+    if not allocs:
+        return np.zeros(0, np.int64), np.zeros(0, np.int64), [], ranges
     times = np.array([e.start_time_ns for e in allocs], dtype=np.int64)
     # total_allocated is the allocator's running total, updated under its lock, so it is exact even
     # where timestamps tie; it may include stale bytes from earlier sessions, hence the offset.
@@ -213,6 +252,11 @@ def _cpu_events(prof) -> tuple[np.ndarray, np.ndarray, list[str], dict[str, tupl
     parents = [p.split(":")[-1] if p.startswith(_STEP_MARK) else p for p in parents]
     keys = [f"{p}{'+' if e.extra_fields.alloc_size > 0 else '-'}" for p, e in zip(parents, allocs)]
     return times, live, keys, ranges
+
+
+def cpu_live_bytes(prof) -> np.ndarray:
+    """Live CPU bytes after each allocator event of a finished profiling session, minus those at its start."""
+    return _cpu_events(prof)[1]
 
 
 def _trace_cpu(run: Callable[[Phase], list[int]], batch_sizes: Sequence[int]) -> list[StepTrace]:
@@ -284,6 +328,7 @@ def trace_steps(
     device: str | torch.device = "cpu",
     optimizer_once: bool = False,
     warmup: str = "step",
+    transform: Transform | None = None,
 ) -> list[StepTrace]:
     """Record the live bytes of training steps of a copy of ``model``, one per batch size.
 
@@ -313,6 +358,10 @@ def trace_steps(
     warmup : {"step", "state"}
         A full warm-up step at ``batch_sizes[0]``, or only zero gradients and an optimizer step
         (the same state, without a forward/backward pass).
+    transform : callable, optional
+        Applied to each (micro-)batch inside the step, as the clients' ``inputs`` function
+        (uint8 -> normalised float, augmentation, move to the device); the batch then stays
+        as ``make_input`` made it, on the host.
 
     Returns
     -------
@@ -323,9 +372,10 @@ def trace_steps(
     device = torch.device(device)
 
     def run(phase: Phase) -> list[int]:
-        return _run_steps(model, optimizer, make_input, num_classes, sizes, micro_batch, device, optimizer_once, warmup, phase)
+        return _run_steps(model, optimizer, make_input, num_classes, sizes, micro_batch, device, optimizer_once, warmup,
+                          phase, transform)
 
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), no_gc():
         torch.manual_seed(0)
         if device.type == "cuda":
             return _trace_cuda(run, sizes, device)
@@ -342,6 +392,7 @@ def measure_peak_bytes(
     micro_batch_size: int | None = None,
     input_dtype: torch.dtype = torch.float32,
     make_input: MakeInput | None = None,
+    transform: Transform | None = None,
 ) -> int:
     """Ground truth: peak of all live bytes during a real second training step, in bytes.
 
@@ -371,6 +422,8 @@ def measure_peak_bytes(
         dtype of the input (float32 images/features, int64 token ids).
     make_input : callable, optional
         ``make_input(b)`` -> input batch; overrides ``input_shape``/``input_dtype``.
+    transform : callable, optional
+        Per-(micro-)batch input function inside the step (see :func:`trace_steps`).
 
     Returns
     -------
@@ -381,7 +434,8 @@ def measure_peak_bytes(
     micro = 0 if micro_batch_size is None else check_positive("micro_batch_size", micro_batch_size)
     device = torch.device(device)
     if device.type != "cuda":
-        return trace_steps(model, optimizer, make_input, num_classes, [batch_size], micro, device)[0].peak_bytes
+        return trace_steps(model, optimizer, make_input, num_classes, [batch_size], micro, device,
+                           transform=transform)[0].peak_bytes
     if not torch.cuda.is_available():
         raise ValueError(f"device={str(device)!r} is not available here; allowed: 'cpu' or a visible CUDA device")
     batch_size = check_positive("batch_size", batch_size)
@@ -390,11 +444,10 @@ def measure_peak_bytes(
     opt = make_optimizer(clone.parameters(), optimizer)
     with torch.random.fork_rng(devices=[device]):
         torch.manual_seed(0)
-        x = make_input(batch_size).to(device)
-        y = torch.arange(batch_size, device=device) % num_classes
-        training_step(clone, opt, x, y, micro)  # warm-up: gradients and optimizer state now exist
+        x, y = _batch(make_input, num_classes, batch_size, device, transform)
+        training_step(clone, opt, x, y, micro, transform)  # warm-up: gradients and optimizer state now exist
         torch.cuda.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
-        training_step(clone, opt, x, y, micro)
+        training_step(clone, opt, x, y, micro, transform)
         torch.cuda.synchronize(device)
     return int(torch.cuda.max_memory_allocated(device))

@@ -3,17 +3,14 @@
 Tyagi (arXiv 2509.10537) proposes a parallel performance model that finds the global batch
 of least compute cost, assuming linear speed-up until memory runs out. We make it measurable.
 
-**Iteration time of one device** (seconds, for a local batch of b examples)::
-
-    t(b) = alpha + (floor^p + (beta * b)^p)^(1/p)
-
-``alpha`` is the fixed per-step overhead (weight copy-in, launch, gradient copy-out), ``floor``
-the time of the smallest step the hardware can do (an under-utilised device: adding examples is
-free until the work fills it), ``beta`` the seconds per example once saturated and ``p`` the
-sharpness of that knee. p = 1 gives the linear model ``alpha + floor + beta b`` of Pollux
-(Qiao et al., OSDI'21, ``PerfParams``) and FedScale; large p gives ``alpha + max(floor, beta b)``.
-The smooth p-norm follows Pollux's compute/network overlap term. It is fitted from at most four
-profiled batch sizes per device, by least squares on log time.
+**Iteration time of one device** (seconds, for a local batch of b examples): a monotone
+model fitted to at most four profiled batch sizes (``fit_iter_time``). Per-example time is not
+constant: it falls while the device is under-used (the knee at small batches) and can rise
+again when activations outgrow the caches (seen on CPUs). Two shapes are fitted, a smooth knee
+``alpha + (floor^p + (beta b^q)^p)^(1/p)`` (a p-norm like Pollux's overlap term) and a
+piecewise power law through the points, and the one with the lower leave-one-out error is kept. Pollux (Qiao et al., OSDI'21,
+``PerfParams``) and FedScale model compute as ``alpha + beta * b``, which can show neither;
+``LinearTimeModel`` keeps that model for comparison.
 
 **Communication** (seconds): ``2 * latency + model_bytes * 8 / bandwidth_up + model_bytes * 8 /
 bandwidth_down`` (weights down, gradient up).
@@ -29,38 +26,76 @@ aggregation and teacher time.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
 
 
+class _StepTime:
+    """Shared behaviour of the step-time models: inverse by bisection on a rising curve."""
+
+    def __call__(self, b: float | np.ndarray) -> float | np.ndarray:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def inverse(self, seconds: float) -> float:
+        """Largest (real) batch whose step takes at most ``seconds`` (0 if not even one example)."""
+        if seconds < self(1.0):
+            return 0.0
+        lo, hi = 1.0, 2.0
+        while self(hi) <= seconds and hi < 2**40:
+            lo, hi = hi, hi * 2
+        for _ in range(60):
+            mid = (lo + hi) / 2
+            lo, hi = (mid, hi) if self(mid) <= seconds else (lo, mid)
+        return lo
+
+
 @dataclass(frozen=True)
-class IterTimeModel:
-    """t(b) = alpha + (floor^p + (beta b)^p)^(1/p), in seconds."""
+class KneeModel(_StepTime):
+    """t(b) = alpha + (floor^p + (beta * b^q)^p)^(1/p), seconds: flat, then a power law."""
 
     alpha: float  # fixed overhead per step, s
-    floor: float  # smallest compute time of a step (under-utilised device), s
-    beta: float  # seconds per example at saturation, s
+    floor: float  # smallest compute time of a step (under-used device), s
+    beta: float  # seconds per example^q once saturated
     p: float  # knee sharpness, >= 1
+    q: float = 1.0  # growth exponent once saturated (> 1 when activations outgrow caches)
 
     def __call__(self, b: float | np.ndarray) -> float | np.ndarray:
         """Predicted seconds per step at local batch ``b``."""
         b = np.asarray(b, dtype=float)
-        out = self.alpha + (self.floor**self.p + (self.beta * b) ** self.p) ** (1.0 / self.p)
+        out = self.alpha + (self.floor**self.p + (self.beta * b**self.q) ** self.p) ** (1.0 / self.p)
         return float(out) if out.ndim == 0 else out
 
-    def inverse(self, seconds: float) -> float:
-        """Largest (real) batch whose step takes at most ``seconds`` (0 if none)."""
-        compute = seconds - self.alpha
-        if compute < self.floor:
-            return 0.0
-        return (compute**self.p - self.floor**self.p) ** (1.0 / self.p) / self.beta
-
-    def scaled(self, speed: float) -> IterTimeModel:
+    def scaled(self, speed: float) -> KneeModel:
         """The same curve on a device ``speed`` times as fast."""
-        return IterTimeModel(self.alpha / speed, self.floor / speed, self.beta / speed, self.p)
+        return KneeModel(self.alpha / speed, self.floor / speed, self.beta / speed, self.p, self.q)
+
+
+@dataclass(frozen=True)
+class PowerLawModel(_StepTime):
+    """Monotone piecewise power law through profiled points (straight lines in log-log)."""
+
+    batches: tuple[float, ...]  # profiled batch sizes, ascending, examples
+    seconds: tuple[float, ...]  # their step times, made non-decreasing, s
+
+    def __call__(self, b: float | np.ndarray) -> float | np.ndarray:
+        """Predicted seconds per step at local batch ``b``; end segments extend beyond."""
+        lb, lt = np.log(self.batches), np.log(self.seconds)
+        x = np.log(np.maximum(np.asarray(b, dtype=float), 1e-9))
+        out = np.interp(x, lb, lt)
+        lo_slope = (lt[1] - lt[0]) / (lb[1] - lb[0])
+        hi_slope = (lt[-1] - lt[-2]) / (lb[-1] - lb[-2])
+        out = np.where(x < lb[0], lt[0] + lo_slope * (x - lb[0]), out)
+        out = np.exp(np.where(x > lb[-1], lt[-1] + hi_slope * (x - lb[-1]), out))
+        return float(out) if out.ndim == 0 else out
+
+    def scaled(self, speed: float) -> PowerLawModel:
+        """The same curve on a device ``speed`` times as fast."""
+        return PowerLawModel(self.batches, tuple(t / speed for t in self.seconds))
+
+
+IterTimeModel = KneeModel | PowerLawModel
 
 
 @dataclass(frozen=True)
@@ -83,37 +118,62 @@ def fit_linear(batches: Sequence[float], seconds: Sequence[float]) -> LinearTime
     return LinearTimeModel(float(max(alpha, 0.0)), float(max(beta, 1e-12)))
 
 
-def fit_iter_time(batches: Sequence[float], seconds: Sequence[float]) -> IterTimeModel:
-    """Fit ``IterTimeModel`` to profiled (batch, seconds) pairs; at most 4 are needed.
+def fit_knee(batches: Sequence[float], seconds: Sequence[float]) -> KneeModel:
+    """Least squares on log time for ``KneeModel`` (scipy, bounded, a few starting points)."""
+    from scipy.optimize import least_squares
 
-    Minimises the squared error of log time (relative errors count equally at small and large
-    batches) with scipy's bounded least squares, from a few starting points.
+    b, t = np.asarray(batches, float), np.asarray(seconds, float)
+
+    def unpack(x: np.ndarray) -> KneeModel:
+        a, f, be = np.exp(x[:3])
+        return KneeModel(float(a), float(f), float(be), 1.0 + float(np.exp(x[3])), 1.0 + 0.5 / (1.0 + float(np.exp(-x[4]))))
+
+    def residual(x: np.ndarray) -> np.ndarray:
+        return np.log(unpack(x)(b)) - np.log(t)
+
+    slope = max((t[-1] - t[0]) / max(b[-1] - b[0], 1e-9), 1e-9)
+    best = None
+    for share in (0.1, 0.5, 0.9):
+        for p0 in (0.5, 2.0):
+            x0 = [np.log(share * t[0]), np.log((1 - share) * t[0]), np.log(slope), np.log(p0), -2.0]
+            res = least_squares(residual, x0, bounds=([-30, -30, -30, -5, -10], [5, 5, 5, 4, 10]))
+            if best is None or res.cost < best.cost:
+                best = res
+    return unpack(best.x)
+
+
+def fit_power_law(batches: Sequence[float], seconds: Sequence[float]) -> PowerLawModel:
+    """``PowerLawModel`` through the points (times made non-decreasing in b)."""
+    b, t = np.asarray(batches, float), np.asarray(seconds, float)
+    order = np.argsort(b)
+    return PowerLawModel(tuple(b[order].tolist()), tuple(np.maximum.accumulate(t[order]).tolist()))
+
+
+def fit_iter_time(batches: Sequence[float], seconds: Sequence[float]) -> IterTimeModel:
+    """Fit a device's step time from at most four profiled (batch, seconds) pairs.
+
+    Two candidate shapes: a smooth knee (``KneeModel``: flat while the device is under-used,
+    then a power law, as on GPUs) and a piecewise power law (``PowerLawModel``: follows the
+    irregular per-example cost of CPUs, whose kernels change with the batch). The one with the
+    lower leave-one-out error on the interior profiled points is returned.
 
     Raises
     ------
     ValueError
-        With fewer than 2 points or a non-positive batch or time.
+        With fewer than 2 distinct batch sizes or a non-positive batch or time.
     """
-    from scipy.optimize import least_squares
-
     b, t = np.asarray(batches, float), np.asarray(seconds, float)
-    if len(b) < 2 or len(b) != len(t) or (b <= 0).any() or (t <= 0).any():
-        raise ValueError(f"need >= 2 (batch > 0, seconds > 0) pairs, got batches={list(b)} seconds={list(t)}")
-    slope = max((t[-1] - t[0]) / (b[-1] - b[0]), 1e-9) if b[-1] != b[0] else t[-1] / b[-1]
-
-    def residual(x: np.ndarray) -> np.ndarray:
-        alpha, floor, beta, p = np.exp(x[:3]).tolist() + [1.0 + math.exp(x[3])]
-        return np.log(alpha + (floor**p + (beta * b) ** p) ** (1 / p)) - np.log(t)
-
-    best = None
-    for share in (0.1, 0.5, 0.9):
-        for p0 in (0.5, 2.0):
-            x0 = np.log([share * t[0] + 1e-9, (1 - share) * t[0] + 1e-9, slope]).tolist() + [math.log(p0)]
-            res = least_squares(residual, x0, bounds=([-30, -30, -30, -5], [5, 5, 5, 4]))
-            if best is None or res.cost < best.cost:
-                best = res
-    alpha, floor, beta = np.exp(best.x[:3])
-    return IterTimeModel(float(alpha), float(floor), float(beta), 1.0 + math.exp(float(best.x[3])))
+    if len(b) != len(t) or len(set(b.tolist())) < 2 or (b <= 0).any() or (t <= 0).any():
+        raise ValueError(f"need >= 2 distinct (batch > 0, seconds > 0) pairs, got batches={list(b)} seconds={list(t)}")
+    order = np.argsort(b)
+    b, t = b[order], t[order]
+    if len(b) < 3:
+        return fit_power_law(b, t)
+    errors = {}
+    for fit in (fit_knee, fit_power_law):
+        loo = [abs(fit(np.delete(b, j), np.delete(t, j))(b[j]) / t[j] - 1) for j in range(1, len(b) - 1)]
+        errors[fit] = float(np.mean(loo))
+    return min(errors, key=errors.get)(b, t)
 
 
 def comm_seconds(model_bytes: float, link) -> float:

@@ -195,7 +195,8 @@ class LargeBatchStrategy(FedAvg):
             {"round": server_round, "node_id": m["node-id"], "partition_id": int(m["partition-id"]),
              "local_batch": int(m["num-examples"]), "micro_batch": int(m["micro-batch-size"]),
              "train_loss": m["train-loss"], "compute_s": m["compute-s"], "virtual_s": v,
-             "peak_mem_mb": m["peak-mem-mb"]}
+             "budget_mb": m["budget-mb"], "predicted_peak_mb": m["predicted-peak-mb"], "peak_mem_mb": m["peak-mem-mb"],
+             "max_batch": int(m["max-batch"])}
             for m, v in zip(metrics, virtual)
         ]
         summary = MetricRecord({"train-loss": loss, "global-batch": global_batch, "lr": lr})

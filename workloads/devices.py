@@ -8,6 +8,7 @@ SuperNode ``--node-config "memory-budget-mb=..."`` gives the budget instead.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 from workloads.config import ConfigError
@@ -57,3 +58,33 @@ def parse_profiles(text: str) -> tuple[DeviceProfile, ...]:
 def profile_for(profiles: tuple[DeviceProfile, ...], partition_id: int) -> DeviceProfile | None:
     """The profile of a partition in simulation (``None`` without profiles)."""
     return profiles[partition_id % len(profiles)] if profiles else None
+
+
+def memory_budget_mb(
+    node_config: Mapping[str, object], profiles: tuple[DeviceProfile, ...], default_mb: float, partition_id: int
+) -> tuple[float, str]:
+    """A client's memory budget (MiB, 0 = unlimited) and where it came from.
+
+    In this order: the SuperNode's ``--node-config "memory-budget-mb=..."``, the device profile
+    of the partition in simulation, the run-config key ``memory-budget-mb``.
+
+    Raises
+    ------
+    ConfigError
+        If the node config's value is not a number >= 0.
+    """
+    if "memory-budget-mb" in node_config:
+        value = node_config["memory-budget-mb"]
+        try:
+            budget = float(value)  # type: ignore[arg-type]
+            if not budget >= 0:
+                raise ValueError
+        except (TypeError, ValueError):
+            raise ConfigError(
+                f"node-config key 'memory-budget-mb' = {value!r} is invalid. Allowed: a number of MiB >= 0 (0 = unlimited)."
+            ) from None
+        return budget, "node-config key 'memory-budget-mb'"
+    profile = profile_for(profiles, partition_id)
+    if profile is not None:
+        return profile.memory_mb, f"run-config key 'device-profiles' entry {profile.name!r}"
+    return default_mb, "run-config key 'memory-budget-mb'"
