@@ -315,7 +315,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--quick", action="store_true", help="four small models, four batch sizes (< 60 s)")
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads for estimator and ground truth")
     parser.add_argument("--device", default="cpu", help="cpu or cuda[:i]; on CUDA the ground truth is torch.cuda.max_memory_allocated")
-    parser.add_argument("--csv", type=Path, default=None, help="default: experiments/results/bench_memory[_cuda].csv")
+    parser.add_argument("--csv", type=Path, default=None, help="default: experiments/results/bench_memory[_cuda][_quick].csv")
     parser.add_argument("--rss-case", help=argparse.SUPPRESS)  # internal: MODEL,OPT,BATCH -> one JSON line
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -355,7 +355,7 @@ def main(argv: list[str] | None = None) -> None:
         rss = rss_cross_check([("cnn-cifar10", "sgd", 128), ("resnet18", "sgd", 64)])
         print(pd.DataFrame(rss).to_string(index=False, float_format=lambda v: f"{v:.3f}"))
 
-    csv = args.csv or CSV_PATH.with_name("bench_memory_cuda.csv" if cuda else CSV_PATH.name)
+    csv = args.csv or CSV_PATH.with_name(f"bench_memory{'_cuda' if cuda else ''}{'_quick' if args.quick else ''}.csv")
     if cuda:
         capped = capped_check(models, cases, args.device)
         print(f"\nunder-estimates beyond 0.02 re-run with the allocator capped at predicted x 1.02 ({len(capped)} cases):")
