@@ -25,7 +25,7 @@ from client_app.job import get_job
 from estimators.step_peak import step_peak
 from workloads.devices import memory_budget_mb, parse_profiles
 from workloads.config import ConfigError, RunConfig
-from workloads.training import batch_gradient, local_sgd
+from workloads.training import batch_gradient, local_sgd, step_seconds
 
 app = ClientApp()
 
@@ -88,3 +88,32 @@ def train(msg: Message, context: Context) -> Message:
     if buffers:
         content["buffers"] = ArrayRecord(buffers)
     return Message(content=content, reply_to=msg)
+
+
+@app.query()
+def query(msg: Message, context: Context) -> Message:
+    """Capacity probe for the adaptive batch policies (strategies/batch_policy.py).
+
+    Replies with this client's memory limit (the estimator's largest single-pass batch under
+    its budget less ``memory-margin``, at most its partition) and the median seconds of its
+    real step at up to four batch sizes: the server's ``probe-batches`` below the limit, and
+    the limit. Times are of this process's device; the server applies the device profile.
+    """
+    cfg = RunConfig.from_mapping(context.run_config)
+    pid = int(context.node_config.get("partition-id", 0))
+    job = get_job(cfg, pid, int(context.node_config.get("num-partitions", 1)))
+    budget_mb, source = memory_budget_mb(context.node_config, parse_profiles(cfg.device_profiles), cfg.memory_budget_mb, pid)
+    limit = len(job.partition)
+    if budget_mb > 0:
+        limit = min(limit, job.memory_plan(1, 1, budget_mb, source).max_batch)
+    sizes = sorted({int(b) for b in msg.content["config"]["probe-batches"] if int(b) < limit} | {limit})[-4:]
+    model = job.model
+    model.train()
+    inputs = job.inputs_fn(torch.Generator().manual_seed(cfg.seed))
+    seconds = []
+    for b in sizes:
+        x, y = job.splits.x_train[job.partition[:b]], job.splits.y_train[job.partition[:b]]
+        seconds.append(step_seconds(model, job.loss_fn, inputs, x, y, min_total_s=0.2, max_reps=10))
+    return Message(content=RecordDict({"metrics": MetricRecord({
+        "partition-id": pid, "max-batch": limit, "probe-batches": sizes, "probe-seconds": seconds,
+    })}), reply_to=msg)

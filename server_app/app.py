@@ -58,6 +58,8 @@ def main(grid: Grid, context: Context) -> None:
             row["test_loss"], row["test_accuracy"] = evaluate(model, loss_fn, inputs, splits.x_test, splits.y_test)
         row["wall_s"] = time.perf_counter() - t_start
         writer.add_round(row, strategy.client_rows)
+        if strategy.batch_plan:
+            writer.write_json("batch_plan.json", strategy.batch_plan)
         log(INFO, "[round %d/%d] B=%d lr=%.4g train_loss=%s val_acc=%s test_acc=%s wall=%.1fs",
             server_round, cfg.num_server_rounds, row["global_batch"], row["lr"],
             _f(row.get("train_loss")), _f(row.get("val_accuracy")), _f(row.get("test_accuracy")),

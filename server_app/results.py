@@ -63,6 +63,10 @@ class ResultsWriter:
         if client_rows:
             atomic_write_text(self.out_dir / "clients.csv", _csv_text(client_rows, ["round", "node_id"]))
 
+    def write_json(self, name: str, obj: Any) -> None:
+        """Write ``obj`` as ``name`` in the results folder, atomically."""
+        atomic_write_json(self.out_dir / name, obj)
+
     def save_model(self, state: dict[str, torch.Tensor]) -> Path:
         """Save the final ``state_dict`` as model.pt."""
         path = self.out_dir / "model.pt"

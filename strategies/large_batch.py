@@ -33,6 +33,7 @@ from strategies.noise_scale import noise_stats
 from strategies.server_opt import ServerSGD, lr_at
 from strategies.teachers import TeacherInput, TeacherOutput
 from workloads.config import ConfigError, RunConfig, split_global_batch
+from strategies.batch_policy import ClientCapacity, memory_max_plan, optimal_plan, probe_clients
 from workloads.devices import parse_profiles, profile_for
 
 NODE_WAIT_S = 300.0  # how long to wait for clients-per-round nodes before failing
@@ -81,6 +82,10 @@ class LargeBatchStrategy(FedAvg):
         self.profiles = parse_profiles(cfg.device_profiles)
         self.model_bytes = sum(v.numel() * v.element_size() for v in self.state.values())
         self.virtual_total = 0.0  # seconds of the virtual clock (device profiles applied)
+        self.capacities: list[ClientCapacity] | None = None  # capacity probe (adaptive batch policies)
+        self.plan: dict[int, int] | None = None  # b_i per node id under an adaptive policy
+        self.batch_plan: dict[str, Any] = {}  # what the policy chose and why (batch_plan.json)
+        self.calibration: list[tuple[float, float]] = []  # (b_simple, server_s) of calibration rounds
 
     def summary(self) -> None:
         """Log the strategy's settings."""
@@ -103,7 +108,8 @@ class LargeBatchStrategy(FedAvg):
             )
         # Choose positions, not ids: node ids are uint64 and numpy would turn a mix into float64.
         sampled = sorted(nodes[int(i)] for i in self.rng.choice(len(nodes), size=k, replace=False))
-        batches = split_global_batch(self.cfg.global_batch_size, k)
+        plan = self._policy_plan(server_round, nodes, grid)
+        batches = [plan[n] for n in sampled] if plan else split_global_batch(self.cfg.global_batch_size, k)
         self.round_lr = lr_at(server_round, self.cfg.num_server_rounds, self.cfg.lr,
                               self.cfg.warmup_rounds, self.cfg.schedule)
         self._t_sent = time.perf_counter()
@@ -119,6 +125,38 @@ class LargeBatchStrategy(FedAvg):
             content = RecordDict({"arrays": arrays, "config": node_config})
             messages.append(Message(content=content, message_type=MessageType.TRAIN, dst_node_id=node_id))
         return messages
+
+    def _policy_plan(self, server_round: int, nodes: list[int], grid: Grid) -> dict[int, int] | None:
+        """b_i per node id under ``batch-policy`` (None: the fixed even split this round)."""
+        policy = self.cfg.batch_policy
+        if policy == "fixed":
+            return None
+        if self.capacities is None:
+            t0 = time.perf_counter()
+            self.capacities = probe_clients(grid, nodes, self.profiles, self.model_bytes)
+            self.batch_plan = {"policy": policy, "probe_s": time.perf_counter() - t0, "clients": [
+                {"node_id": c.node_id, "partition_id": c.partition_id, "max_batch": c.max_batch, "comm_s": c.comm_s,
+                 "step_s_at_max": float(c.step_model(c.max_batch))} for c in self.capacities]}
+            log(INFO, "batch policy %s: probed %d clients in %.1f s; memory limits %s", policy,
+                len(self.capacities), self.batch_plan["probe_s"], [c.max_batch for c in self.capacities])
+        if policy == "memory-max":
+            self.plan = self.plan or memory_max_plan(self.capacities)
+            return self.plan
+        if server_round <= self.cfg.calibration_rounds:
+            return None
+        if self.plan is None:
+            noise = [b for b, _ in self.calibration if np.isfinite(b) and b > 0]
+            noise_scale = float(np.median(noise)) if noise else float(self.cfg.global_batch_size)
+            server_s = float(np.median([t for _, t in self.calibration])) if self.calibration else 0.0
+            self.plan, choice = optimal_plan(self.capacities, noise_scale, server_s, self.cfg.batch_objective)
+            self.batch_plan |= {"noise_scale": noise_scale, "noise_measured": bool(noise), "server_s": server_s,
+                                "objective": self.cfg.batch_objective, "global_batch": choice.global_batch,
+                                "split": {str(n): b for n, b in self.plan.items()}, "predicted_round_s": choice.round_s,
+                                "candidates": [dict(zip(("B", "round_s", "rel_time", "rel_cost"), row)) for row in choice.table]}
+            log(INFO, "batch policy optimal (%s): B_noise %.0f%s -> global batch %d, split %s, predicted round %.3f s",
+                self.cfg.batch_objective, noise_scale, "" if noise else " (not measured: global-batch-size)",
+                choice.global_batch, choice.split, choice.round_s)
+        return self.plan
 
     def configure_evaluate(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
@@ -171,6 +209,8 @@ class LargeBatchStrategy(FedAvg):
         virtual = [client_virtual_seconds(m["compute-s"], profile_for(self.profiles, int(m["partition-id"])),
                                           self.model_bytes) for m in metrics]
         self.virtual_total += max(virtual) + server_s
+        if self.cfg.batch_policy == "optimal" and server_round <= self.cfg.calibration_rounds:
+            self.calibration.append((stats.b_simple, server_s))
         self.last_round = {
             "round": server_round,
             "clients": len(replies),

@@ -19,6 +19,7 @@ from typing import Any
 SCHEDULES = ("constant", "cosine", "linear")
 PARTITIONERS = ("iid", "dirichlet")
 DEVICES = ("auto", "cpu", "cuda")
+BATCH_POLICIES = ("fixed", "memory-max", "optimal")
 
 
 class ConfigError(ValueError):
@@ -58,6 +59,9 @@ class RunConfig:
     device_profiles: str = ""  # simulated devices: name:memory_mb[:speed[:mbps[:ms]]], ...
     memory_budget_mb: float = 0.0  # client memory budget when no profile/node config; 0 = none
     memory_margin: float = 0.1  # share of a budget held back from the estimator's prediction
+    batch_policy: str = "fixed"  # fixed (global-batch-size, even split), memory-max, optimal
+    batch_objective: str = "time"  # optimal: least time to a target, or least compute cost ("cost")
+    calibration_rounds: int = 2  # optimal: rounds at global-batch-size that measure the noise scale
 
     @classmethod
     def keys(cls) -> tuple[str, ...]:
@@ -119,6 +123,9 @@ class RunConfig:
         _choice("schedule", self.schedule, SCHEDULES)
         _choice("teacher", self.teacher, tuple(TEACHERS))
         _choice("device", self.device, DEVICES)
+        _choice("batch-policy", self.batch_policy, BATCH_POLICIES)
+        _choice("batch-objective", self.batch_objective, ("time", "cost"))
+        _positive("calibration-rounds", self.calibration_rounds)
         _positive("dirichlet-alpha", self.dirichlet_alpha)
         _positive("num-server-rounds", self.num_server_rounds, allow_zero=True)
         _positive("clients-per-round", self.clients_per_round, allow_zero=True)

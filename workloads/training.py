@@ -13,6 +13,7 @@ union of the local batches (B = sum_i b_i examples).
 from __future__ import annotations
 
 import functools
+import time
 from collections.abc import Callable, Sequence
 
 import torch
@@ -98,6 +99,28 @@ def batch_gradient(
         (loss / n).backward()
         total += float(loss.detach())
     return total / n
+
+
+def step_seconds(
+    model: nn.Module, loss_fn: nn.Module, inputs: InputFn, x: torch.Tensor, y: torch.Tensor,
+    micro_batch: int = 0, min_total_s: float = 0.3, max_reps: int = 50,
+) -> float:
+    """Median wall seconds of one ``batch_gradient`` step on ``(x, y)``, after a warm-up step.
+
+    At least 3 timed steps, more until ``min_total_s`` seconds are spent (at most ``max_reps``);
+    CUDA work is synchronised inside each timing.
+    """
+    device = next(model.parameters()).device
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda *_: None)
+    batch_gradient(model, loss_fn, inputs, x, y, micro_batch)
+    times: list[float] = []
+    while len(times) < 3 or (sum(times) < min_total_s and len(times) < max_reps):
+        sync(device)
+        t0 = time.perf_counter()
+        batch_gradient(model, loss_fn, inputs, x, y, micro_batch)
+        sync(device)
+        times.append(time.perf_counter() - t0)
+    return float(sorted(times)[len(times) // 2])
 
 
 def local_sgd(
