@@ -176,6 +176,17 @@ def fit_iter_time(batches: Sequence[float], seconds: Sequence[float]) -> IterTim
     return min(errors, key=errors.get)(b, t)
 
 
+def profile_batches(limit: int, count: int = 4) -> list[int]:
+    """Batch sizes to profile a device at: ``count`` geometric steps from 1 to ``limit``.
+
+    E.g. 1, 8, 64, 512 or 1, 16, 256, 4096: evenly spaced in log b, so the knee between the
+    under-used and the saturated device is bracketed whatever the scale.
+    """
+    if limit < 1 or count < 2:
+        raise ValueError(f"limit = {limit!r}, count = {count!r}: need limit >= 1 and count >= 2")
+    return sorted({max(1, round(limit ** (k / (count - 1)))) for k in range(count)})
+
+
 def comm_seconds(model_bytes: float, link) -> float:
     """Seconds to receive the weights and send the gradient back over a link.
 

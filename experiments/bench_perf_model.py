@@ -4,7 +4,7 @@
 
 1. **Iteration time.** For each model, time the client's step (``batch_gradient``: forward,
    backward, gradients accumulated) at batch sizes 1, 2, 4, ... up to a maximum, fit the model
-   from 4 of them (1, 8, 64 and the maximum) and predict all. Reported per model: the mean
+   from 4 of them (geometric from 1 to the maximum: 1, 8, 64, 512) and predict all. Reported per model: the mean
    absolute percentage error (MAPE) of our knee model and of the linear Pollux/FedScale model
    fitted to the same 4 points.
 2. **Round time.** A real in-process simulation (experiments/inprocess.py) of the CPU CNN on
@@ -29,13 +29,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from estimators.performance import IterTimeModel, client_virtual_seconds, fit_iter_time, fit_linear
+from estimators.performance import IterTimeModel, client_virtual_seconds, fit_iter_time, fit_linear, profile_batches
 from workloads.devices import parse_profiles, profile_for
 from workloads.models import build_model
 from workloads.registry import WORKLOADS
 from workloads.training import step_seconds
 
-PROFILED = (1, 8, 64)  # plus the largest batch: four profiled sizes per device
 CASES = [  # (label, dataset, model, largest batch)
     ("mlp/digits", "digits", "mlp", 1024),
     ("cnn/mnist", "mnist", "cnn", 512),
@@ -46,20 +45,22 @@ PROFILES = "fast:0:1.0:1000:5,mid:0:0.5:100:20,slow:0:0.25:20:50"
 
 
 def time_step(model: torch.nn.Module, input_shape: tuple[int, ...], batch: int, min_total_s: float = 0.3) -> float:
-    """Median wall seconds of one client step at ``batch`` on random float inputs."""
-    x, y = torch.randn(batch, *input_shape), torch.randint(0, 10, (batch,))
+    """Median wall seconds of one client step at ``batch`` on random float inputs (on the model's device)."""
+    device = next(model.parameters()).device
+    x, y = torch.randn(batch, *input_shape, device=device), torch.randint(0, 10, (batch,), device=device)
     return step_seconds(model, torch.nn.CrossEntropyLoss(reduction="sum"), lambda t: t, x, y, min_total_s=min_total_s)
 
 
-def iteration_benchmark(cases) -> tuple[list[dict], dict[str, IterTimeModel]]:
+def iteration_benchmark(cases, device: str = "cpu", scale: int = 1) -> tuple[list[dict], dict[str, IterTimeModel]]:
     """Measure, fit and predict step times; return rows and the fitted models by label."""
     rows, fitted = [], {}
     for label, dataset, model_name, largest in cases:
         w = WORKLOADS[dataset]
-        model = build_model(model_name, w.input_shape, w.num_classes, seed=0)
-        sizes = sorted({int(b) for b in 2 ** np.arange(0, int(np.log2(largest)) + 1)} | {largest})
+        model = build_model(model_name, w.input_shape, w.num_classes, seed=0).to(device)
+        largest *= scale
+        prof = profile_batches(largest)
+        sizes = sorted({int(b) for b in 2 ** np.arange(0, int(np.log2(largest)) + 1)} | set(prof))
         measured = {b: time_step(model, w.input_shape, b) for b in sizes}
-        prof = [b for b in PROFILED if b < largest] + [largest]
         ours = fit_iter_time(prof, [measured[b] for b in prof])
         linear = fit_linear(prof, [measured[b] for b in prof])
         fitted[label] = ours
@@ -77,7 +78,8 @@ def round_benchmark(dataset: str, model_name: str, data_dir: str, rounds: int) -
     w = WORKLOADS[dataset]
     model = build_model(model_name, w.input_shape, w.num_classes, seed=0)
     batches = (8, 16, 32, 64, 128)
-    fit = fit_iter_time(PROFILED + (256,), [time_step(model, w.input_shape, b) for b in PROFILED + (256,)])
+    prof = profile_batches(256)
+    fit = fit_iter_time(prof, [time_step(model, w.input_shape, b) for b in prof])
     model_bytes = sum(p.numel() * p.element_size() for p in model.state_dict().values())
     profiles = parse_profiles(PROFILES)
     rows = []
@@ -102,11 +104,17 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="two small models, digits rounds (< 60 s)")
     parser.add_argument("--data-dir", default=os.environ.get("FLB_DATA_DIR", ""))
     parser.add_argument("--rounds", type=int, default=6)
+    parser.add_argument("--device", default="cpu", help="cpu or cuda: where the iteration benchmark runs; on cuda the "
+                        "largest batches are 8x larger and the round benchmark (CPU simulation) is skipped")
     args = parser.parse_args()
     torch.manual_seed(0)
     t0 = time.perf_counter()
     cases = CASES[:2] if args.quick else CASES
-    rows, _ = iteration_benchmark(cases)
+    cuda = args.device.startswith("cuda")
+    if cuda and not torch.cuda.is_available():
+        parser.error(f"--device {args.device!r}: CUDA is not available here; allowed: cpu")
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} thread(s), device {args.device}")
+    rows, _ = iteration_benchmark(cases, args.device, 8 if cuda else 1)
     print(f"{'model':<18}{'batch':>6}{'measured ms':>13}{'ours ms':>10}{'err':>8}{'linear ms':>11}{'err':>8}")
     for r in rows:
         print(f"{r['model']:<18}{r['batch']:>6}{1e3 * r['measured_s']:>13.2f}{1e3 * r['pred_s']:>10.2f}"
@@ -121,6 +129,10 @@ def main() -> None:
               f"linear {np.mean([abs(r['linear_s'] / r['measured_s'] - 1) for r in sub]):.3f}")
     print(f"iteration time, batches not profiled: MAPE ours {mape:.3f}, linear (Pollux/FedScale) {mape_lin:.3f}")
 
+    if cuda:
+        print(f"wall {time.perf_counter() - t0:.0f} s")
+        print(f"mape={mape:.4f} round_err=nan")
+        return
     dataset, model_name = ("digits", "mlp") if args.quick else ("cifar10", "cnn")
     rounds = round_benchmark(dataset, model_name, args.data_dir, 3 if args.quick else args.rounds)
     print(f"\nround time, {dataset}/{model_name}, 6 clients on profiles {PROFILES}")

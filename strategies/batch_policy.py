@@ -11,8 +11,8 @@
   first ``calibration-rounds`` rounds run the fixed policy.
 
 The two adaptive policies start with a probe (a Flower ``query`` message to every node):
-each client reports its memory limit and its step time at up to four batch sizes (1, 8, 64 and
-its limit), measured on its device. The server scales the times by the node's device-profile
+each client reports its memory limit and its step time at four batch sizes, geometric from 1
+to its limit (``profile_batches``), measured on its device. The server scales the times by the node's device-profile
 speed and adds its link, as the virtual clock does (``client_virtual_seconds``).
 """
 
@@ -28,7 +28,7 @@ from flwr.serverapp import Grid
 from estimators.performance import BatchChoice, IterTimeModel, choose_batch, comm_seconds, fit_iter_time
 from workloads.devices import DeviceProfile, profile_for
 
-PROBE_BATCHES = (1, 8, 64)  # plus the client's memory limit: at most four profiled sizes
+PROBE_COUNT = 4  # profiled batch sizes per client: geometric from 1 to its memory limit
 
 
 @dataclass(frozen=True)
@@ -56,7 +56,7 @@ def probe_clients(
     ProbeFailure
         If a node replies with an error, naming the node and its reason.
     """
-    config = ConfigRecord({"probe-batches": list(PROBE_BATCHES)})
+    config = ConfigRecord({"probe-count": PROBE_COUNT})
     messages = [Message(content=RecordDict({"config": config}), message_type=MessageType.QUERY, dst_node_id=n)
                 for n in nodes]
     out = []
