@@ -1,6 +1,6 @@
 """Benchmark the parallel performance model against measured iteration and round times.
 
-``python -m experiments.bench_perf_model [--quick] [--data-dir DIR]``
+``python -m experiments.bench_perf_model [--quick] [--data-dir DIR] [--threads 1] [--device cpu|cuda]``
 
 1. **Iteration time.** For each model, time the client's step (``batch_gradient``: forward,
    backward, gradients accumulated) at batch sizes 1, 2, 4, ... up to a maximum, fit the model
@@ -104,10 +104,12 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="two small models, digits rounds (< 60 s)")
     parser.add_argument("--data-dir", default=os.environ.get("FLB_DATA_DIR", ""))
     parser.add_argument("--rounds", type=int, default=6)
+    parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (1: as a simulated client, a Ray actor with client-resources-num-cpus=1)")
     parser.add_argument("--device", default="cpu", help="cpu or cuda: where the iteration benchmark runs; on cuda the "
                         "largest batches are 8x larger and the round benchmark (CPU simulation) is skipped")
     args = parser.parse_args()
     torch.manual_seed(0)
+    torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
     cases = CASES[:2] if args.quick else CASES
     cuda = args.device.startswith("cuda")
