@@ -23,7 +23,6 @@ Every run is appended to ``<out>/decision_quality_runs.jsonl``; an interrupted r
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import time
 from pathlib import Path
@@ -32,6 +31,7 @@ import numpy as np
 import pandas as pd
 
 from experiments.inprocess import run_inprocess
+from experiments.run_log import RunLog
 from workloads.files import atomic_write_text
 
 CLIENTS = 6
@@ -47,17 +47,12 @@ class Runs:
 
     def __init__(self, out: Path) -> None:
         self.out = out
-        self.log = out / "decision_quality_runs.jsonl"
-        self.done = {}
-        if self.log.exists():
-            for line in self.log.read_text().splitlines():
-                row = json.loads(line)
-                self.done[row["key"]] = row
+        self.log = RunLog(out / "decision_quality_runs.jsonl")
 
     def run(self, name: str, config: dict) -> dict:
-        key = json.dumps(config, sort_keys=True)
-        if key in self.done:
-            return self.done[key]
+        key = RunLog.key_of(config)
+        if (done := self.log.get(key)) is not None:
+            return done
         start = time.perf_counter()
         rounds = run_inprocess(config | {"out-dir": str(self.out / "runs" / name)}, num_clients=CLIENTS)
         rounds = rounds[rounds["round"] > 0]
@@ -65,9 +60,7 @@ class Runs:
                "round": rounds["round"].tolist(), "global_batch": rounds["global_batch"].tolist(),
                "virtual_total_s": rounds["virtual_total_s"].tolist(),
                "val_accuracy": rounds["val_accuracy"].tolist(), "test_accuracy": rounds["test_accuracy"].tolist()}
-        with self.log.open("a") as f:
-            f.write(json.dumps(row) + "\n")
-        self.done[key] = row
+        self.log.add(row)
         print(f"  {name:<28} final val {row['val_accuracy'][-1]:.3f} test {row['test_accuracy'][-1]:.3f} "
               f"B {row['global_batch'][-1]}  ({row['wall_s']:.0f} s)", flush=True)
         return row

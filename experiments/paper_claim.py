@@ -30,7 +30,6 @@ Outputs: ``paper_claim.csv`` (one row per budget, method and seed), ``paper_clai
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import time
@@ -39,6 +38,7 @@ from pathlib import Path
 import pandas as pd
 
 from experiments.inprocess import run_inprocess
+from experiments.run_log import RunLog
 from workloads.files import atomic_write_text
 
 SMALL, LARGE, CLIENTS = 64, 1024, 8
@@ -77,12 +77,7 @@ class Runner:
 
     def __init__(self, out: Path, base: dict, quiet: bool) -> None:
         self.out, self.base, self.quiet = out, base, quiet
-        self.log = out / "paper_claim_runs.jsonl"
-        self.done = {}
-        if self.log.exists():
-            for line in self.log.read_text().splitlines():
-                rec = json.loads(line)
-                self.done[rec["key"]] = rec
+        self.log = RunLog(out / "paper_claim_runs.jsonl")
 
     def run(self, method: str, rounds: int, lr: float, seed: int) -> dict:
         """Train one configuration; return its final validation/test metrics."""
@@ -92,9 +87,9 @@ class Runner:
             "num-server-rounds": rounds, "eval-every": rounds, "warmup-rounds": max(1, rounds // 20),
             "teacher-small-batch": SMALL,
         }
-        key = json.dumps(overrides, sort_keys=True)
-        if key in self.done:
-            return self.done[key]
+        key = RunLog.key_of(overrides)
+        if (done := self.log.get(key)) is not None:
+            return done
         run_dir = self.out / "runs" / f"{method}-r{rounds}-lr{lr:g}-s{seed}"
         t0 = time.perf_counter()
         df = run_inprocess(overrides | {"out-dir": str(run_dir)}, CLIENTS)
@@ -108,8 +103,7 @@ class Runner:
             "round_s_median": float(round_s),
             "teacher_s_median": float(df["teacher_time_s"].iloc[1:].median()),
         }
-        self.done[key] = rec
-        atomic_write_text(self.log, "".join(json.dumps(r) + "\n" for r in self.done.values()))
+        self.log.add(rec)
         if not self.quiet:
             print(f"  {method:<9} rounds={rounds:<5} lr={lr:<6g} seed={seed}  val={rec['val_accuracy']:.4f} "
                   f"test={rec['test_accuracy']:.4f}  ({rec['wall_s']:.0f} s)", flush=True)

@@ -75,3 +75,14 @@ def client_context(node_id: int, partition_id: int, num_partitions: int, run_con
 
 def state_arrays(state) -> ArrayRecord:
     return ArrayRecord({k: v.clone() for k, v in state.items()})
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One torch intra-op thread for a test module: kernels, and so bytes and times, as a simulated client's."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

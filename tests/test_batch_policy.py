@@ -6,7 +6,6 @@ import json
 
 import pandas as pd
 import pytest
-import torch
 
 from client_app.job import get_job
 from estimators.performance import KneeModel, choose_batch
@@ -18,12 +17,7 @@ BASE = {"model": "cnn", "num-server-rounds": 4, "eval-every": 100, "seed": 1,
         "device-profiles": "phone:1.5:0.25:20:60,tablet:3:0.5:50:30,laptop:0:1:100:10"}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _run(tmp_path, **extra):

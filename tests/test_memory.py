@@ -18,16 +18,11 @@ from workloads.models import build_model
 SHAPES = {"mlp": (1, 8, 8), "cnn": (3, 32, 32)}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
-def estimators() -> dict[tuple[str, str], tuple[torch.nn.Module, MemoryEstimator]]:
+def estimators(one_thread) -> dict[tuple[str, str], tuple[torch.nn.Module, MemoryEstimator]]:
     out = {}
     for name, shape in SHAPES.items():
         model = build_model(name, shape, 10, seed=0)

@@ -20,12 +20,7 @@ BASE = {"model": "cnn", "global-batch-size": 300, "num-server-rounds": 2, "eval-
 PROFILES = "small:1.5,medium:3,large:0"  # MiB; 0 = unlimited
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _run(tmp_path, name: str, **extra) -> tuple[pd.DataFrame, dict[str, torch.Tensor]]:
