@@ -13,7 +13,8 @@
 The two adaptive policies start with a probe (a Flower ``query`` message to every node):
 each client reports its memory limit and its step time at four batch sizes, geometric from 1
 to its limit (``profile_batches``), measured on its device. The server scales the times by the node's device-profile
-speed and adds its link, as the virtual clock does (``client_virtual_seconds``).
+speed and adds its link, as the virtual clock does (``client_virtual_seconds``). The probe's own
+time on the slowest device goes on the virtual clock before round 1.
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ class ClientCapacity:
     max_batch: int  # largest b_i that fits its memory (and partition), examples
     step_model: IterTimeModel  # virtual seconds of a step vs b_i (profile speed applied)
     comm_s: float  # virtual seconds of its link per round (weights down, gradient up)
+    probe_s: float  # virtual seconds the probe took on it (its steps / speed, plus a round trip)
 
 
 class ProbeFailure(RuntimeError):
@@ -73,6 +75,7 @@ def probe_clients(
             max_batch=int(m["max-batch"]),
             step_model=fit_iter_time(list(m["probe-batches"]), seconds.tolist()),
             comm_s=comm_seconds(model_bytes, profile) if profile else 0.0,
+            probe_s=float(m["probe-compute-s"]) / speed + (2 * profile.latency_ms / 1000 if profile else 0.0),
         ))
     return sorted(out, key=lambda c: c.node_id)
 

@@ -134,7 +134,9 @@ class LargeBatchStrategy(FedAvg):
         if self.capacities is None:
             t0 = time.perf_counter()
             self.capacities = probe_clients(grid, nodes, self.profiles, self.model_bytes)
-            self.batch_plan = {"policy": policy, "probe_s": time.perf_counter() - t0, "clients": [
+            probe_virtual_s = max(c.probe_s for c in self.capacities)
+            self.virtual_total += probe_virtual_s  # the probe costs the devices time too
+            self.batch_plan = {"policy": policy, "probe_s": time.perf_counter() - t0, "probe_virtual_s": probe_virtual_s, "clients": [
                 {"node_id": c.node_id, "partition_id": c.partition_id, "max_batch": c.max_batch, "comm_s": c.comm_s,
                  "step_s_at_max": float(c.step_model(c.max_batch))} for c in self.capacities]}
             log(INFO, "batch policy %s: probed %d clients in %.1f s; memory limits %s", policy,

@@ -34,6 +34,10 @@ def test_memory_max_runs_every_client_at_its_limit(tmp_path):
     assert limits[0] < limits[1] < limits[2] == laptop_partition  # phone < tablet < laptop (unlimited: its partition)
     assert (clients["local_batch"] == clients["partition_id"].map(limits)).all()
     assert (rounds["global_batch"].iloc[1:] == sum(limits.values())).all()
+    # the probe's time on the slowest device is on the virtual clock before round 1
+    assert plan["probe_virtual_s"] > 0
+    first = rounds.set_index("round").loc[1]
+    assert first["virtual_total_s"] == pytest.approx(plan["probe_virtual_s"] + first["virtual_s"], rel=1e-6)
     assert (clients["micro_batch"] == clients["local_batch"]).all()  # the limit is a single pass
     limited = clients[clients["budget_mb"] > 0]
     assert (limited["peak_mem_mb"] < limited["budget_mb"]).all()
@@ -53,7 +57,7 @@ def test_optimal_calibrates_then_follows_its_choice(tmp_path):
 
 
 def _capacity(node: int, speed: float, limit: int, comm: float) -> ClientCapacity:
-    return ClientCapacity(node, node, limit, KneeModel(0.001, 0.002, 1e-4 / speed, 2.0, 1.0), comm)
+    return ClientCapacity(node, node, limit, KneeModel(0.001, 0.002, 1e-4 / speed, 2.0, 1.0), comm, 0.0)
 
 
 def test_plans_from_capacities():
