@@ -131,6 +131,9 @@ class LargeBatchStrategy(FedAvg):
         policy = self.cfg.batch_policy
         if policy == "fixed":
             return None
+        if self.capacities is not None and {c.node_id for c in self.capacities} != set(nodes):
+            log(INFO, "batch policy %s: the connected nodes changed; probing and planning again", policy)
+            self.capacities = self.plan = None
         if self.capacities is None:
             t0 = time.perf_counter()
             self.capacities = probe_clients(grid, nodes, self.profiles, self.model_bytes)
