@@ -22,7 +22,7 @@ import torch
 from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from client_app.job import get_job
+from client_app.job import ClientJob, get_job
 from estimators.performance import profile_batches
 from estimators.step_peak import step_peak
 from workloads.devices import memory_budget_mb, parse_profiles
@@ -32,13 +32,19 @@ from workloads.training import batch_gradient, local_sgd, step_seconds
 app = ClientApp()
 
 
-@app.train()
-def train(msg: Message, context: Context) -> Message:
-    """Reply with this client's gradient for the round (see the module docstring)."""
+def _client(context: Context) -> tuple[RunConfig, int, int, ClientJob, float, str]:
+    """This node's run config, partition id and count, cached job, and memory budget (MiB) with its source."""
     cfg = RunConfig.from_mapping(context.run_config)
     pid = int(context.node_config.get("partition-id", 0))
     nparts = int(context.node_config.get("num-partitions", 1))
-    job = get_job(cfg, pid, nparts)
+    budget_mb, source = memory_budget_mb(context.node_config, parse_profiles(cfg.device_profiles), cfg.memory_budget_mb, pid)
+    return cfg, pid, nparts, get_job(cfg, pid, nparts), budget_mb, source
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    """Reply with this client's gradient for the round (see the module docstring)."""
+    cfg, pid, nparts, job, budget_mb, source = _client(context)
     conf = msg.content["config"]
     b, micro = int(conf["local-batch-size"]), int(conf["micro-batch-size"])
     steps, lr, rnd = int(conf["local-steps"]), float(conf["lr"]), int(conf["server-round"])
@@ -49,7 +55,6 @@ def train(msg: Message, context: Context) -> Message:
             f"batch b_i = {b} exceeds its partition ({n} examples, partition-id {pid} of {nparts})."
         )
 
-    budget_mb, source = memory_budget_mb(context.node_config, parse_profiles(cfg.device_profiles), cfg.memory_budget_mb, pid)
     plan = job.memory_plan(b, micro, budget_mb, source)  # before any data is drawn: a bad budget fails first
     batches = job.draw(context.state, b, steps)
 
@@ -123,12 +128,10 @@ def query(msg: Message, context: Context) -> Message:
 
     Replies with this client's memory limit (the estimator's largest single-pass batch under
     its budget less ``memory-margin``, at most its partition) and the median seconds of its
-    real step at ``probe-count`` batch sizes, geometric from 1 to the limit. Times are of this process's device; the server applies the device profile.
+    real step at ``probe-count`` batch sizes, geometric from 1 to the limit. Times are of this
+    process's device; the server applies the device profile.
     """
-    cfg = RunConfig.from_mapping(context.run_config)
-    pid = int(context.node_config.get("partition-id", 0))
-    job = get_job(cfg, pid, int(context.node_config.get("num-partitions", 1)))
-    budget_mb, source = memory_budget_mb(context.node_config, parse_profiles(cfg.device_profiles), cfg.memory_budget_mb, pid)
+    cfg, pid, _, job, budget_mb, source = _client(context)
     limit = len(job.partition)
     if budget_mb > 0:
         limit = min(limit, job.memory_plan(1, 1, budget_mb, source).max_batch)

@@ -102,17 +102,18 @@ class ClientJob:
         est, micro = self.estimator, min(micro, batch)
         if budget_mb <= 0:
             return MemoryPlan(micro, est.peak_bytes(batch, micro) / MIB, 0.0, 0)
-        usable = budget_mb * MIB * (1 - self.cfg.memory_margin)
-        need_mb = est.peak_bytes(batch, 1) / MIB / (1 - self.cfg.memory_margin)
-        if est.peak_bytes(batch, 1) > usable:
-            raise ConfigError(
-                f"{source} = {budget_mb:g} MiB is too small for partition {self.partition_id}'s batch of {batch}: even "
-                f"micro-batches of one example need {need_mb:.1f} MiB with memory-margin {self.cfg.memory_margin:g}. "
-                f"Allowed: a budget >= {need_mb:.1f} MiB, or a smaller global-batch-size."
-            )
+        usable = int(budget_mb * MIB * (1 - self.cfg.memory_margin))
         if est.peak_bytes(batch, micro) > usable:
-            micro = est.micro_batch_for(batch, int(usable))
-        return MemoryPlan(micro, est.peak_bytes(batch, micro) / MIB, budget_mb, est.max_batch_size(int(usable)))
+            try:
+                micro = est.micro_batch_for(batch, usable)
+            except ValueError:  # not even micro-batches of one example fit
+                need_mb = est.peak_bytes(batch, 1) / MIB / (1 - self.cfg.memory_margin)
+                raise ConfigError(
+                    f"{source} = {budget_mb:g} MiB is too small for partition {self.partition_id}'s batch of {batch}: "
+                    f"even micro-batches of one example need {need_mb:.1f} MiB with memory-margin "
+                    f"{self.cfg.memory_margin:g}. Allowed: a budget >= {need_mb:.1f} MiB, or a smaller global-batch-size."
+                ) from None
+        return MemoryPlan(micro, est.peak_bytes(batch, micro) / MIB, budget_mb, est.max_batch_size(usable))
 
     def inputs_fn(self, generator: torch.Generator | None):
         """Return the uint8 -> float input function for this round (augmenting if enabled)."""

@@ -40,6 +40,7 @@ import torch
 from torch import nn
 
 from estimators.memory_events import Phase, StepTrace, cpu_live_bytes, no_gc, trace_cpu, trace_cuda
+from estimators.step_peak import step_peak
 from workloads.training import batch_gradient
 
 __all__ = ["StepTrace", "cpu_live_bytes", "measure_peak_bytes", "no_gc", "trace_steps"]
@@ -290,8 +291,6 @@ def measure_peak_bytes(
         torch.manual_seed(0)
         x, y = _batch(make_input, num_classes, batch_size, device, transform)
         training_step(clone, opt, x, y, micro, transform)  # warm-up: gradients and optimizer state now exist
-        torch.cuda.synchronize(device)
-        torch.cuda.reset_peak_memory_stats(device)
-        training_step(clone, opt, x, y, micro, transform)
-        torch.cuda.synchronize(device)
-    return int(torch.cuda.max_memory_allocated(device))
+        with step_peak(device) as peak:
+            training_step(clone, opt, x, y, micro, transform)
+    return peak.bytes

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
-from estimators.memory_trace import cpu_live_bytes, no_gc
+from estimators.memory_events import cpu_live_bytes, no_gc
 
 
 def storage_bytes(tensors: Iterable[torch.Tensor | None]) -> int:

@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from estimators.performance import IterTimeModel, client_virtual_seconds, fit_iter_time, fit_linear, profile_batches
+from estimators.performance import client_virtual_seconds, fit_iter_time, fit_linear, profile_batches
 from workloads.devices import parse_profiles, profile_for
 from workloads.models import build_model
 from workloads.registry import WORKLOADS
@@ -51,9 +51,9 @@ def time_step(model: torch.nn.Module, input_shape: tuple[int, ...], batch: int, 
     return step_seconds(model, torch.nn.CrossEntropyLoss(reduction="sum"), lambda t: t, x, y, min_total_s=min_total_s)
 
 
-def iteration_benchmark(cases, device: str = "cpu", scale: int = 1) -> tuple[list[dict], dict[str, IterTimeModel]]:
-    """Measure, fit and predict step times; return rows and the fitted models by label."""
-    rows, fitted = [], {}
+def iteration_benchmark(cases, device: str = "cpu", scale: int = 1) -> list[dict]:
+    """Measure, fit and predict step times; one row per model and batch."""
+    rows = []
     for label, dataset, model_name, largest in cases:
         w = WORKLOADS[dataset]
         model = build_model(model_name, w.input_shape, w.num_classes, seed=0).to(device)
@@ -63,11 +63,10 @@ def iteration_benchmark(cases, device: str = "cpu", scale: int = 1) -> tuple[lis
         measured = {b: time_step(model, w.input_shape, b) for b in sizes}
         ours = fit_iter_time(prof, [measured[b] for b in prof])
         linear = fit_linear(prof, [measured[b] for b in prof])
-        fitted[label] = ours
         for b in sizes:
             rows.append({"model": label, "batch": b, "measured_s": measured[b], "pred_s": ours(b),
                          "linear_s": linear(b), "profiled": b in prof})
-    return rows, fitted
+    return rows
 
 
 def round_benchmark(dataset: str, model_name: str, data_dir: str, rounds: int) -> list[dict]:
@@ -116,7 +115,7 @@ def main() -> None:
     if cuda and not torch.cuda.is_available():
         parser.error(f"--device {args.device!r}: CUDA is not available here; allowed: cpu")
     print(f"torch {torch.__version__}, {torch.get_num_threads()} thread(s), device {args.device}")
-    rows, _ = iteration_benchmark(cases, args.device, 8 if cuda else 1)
+    rows = iteration_benchmark(cases, args.device, 8 if cuda else 1)
     print(f"{'model':<18}{'batch':>6}{'measured ms':>13}{'ours ms':>10}{'err':>8}{'linear ms':>11}{'err':>8}")
     for r in rows:
         print(f"{r['model']:<18}{r['batch']:>6}{1e3 * r['measured_s']:>13.2f}{1e3 * r['pred_s']:>10.2f}"

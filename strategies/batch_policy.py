@@ -21,7 +21,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import numpy as np
 from flwr.app import ConfigRecord, Message, RecordDict
 from flwr.app.message_type import MessageType
 from flwr.serverapp import Grid
@@ -68,12 +67,11 @@ def probe_clients(
         m = reply.content["metrics"]
         profile = profile_for(profiles, int(m["partition-id"]))
         speed = profile.speed if profile else 1.0
-        seconds = np.asarray(m["probe-seconds"], dtype=float) / speed
         out.append(ClientCapacity(
             node_id=reply.metadata.src_node_id,
             partition_id=int(m["partition-id"]),
             max_batch=int(m["max-batch"]),
-            step_model=fit_iter_time(list(m["probe-batches"]), seconds.tolist()),
+            step_model=fit_iter_time(list(m["probe-batches"]), list(m["probe-seconds"])).scaled(speed),
             comm_s=comm_seconds(model_bytes, profile) if profile else 0.0,
             probe_s=float(m["probe-compute-s"]) / speed + (2 * profile.latency_ms / 1000 if profile else 0.0),
         ))

@@ -29,11 +29,11 @@ from flwr.serverapp.strategy import FedAvg
 
 from estimators.performance import client_virtual_seconds
 from strategies.aggregation import aggregate_buffers, weighted_mean
+from strategies.batch_policy import ClientCapacity, memory_max_plan, optimal_plan, probe_clients
 from strategies.noise_scale import noise_stats
 from strategies.server_opt import ServerSGD, lr_at
 from strategies.teachers import TeacherInput, TeacherOutput
 from workloads.config import ConfigError, RunConfig, split_global_batch
-from strategies.batch_policy import ClientCapacity, memory_max_plan, optimal_plan, probe_clients
 from workloads.devices import parse_profiles, profile_for
 
 NODE_WAIT_S = 300.0  # how long to wait for clients-per-round nodes before failing
