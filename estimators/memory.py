@@ -311,8 +311,7 @@ class MemoryEstimator:
     def refine_to(self, batch_size: int) -> None:
         """Trace doubling sizes until the largest knot is at least ``batch_size / 2`` (if ``refine``)."""
         b = check_positive("batch_size", batch_size)
-        while self.refine and b > 2 * self.step_model.knots[-1]:
-            self._trace([2 * self.step_model.knots[-1]])
+        self._refined(lambda: b)
 
     @property
     def state_bytes(self) -> int:
