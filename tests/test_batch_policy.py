@@ -37,7 +37,8 @@ def test_memory_max_runs_every_client_at_its_limit(tmp_path):
     # the probe's time on the slowest device is on the virtual clock before round 1
     assert plan["probe_virtual_s"] > 0
     first = rounds.set_index("round").loc[1]
-    assert first["virtual_total_s"] == pytest.approx(plan["probe_virtual_s"] + first["virtual_s"], rel=1e-6)
+    # rounds.csv keeps 6 significant digits, so compare at that precision
+    assert first["virtual_total_s"] == pytest.approx(plan["probe_virtual_s"] + first["virtual_s"], rel=1e-5)
     assert (clients["micro_batch"] == clients["local_batch"]).all()  # the limit is a single pass
     limited = clients[clients["budget_mb"] > 0]
     assert (limited["peak_mem_mb"] < limited["budget_mb"]).all()
