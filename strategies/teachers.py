@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 import torch
 
 from strategies.noise_scale import NoiseStats
-from workloads.config import ConfigError
+from workloads.errors import ConfigError
 
 LARS_TRUST = 1e-3  # eta in You et al. 2017; only its product with lr matters, lr is tuned
 

@@ -9,8 +9,10 @@ import tomllib
 import pytest
 
 from experiments.run import parse_federation, parse_pairs, prepare
+from server_app.preflight import parse_run_config
 from tests.conftest import REPO_ROOT
-from workloads.config import ConfigError, RunConfig, check_batches_fit, split_global_batch
+from workloads.config import RunConfig, check_batches_fit, split_global_batch
+from workloads.errors import ConfigError
 
 
 def test_pyproject_defaults_equal_dataclass_defaults():
@@ -43,11 +45,20 @@ def test_empty_run_config_gives_defaults():
         ({"golbal-batch-size": 64}, ["'golbal-batch-size'", "Did you mean 'global-batch-size'"]),
         ({"clients-per-round": 8, "global-batch-size": 4}, ["'global-batch-size'", "clients-per-round = 8"]),
         ({"val-fraction": 0.7}, ["'val-fraction'", "(0, 0.5)"]),
+        ({"num-server-rounds": 0}, ["'num-server-rounds'", "0", "> 0"]),
+        ({"micro-batch-size": 300, "global-batch-size": 256}, ["'micro-batch-size'", "300", "1..256"]),
+        ({"min-batch-fraction": 0.0}, ["'min-batch-fraction'", "0.0", "(0, 1]"]),
+        ({"min-batch-fraction": 1.5}, ["'min-batch-fraction'", "1.5"]),
+        ({"round-timeout-s": 0}, ["'round-timeout-s'", "> 0"]),
+        ({"max-norm-ratio": 0.5}, ["'max-norm-ratio'", "0.5", "> 1"]),
+        ({"checkpoint-every": -1}, ["'checkpoint-every'", "-1", ">= 0"]),
+        ({"teacher-steps": "1:2"}, ["'teacher-steps'", "'1:2'", "starts ascending from 0"]),
+        ({"device-profiles": "phone"}, ["'device-profiles'", "'phone'", "name:memory_mb"]),
     ],
 )
 def test_bad_values_name_key_value_and_allowed(mapping, needles):
     with pytest.raises(ConfigError) as err:
-        RunConfig.from_mapping(mapping)
+        parse_run_config(mapping)
     for needle in needles:
         assert needle in str(err.value)
 
@@ -62,7 +73,7 @@ def test_split_global_batch_sums_and_balances():
 def test_batch_larger_than_partition_is_rejected():
     with pytest.raises(ConfigError) as err:
         check_batches_fit([300, 300], [250, 400])
-    assert "'global-batch-size'" in str(err.value) and "300" in str(err.value) and "<= 500" in str(err.value)
+    assert "'global-batch-size' = 600" in str(err.value) and "300" in str(err.value) and "<= 500" in str(err.value)
 
 
 def test_prepare_checks_partitions_and_data_before_starting(tmp_path):
@@ -75,6 +86,42 @@ def test_prepare_checks_partitions_and_data_before_starting(tmp_path):
         prepare(f"dataset=cifar10 data-dir='{missing}'", "", str(tmp_path / "o"))
     assert "'data-dir'" in str(err.value) and str(missing) in str(err.value) and "does not exist" in str(err.value)
     assert not (tmp_path / "o").exists()  # nothing was started or written
+
+
+@pytest.mark.parametrize(
+    "run_config, needles",
+    [
+        ("device=cuda", ["'device' = 'cuda'", "no CUDA device", "auto, cpu, cuda"]),
+        ("device-profiles='watch:0.2'", ["'device-profiles' entry 'watch' = 0.2 MiB is too small", "min-batch-fraction"]),
+        ("train-limit=40", ["'train-limit' = 40", "Allowed: 0 or at least 256"]),
+        ("global-batch-size=1600", ["'global-batch-size' = 1600", "larger than the smallest client partition"]),
+        ("out-dir='/etc/hostname/run'", ["'out-dir' = '/etc/hostname/run' cannot be created", "not a folder"]),
+    ],
+)
+def test_prepare_refuses_before_ray_starts(tmp_path, run_config, needles):
+    if "cuda" in run_config:
+        pytest.importorskip("torch").cuda.is_available() and pytest.skip("a GPU is visible here")
+    with pytest.raises(ConfigError) as err:
+        prepare(run_config, "num-supernodes=8", "" if "out-dir" in run_config else str(tmp_path / "o"))
+    for needle in needles:
+        assert needle in str(err.value), str(err.value)
+    assert not (tmp_path / "o").exists()
+
+
+def test_prepare_refuses_a_folder_that_holds_a_run(tmp_path):
+    (tmp_path / "o").mkdir()
+    (tmp_path / "o" / "rounds.csv").write_text("round\n0\n")
+    with pytest.raises(ConfigError, match="already holds a run.*--resume"):
+        prepare("", "num-supernodes=2", str(tmp_path / "o"))
+
+
+def test_a_failing_minority_is_a_warning_when_min_batch_fraction_allows_it(tmp_path):
+    # partition 3 of 4 gets a budget too small for its batch: 25% of the batch fails every round
+    profiles = "big:0,big:0,big:0,watch:0.2"
+    with pytest.raises(ConfigError, match="1 of 4 clients would fail"):
+        prepare(f"device-profiles='{profiles}'", "num-supernodes=4", str(tmp_path / "o"))
+    *_, warnings = prepare(f"device-profiles='{profiles}' min-batch-fraction=0.75", "num-supernodes=4", str(tmp_path / "o"))
+    assert len(warnings) == 1 and "partition 3" in warnings[0]
 
 
 def test_launcher_parsing():

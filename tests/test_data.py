@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from workloads.config import ConfigError
+from workloads.errors import ConfigError
 from workloads.data import DataNotFoundError, augment_crop_flip, load_raw, load_splits, resolve_data_dir
 from workloads.partition import partition_indices, partition_sizes
 

@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from workloads.config import ConfigError
+from workloads.errors import ConfigError
 from workloads.files import atomic_write_bytes
 
 VAL_SPLIT_SEED = 2509  # fixed: the validation split is the same for every run seed

@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from workloads.config import ConfigError
+from workloads.errors import ConfigError
 
 MIB = 2**20
 

@@ -12,7 +12,7 @@ import functools
 
 import numpy as np
 
-from workloads.config import ConfigError
+from workloads.errors import ConfigError
 
 MIN_PARTITION_SIZE = 10  # DirichletPartitioner resamples until every client has this many
 

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from workloads.config import ConfigError
+from workloads.errors import ConfigError
 
 
 @dataclass(frozen=True)
@@ -37,6 +37,15 @@ WORKLOADS: dict[str, Workload] = {
         "cifar10", (3, 32, 32), 10, "cnn", ("cnn", "resnet18", "resnet50", "vgg11"), augment=True
     ),
 }
+
+
+def check_workload(dataset: str, model: str) -> None:
+    """Raise ConfigError unless ``dataset`` is registered and ``model`` fits it."""
+    if dataset not in WORKLOADS:
+        raise ConfigError(
+            f"run-config key 'dataset' = {dataset!r} is not allowed. Allowed: {', '.join(WORKLOADS)}."
+        )
+    resolve_model(dataset, model)
 
 
 def resolve_model(dataset: str, model: str) -> str:

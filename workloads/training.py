@@ -180,7 +180,7 @@ def pick_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name == "cuda" and not torch.cuda.is_available():
-        from workloads.config import ConfigError
+        from workloads.errors import ConfigError
 
         raise ConfigError(
             "run-config key 'device' = 'cuda': no CUDA device is visible here. In simulation "
