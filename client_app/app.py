@@ -48,6 +48,7 @@ def train(msg: Message, context: Context) -> Message:
     conf = msg.content["config"]
     b, micro = int(conf["local-batch-size"]), int(conf["micro-batch-size"])
     steps, lr, rnd = int(conf["local-steps"]), float(conf["lr"]), int(conf["server-round"])
+    drawn = int(conf["drawn-examples"])
     n = len(job.partition)
     if b > n:
         raise ConfigError(
@@ -56,7 +57,7 @@ def train(msg: Message, context: Context) -> Message:
         )
 
     plan = job.memory_plan(b, micro, budget_mb, source)  # before any data is drawn: a bad budget fails first
-    batches = job.draw(context.state, b, steps)
+    batches = job.draw(drawn, b, steps)
 
     model = job.model
     model.load_state_dict(msg.content["arrays"].to_torch_state_dict())
@@ -120,6 +121,15 @@ def _cpu_step_peak_mb(job, model: torch.nn.Module, batch, micro: int, seed: int)
         for k, v in model.named_buffers():
             v.copy_(buffers[k])
     return peak.bytes / 2**20
+
+
+@app.query("identify")
+def identify(msg: Message, context: Context) -> Message:
+    """Tell the server which partition this node holds (strategies/nodes.py); builds nothing."""
+    pid = int(context.node_config.get("partition-id", 0))
+    nparts = int(context.node_config.get("num-partitions", 1))
+    return Message(RecordDict({"metrics": MetricRecord({"partition-id": pid, "num-partitions": nparts})}),
+                   reply_to=msg)
 
 
 @app.query()

@@ -1,8 +1,9 @@
 """Per-process client resources, built once and reused across rounds.
 
-A Ray actor (simulation) or a SuperNode process serves many rounds, and in simulation many
-partitions. The dataset tensors, partition index tensors and model object are built on first
-use and cached here, so a round only copies weights in and gradients out.
+A Ray actor (simulation) serves many rounds and many partitions. The dataset tensors,
+partition index tensors and model object are built on first use and cached here, so a round
+only copies weights in and gradients out. Nothing here is state a round depends on: a
+SuperNode starts a fresh ClientApp process per message and rebuilds it.
 """
 
 from __future__ import annotations
@@ -12,7 +13,6 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from flwr.app import ConfigRecord, RecordDict
 from torch import nn
 
 from estimators.memory import MemoryEstimator
@@ -51,41 +51,28 @@ class ClientJob:
 
     partition_id: int = 0
 
-    def draw(self, state: RecordDict, batch: int, steps: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """Draw ``steps`` batches of ``batch`` examples and advance the sampler in ``state``.
+    def draw(self, drawn: int, batch: int, steps: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Draw ``steps`` batches of ``batch`` examples, continuing after ``drawn`` examples.
 
-        The sampler is an epoch-wise shuffle of this client's partition; its position
-        (epoch, cursor) lives in ``state["sampler"]`` (the ClientApp's ``context.state``), so
-        it survives across rounds in simulation and on a SuperNode alike.
+        The sampler is an epoch-wise shuffle of this client's partition. Its position is the
+        number of examples the partition has drawn so far, which the server sends every round
+        (``drawn-examples``): a client keeps no sampler state, so a fresh ClientApp process, a
+        restarted SuperNode or a resumed run draws exactly the same examples.
         """
-        record = state.config_records.get("sampler", ConfigRecord({"epoch": 0, "cursor": 0}))
-        epoch, cursor = int(record["epoch"]), int(record["cursor"])
+        n = len(self.partition)
+        epoch, cursor = divmod(drawn, n)
         seed = self.cfg.seed * 7919 + self.partition_id
         out = []
         for _ in range(steps):
-            pos, epoch, cursor = draw_batch(len(self.partition), batch, seed, epoch, cursor)
+            pos, epoch, cursor = draw_batch(n, batch, seed, epoch, cursor)
             idx = self.partition[pos]
             out.append((self.splits.x_train[idx], self.splits.y_train[idx]))
-        state["sampler"] = ConfigRecord({"epoch": epoch, "cursor": cursor})
         return out
 
     @property
     def estimator(self) -> MemoryEstimator:
-        """Memory estimator of this client's exact step: stored uint8 batch, ``inputs`` per micro-batch, no optimizer.
-
-        It depends on the architecture, input pipeline, device and thread count (kernel
-        choice), not on the weights, seed or partition: a process builds one per such key.
-        """
-        key = (self.cfg.dataset, resolve_model(self.cfg.dataset, self.cfg.model), str(self.device), self.augment,
-               torch.get_num_threads())
-        if key not in _ESTIMATORS:
-            shape, dtype = tuple(self.splits.x_train.shape[1:]), self.splits.x_train.dtype
-            _ESTIMATORS[key] = MemoryEstimator(
-                self.model, shape, WORKLOADS[self.cfg.dataset].num_classes, "none",
-                make_input=lambda b: torch.zeros((b, *shape), dtype=dtype),
-                transform=self.inputs_fn(torch.Generator().manual_seed(0)), device=self.device,
-            )
-        return _ESTIMATORS[key]
+        """Memory estimator of this client's exact step (``step_estimator``)."""
+        return step_estimator(self.cfg, self.splits, self.model, self.device)
 
     def memory_plan(self, batch: int, micro: int, budget_mb: float, source: str) -> MemoryPlan:
         """Micro-batch for ``batch`` examples under ``budget_mb`` MiB less the run's ``memory-margin``.
@@ -117,14 +104,38 @@ class ClientJob:
 
     def inputs_fn(self, generator: torch.Generator | None):
         """Return the uint8 -> float input function for this round (augmenting if enabled)."""
+        return make_inputs(self.splits, self.device, self.augment, generator)
 
-        def inputs(x: torch.Tensor) -> torch.Tensor:
-            out = self.splits.inputs(x, self.device)
-            if self.augment and generator is not None:
-                out = augment_crop_flip(out, generator)
-            return out
 
-        return inputs
+def make_inputs(splits: Splits, device: torch.device, augment: bool, generator: torch.Generator | None):
+    """The uint8 -> float input function of a client step: normalise, move, augment if enabled."""
+
+    def inputs(x: torch.Tensor) -> torch.Tensor:
+        out = splits.inputs(x, device)
+        if augment and generator is not None:
+            out = augment_crop_flip(out, generator)
+        return out
+
+    return inputs
+
+
+def step_estimator(cfg: RunConfig, splits: Splits, model: nn.Module, device: torch.device) -> MemoryEstimator:
+    """Memory estimator of a client's exact step: stored uint8 batch, inputs per micro-batch, no optimizer.
+
+    It depends on the architecture, input pipeline, device and thread count (kernel choice),
+    not on the weights, seed or partition: a process builds one per such key. The launcher's
+    pre-flight check builds the same one to refuse a budget that cannot hold a batch.
+    """
+    augment = cfg.augment and WORKLOADS[cfg.dataset].augment
+    key = (cfg.dataset, resolve_model(cfg.dataset, cfg.model), str(device), augment, torch.get_num_threads())
+    if key not in _ESTIMATORS:
+        shape, dtype = tuple(splits.x_train.shape[1:]), splits.x_train.dtype
+        _ESTIMATORS[key] = MemoryEstimator(
+            model, shape, WORKLOADS[cfg.dataset].num_classes, "none",
+            make_input=lambda b: torch.zeros((b, *shape), dtype=dtype),
+            transform=make_inputs(splits, device, augment, torch.Generator().manual_seed(0)), device=device,
+        )
+    return _ESTIMATORS[key]
 
 
 @functools.lru_cache(maxsize=64)

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import shutil
 import time
 from pathlib import Path
 
@@ -54,6 +55,7 @@ class Runs:
         if (done := self.log.get(key)) is not None:
             return done
         start = time.perf_counter()
+        shutil.rmtree(self.out / "runs" / name, ignore_errors=True)  # not in the log: an interrupted run's folder
         rounds = run_inprocess(config | {"out-dir": str(self.out / "runs" / name)}, num_clients=CLIENTS)
         rounds = rounds[rounds["round"] > 0]
         row = {"key": key, "name": name, "wall_s": time.perf_counter() - start,

@@ -18,8 +18,9 @@ to build messages outside a Flower runtime.
 from __future__ import annotations
 
 import itertools
+import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -67,7 +68,11 @@ class InProcessGrid(Grid):
         raise NotImplementedError("InProcessGrid only supports send_and_receive")
 
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
-        """Deliver every message to its node's ClientApp and collect the replies."""
+        """Deliver every message to its node's ClientApp and collect the replies.
+
+        Clients run one after another. Each gets ``timeout`` seconds of its own, as if all ran
+        in parallel: a client still running then is abandoned and sends no reply (a straggler).
+        """
         replies = []
         for msg in messages:
             md = msg.metadata
@@ -76,14 +81,33 @@ class InProcessGrid(Grid):
                 reply_to_message_id="", group_id=md.group_id or "", created_at=time.time(), ttl=3600.0,
                 message_type=md.message_type,
             ))
-            try:
-                replies.append(self.client_app(delivered, self.contexts[md.dst_node_id]))
-            except Exception as err:  # noqa: BLE001 - Flower's runtimes turn these into error replies
-                replies.append(Message(Error(code=2, reason=f"{type(err).__name__}: {err}"), reply_to=delivered))
+            reply = _call(self.client_app, delivered, self.contexts[md.dst_node_id], timeout)
+            if reply is not None:
+                replies.append(reply)
         return replies
 
 
-def run_inprocess(run_config: dict[str, Any], num_clients: int, quiet: bool = True) -> pd.DataFrame:
+def _call(client_app, msg: Message, context: Context, timeout: float | None) -> Message | None:
+    """One ClientApp call; an exception becomes an error reply (as in Flower's runtimes), a timeout no reply."""
+    box: list[Message] = []
+
+    def target() -> None:
+        try:
+            box.append(client_app(msg, context))
+        except Exception as err:  # noqa: BLE001 - Flower's runtimes turn these into error replies
+            box.append(Message(Error(code=2, reason=f"{type(err).__name__}: {err}"), reply_to=msg))
+
+    if timeout is None:
+        target()
+        return box[0]
+    worker = threading.Thread(target=target, daemon=True, name=f"client-{msg.metadata.dst_node_id}")
+    worker.start()
+    worker.join(timeout)
+    return box[0] if box else None
+
+
+def run_inprocess(run_config: dict[str, Any], num_clients: int, quiet: bool = True,
+                  client_app: Callable[[Message, Context], Message] | None = None) -> pd.DataFrame:
     """Run the app in this process; return rounds.csv as a DataFrame.
 
     Parameters
@@ -91,25 +115,35 @@ def run_inprocess(run_config: dict[str, Any], num_clients: int, quiet: bool = Tr
     run_config : dict
         Kebab-case run-config overrides (missing keys take the pyproject defaults). Give
         ``out-dir`` to keep the results folder; otherwise it goes to ./results/<stamp>-inprocess-<dataset>-s<seed>.
+        The launcher's pre-flight checks run first (server_app/preflight.py).
     num_clients : int
         Number of virtual nodes (num-supernodes); node i has partition-id i.
     quiet : bool
         Silence Flower's per-round INFO logging.
+    client_app : callable, optional
+        What answers the messages instead of the real ClientApp, e.g. an
+        ``experiments.faults.FaultyClientApp`` around it.
     """
     import logging
 
-    from client_app.app import app as client_app
+    import torch
+
+    from client_app.app import app as real_client_app
     from experiments.run import project_defaults
     from server_app.app import app as server_app
-    from workloads.config import RunConfig
+    from server_app.preflight import parse_run_config, preflight
 
     _set_task_identity()
-    cfg = RunConfig.from_mapping(project_defaults() | run_config)
+    cfg = parse_run_config(project_defaults() | run_config)
     if not cfg.out_dir:
         stamp = time.strftime("%Y%m%d-%H%M%S")
-        cfg = cfg.replace(out_dir=str(Path("results").resolve() / f"{stamp}-inprocess-{cfg.dataset}-s{cfg.seed}"))
+        cfg = cfg.replace(out_dir=str(Path("results") / f"{stamp}-inprocess-{cfg.dataset}-s{cfg.seed}"))
+    cfg = cfg.replace(out_dir=str(Path(cfg.out_dir).expanduser().resolve()))
+    for warning in preflight(cfg, num_clients, torch.get_num_threads()):
+        if not quiet:
+            print(f"warning: {warning}")
     full = cfg.to_mapping()
-    grid = InProcessGrid(client_app, num_clients, full)
+    grid = InProcessGrid(client_app or real_client_app, num_clients, full)
     logger = logging.getLogger("flwr")
     level = logger.level
     if quiet:

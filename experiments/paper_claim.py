@@ -32,6 +32,7 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import shutil
 import time
 from pathlib import Path
 
@@ -91,6 +92,7 @@ class Runner:
         if (done := self.log.get(key)) is not None:
             return done
         run_dir = self.out / "runs" / f"{method}-r{rounds}-lr{lr:g}-s{seed}"
+        shutil.rmtree(run_dir, ignore_errors=True)  # not in the log: an interrupted run's folder
         t0 = time.perf_counter()
         df = run_inprocess(overrides | {"out-dir": str(run_dir)}, CLIENTS)
         last = df.iloc[-1]

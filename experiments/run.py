@@ -14,6 +14,7 @@ so ``dataset=cifar10`` works as well as ``dataset="cifar10"``. A ``.toml`` file 
 from __future__ import annotations
 
 import argparse
+import json
 import re
 import sys
 import time
@@ -24,7 +25,9 @@ from typing import Any
 import tomli_w
 
 from experiments.superlink import REPO_ROOT, LocalSuperLink
-from workloads.config import ConfigError, RunConfig, check_batches_fit, split_global_batch
+from workloads.config import RunConfig
+from workloads.errors import ConfigError
+from workloads.files import atomic_write_json, atomic_write_text
 
 DEFAULT_FEDERATION = {"num-supernodes": 8, "client-resources-num-cpus": 1}
 FEDERATION_KEYS = {
@@ -58,9 +61,9 @@ def project_defaults() -> dict[str, Any]:
         return tomllib.load(f)["tool"]["flwr"]["app"]["config"]
 
 
-def parse_federation(text: str) -> dict[str, Any]:
-    """Merge ``--federation-config`` over the launcher's defaults and type-check it."""
-    fed = dict(DEFAULT_FEDERATION)
+def parse_federation(text: str, base: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Merge ``--federation-config`` over ``base`` (the launcher's defaults) and type-check it."""
+    fed = dict(DEFAULT_FEDERATION if base is None else base)
     for key, value in parse_pairs(text).items():
         kind = FEDERATION_KEYS.get(key)
         if kind is None:
@@ -81,45 +84,59 @@ def federation_string(fed: dict[str, Any]) -> str:
     return " ".join(f"{k}={render(v)}" for k, v in fed.items())
 
 
-def prepare(run_config: str, federation_config: str, out: str) -> tuple[RunConfig, dict[str, Any], Path]:
+def prepare(run_config: str, federation_config: str, out: str,
+            resume: str = "") -> tuple[RunConfig, dict[str, Any], Path, list[str]]:
     """Parse and check everything a run needs; raise ConfigError/DataNotFoundError early.
 
-    Returns the config (with absolute ``out-dir`` and ``data-dir``), the federation config
-    and the results folder.
+    With ``resume`` (a results folder of an earlier launch), the run config and federation
+    come from that folder; ``run_config`` may then change only the keys a resumed run may
+    change (``server_app.results.RESUMABLE_KEYS``). Returns the config (with absolute
+    ``out-dir`` and ``data-dir``), the federation config, the results folder and warnings.
     """
-    from workloads.data import load_splits, resolve_data_dir
-    from workloads.partition import partition_sizes
+    from server_app.preflight import parse_run_config, preflight
+    from server_app.results import RESUMABLE_KEYS
+    from workloads.data import resolve_data_dir
 
     overrides = parse_pairs(run_config)
-    fused = project_defaults() | overrides
-    cfg = RunConfig.from_mapping(fused)
-    fed = parse_federation(federation_config)
-    nodes = fed["num-supernodes"]
-    k = cfg.clients_per_round or nodes
-    if k > nodes:
-        raise ConfigError(
-            f"run-config key 'clients-per-round' = {k}: only num-supernodes = {nodes} clients exist. "
-            f"Allowed: 0 (all) or 1..{nodes}."
-        )
-    folder = resolve_data_dir(cfg.data_dir)
+    if resume:
+        folder = Path(resume).expanduser().resolve()
+        saved = folder / "run_config.toml"
+        if not saved.exists():
+            raise ConfigError(f"--resume '{folder}': no run_config.toml there. Allowed: a results folder of python -m experiments.run.")
+        changed = sorted(set(overrides) - RESUMABLE_KEYS)
+        if changed:
+            raise ConfigError(f"--resume: run-config key '{changed[0]}' cannot change in a resumed run. "
+                              f"Allowed: {', '.join(sorted(RESUMABLE_KEYS - {'resume', 'out-dir'}))}.")
+        with open(saved, "rb") as f:
+            fused = tomllib.load(f) | overrides | {"resume": True, "out-dir": str(folder)}
+        fed_file = folder / "federation.json"
+        fed = parse_federation(federation_config, json.loads(fed_file.read_text()) if fed_file.exists() else None)
+        saved_nodes = json.loads(fed_file.read_text())["num-supernodes"] if fed_file.exists() else fed["num-supernodes"]
+        if fed["num-supernodes"] != saved_nodes:
+            raise ConfigError(f"--resume: federation-config key 'num-supernodes' = {fed['num-supernodes']}: must stay "
+                              f"{saved_nodes}, the partitions depend on it.")
+    else:
+        fused = project_defaults() | overrides
+        fed = parse_federation(federation_config)
+    cfg = parse_run_config(fused)
+    data = resolve_data_dir(cfg.data_dir)
     stamp = time.strftime("%Y%m%d-%H%M%S")
     out_dir = Path(out or cfg.out_dir or REPO_ROOT / "results" / f"{stamp}-{cfg.dataset}-s{cfg.seed}")
-    cfg = cfg.replace(out_dir=str(out_dir.expanduser().resolve()), data_dir=str(folder) if folder else "")
-    splits = load_splits(cfg.dataset, cfg.data_dir, cfg.val_fraction, cfg.train_limit)
-    sizes = partition_sizes(splits.y_train.numpy(), nodes, cfg.partitioner, cfg.dirichlet_alpha, cfg.seed)
-    check_batches_fit(split_global_batch(cfg.global_batch_size, k), sizes)
-    return cfg, fed, Path(cfg.out_dir)
+    cfg = cfg.replace(out_dir=str(out_dir.expanduser().resolve()), data_dir=str(data) if data else "")
+    warnings = preflight(cfg, fed["num-supernodes"], fed["client-resources-num-cpus"])
+    return cfg, fed, Path(cfg.out_dir), warnings
 
 
 def launch(cfg: RunConfig, fed: dict[str, Any], out_dir: Path, quiet: bool = False) -> int:
     """Run the app on a private SuperLink; return 0 when the run completed."""
     out_dir.mkdir(parents=True, exist_ok=True)
     toml_path = out_dir / "run_config.toml"
-    toml_path.write_text(tomli_w.dumps(cfg.to_mapping()))
+    atomic_write_text(toml_path, tomli_w.dumps(cfg.to_mapping()))
+    atomic_write_json(out_dir / "federation.json", fed)
     with LocalSuperLink(log_path=out_dir / "superlink.log") as link:
         print(f"SuperLink pid {link.proc.pid} on port {link.port}; FLWR_HOME={link.flwr_home}", flush=True)
         run_id = link.submit(REPO_ROOT, toml_path, federation_string(fed))
-        print(f"run {run_id} submitted: {cfg.dataset}, B={cfg.global_batch_size}, "
+        print(f"run {run_id} {'resumed' if cfg.resume else 'submitted'}: {cfg.dataset}, B={cfg.global_batch_size}, "
               f"{cfg.num_server_rounds} rounds, {federation_string(fed)}", flush=True)
         link.stream_logs(run_id, out_dir / "run.log", echo=not quiet)
         outcome = link.outcome(run_id)
@@ -134,12 +151,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--federation-config", default="",
                         help="e.g. \"num-supernodes=8 client-resources-num-cpus=1\" (these are the defaults)")
     parser.add_argument("--out", default="", help="results folder (default: results/<time>-<dataset>-s<seed>)")
+    parser.add_argument("--resume", default="", metavar="DIR",
+                        help="continue the run in results folder DIR from its checkpoint.pt")
     args = parser.parse_args(argv)
+    if args.resume and args.out:
+        print("error: --resume DIR continues in DIR; do not also give --out", file=sys.stderr)
+        return 2
     try:
-        cfg, fed, out_dir = prepare(args.run_config, args.federation_config, args.out)
+        cfg, fed, out_dir, warnings = prepare(args.run_config, args.federation_config, args.out, args.resume)
     except (ConfigError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    for warning in warnings:
+        print(f"warning: {warning}", file=sys.stderr)
     try:
         code = launch(cfg, fed, out_dir)
     except KeyboardInterrupt:

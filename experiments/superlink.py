@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -23,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+ANSI_ESCAPE = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")  # colour codes of Flower's logger
 
 
 def bin_path(name: str) -> str:
@@ -155,7 +157,8 @@ class LocalSuperLink:
         )
         with open(log_path, "a", encoding="utf-8") as log_file:
             for line in proc.stdout:
-                log_file.write(line)
+                log_file.write(ANSI_ESCAPE.sub("", line))
+                log_file.flush()  # line by line: a killed run leaves its log up to the last line
                 if echo:
                     sys.stdout.write(line)
                     sys.stdout.flush()
@@ -166,6 +169,8 @@ class LocalSuperLink:
         deadline = time.monotonic() + timeout_s
         status, details = "unknown", ""
         while time.monotonic() < deadline:
+            if self.proc is None or self.proc.poll() is not None:  # `flwr ls` would start a new, stray SuperLink
+                return RunOutcome(run_id, "superlink-exited", f"the SuperLink stopped; see {self.log_path}")
             res = self.flwr("ls", "--run-id", str(run_id), "--format", "json", timeout=60)
             try:
                 run = json.loads(res.stdout)["runs"][0]

@@ -1,18 +1,19 @@
-"""ServerApp: parse the config once, run the strategy, evaluate centrally, write results."""
+"""ServerApp: parse the config once, run the strategy, evaluate centrally, write results and checkpoints."""
 
 from __future__ import annotations
 
 import time
 from logging import INFO
 
-from flwr.app import ArrayRecord, Context, MetricRecord
+from flwr.app import ArrayRecord, Context, MessageType, MetricRecord
 from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
 
-from server_app.results import ResultsWriter, resolve_out_dir
+from server_app.preflight import parse_run_config
+from server_app.results import RunResults, resolve_out_dir
 from strategies.large_batch import LargeBatchStrategy
+from strategies.nodes import STARTUP_WAIT_S
 from strategies.teacher_registry import build_teacher
-from workloads.config import RunConfig
 from workloads.data import load_splits
 from workloads.models import build_model
 from workloads.registry import WORKLOADS, resolve_model
@@ -23,8 +24,8 @@ app = ServerApp()
 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
-    """Run ``num-server-rounds`` large-global-batch steps and write the results folder."""
-    cfg = RunConfig.from_mapping(context.run_config)
+    """Run ``num-server-rounds`` large-global-batch steps (or the rest of them, on resume)."""
+    cfg = parse_run_config(context.run_config)
     workload = WORKLOADS[cfg.dataset]
     model_name = resolve_model(cfg.dataset, cfg.model)
     splits = load_splits(cfg.dataset, cfg.data_dir, cfg.val_fraction, cfg.train_limit)
@@ -33,49 +34,73 @@ def main(grid: Grid, context: Context) -> None:
     loss_fn = workload.loss()
     out = resolve_out_dir(cfg.out_dir, cfg)
     n_params = sum(p.numel() for p in model.parameters())
-    writer = ResultsWriter(out, cfg, extra={"model": model_name, "parameters": n_params})
+    results = RunResults(out, cfg, extra={"model": model_name, "parameters": n_params})
+    strategy = LargeBatchStrategy(cfg, model.state_dict(), [name for name, _ in model.named_parameters()],
+                                  build_teacher(cfg), sink=results)
+    done, wall0 = 0, 0.0
+    if cfg.resume:
+        ckpt = results.load_checkpoint()
+        if ckpt is not None:
+            strategy.load_state_dict(ckpt["strategy"], ckpt["round"])
+            done, wall0 = int(ckpt["round"]), float(ckpt["wall_s"])
+        results.keep_through(done if ckpt is not None else -1)
+        log(INFO, "resuming %s after round %d of %d", out, done, cfg.num_server_rounds)
     log(INFO, "flower-large-batch: %s / %s (%.3g M params), %d train / %d val / %d test examples, "
         "results in %s", cfg.dataset, model_name, n_params / 1e6, len(splits.y_train),
         len(splits.y_val), len(splits.y_test), out)
 
-    strategy = LargeBatchStrategy(
-        cfg,
-        initial_state=model.state_dict(),
-        param_names=[name for name, _ in model.named_parameters()],
-        teacher=build_teacher(cfg),
-    )
     inputs = lambda x: splits.inputs(x, device)  # noqa: E731
     t_start = time.perf_counter()
 
-    def evaluate_fn(server_round: int, arrays: ArrayRecord) -> MetricRecord:
-        row = {"round": server_round, "global_batch": 0, "samples_seen": 0, "lr": 0.0}
-        if server_round > 0:
-            row |= strategy.last_round
-        last = server_round == cfg.num_server_rounds
-        if server_round % cfg.eval_every == 0 or last:
+    def evaluate_fn(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
+        rnd = server_round + done
+        if server_round == 0 and done > 0:
+            return None  # the resumed model was evaluated and recorded before the interruption
+        evaluation = {}
+        last = rnd == cfg.num_server_rounds
+        if rnd % cfg.eval_every == 0 or last:
             model.load_state_dict(arrays.to_torch_state_dict())
-            row["val_loss"], row["val_accuracy"] = evaluate(model, loss_fn, inputs, splits.x_val, splits.y_val)
-            row["test_loss"], row["test_accuracy"] = evaluate(model, loss_fn, inputs, splits.x_test, splits.y_test)
-        row["wall_s"] = time.perf_counter() - t_start
-        writer.add_round(row, strategy.client_rows)
-        if strategy.batch_plan:
-            writer.write_json("batch_plan.json", strategy.batch_plan)
-        log(INFO, "[round %d/%d] B=%d lr=%.4g train_loss=%s val_acc=%s test_acc=%s wall=%.1fs",
-            server_round, cfg.num_server_rounds, row["global_batch"], row["lr"],
-            _f(row.get("train_loss")), _f(row.get("val_accuracy")), _f(row.get("test_accuracy")),
-            row["wall_s"])
+            evaluation["val_loss"], evaluation["val_accuracy"] = evaluate(model, loss_fn, inputs, splits.x_val, splits.y_val)
+            evaluation["test_loss"], evaluation["test_accuracy"] = evaluate(model, loss_fn, inputs, splits.x_test, splits.y_test)
+        row = results.finish_round(rnd, evaluation, wall0 + time.perf_counter() - t_start)
+        if rnd > 0 and (last or (cfg.checkpoint_every and rnd % cfg.checkpoint_every == 0)):
+            results.save_checkpoint(rnd, strategy.state_dict(), row["wall_s"])
+        log(INFO, "[round %d/%d] B=%d%s lr=%.4g train_loss=%s val_acc=%s test_acc=%s wall=%.1fs",
+            rnd, cfg.num_server_rounds, row["global_batch"],
+            f" ({row['failed_clients']} failed)" if row.get("failed_clients") else "", row["lr"],
+            _f(row.get("train_loss")), _f(row.get("val_accuracy")), _f(row.get("test_accuracy")), row["wall_s"])
         return MetricRecord({k: float(v) for k, v in row.items() if k.endswith(("loss", "accuracy"))})
 
-    strategy.start(
-        grid=grid,
-        initial_arrays=ArrayRecord(strategy.state),
-        num_rounds=cfg.num_server_rounds,
-        evaluate_fn=evaluate_fn,
-    )
-    path = writer.save_model(strategy.state)
+    if done < cfg.num_server_rounds:
+        strategy.start(grid=StartupGrace(grid), initial_arrays=ArrayRecord(strategy.state),
+                       num_rounds=cfg.num_server_rounds - done, timeout=cfg.round_timeout_s, evaluate_fn=evaluate_fn)
+    path = results.save_model(strategy.state)
     log(INFO, "final model: %s", path)
 
 
-def _f(value: float | None) -> str:
-    return "-" if value is None else f"{value:.4f}"
+class StartupGrace:
+    """The Grid, except that the first round's replies get at least ``STARTUP_WAIT_S`` seconds.
 
+    Round 1 (and the first round after a resume) includes every client's start-up: loading and
+    decoding the data, building the model and its memory estimator. ``round-timeout-s`` is
+    meant for the steady state, so the first send-and-receive waits ``max(round-timeout-s,
+    STARTUP_WAIT_S)``; it still ends as soon as every reply is in.
+    """
+
+    def __init__(self, grid: Grid) -> None:
+        self._grid, self._first = grid, True
+
+    def send_and_receive(self, messages, *, timeout: float | None = None):  # noqa: D102 - Grid API
+        messages = list(messages)
+        if self._first and timeout is not None and any(m.metadata.message_type == MessageType.TRAIN for m in messages):
+            self._first, timeout = False, max(timeout, STARTUP_WAIT_S)
+        return self._grid.send_and_receive(messages, timeout=timeout)
+
+    def __getattr__(self, name: str):
+        return getattr(self._grid, name)
+
+
+def _f(value: float | str | None) -> str:
+    if value is None or value == "":
+        return "-"
+    return f"{float(value):.4f}"

@@ -1,7 +1,18 @@
-"""Results of a run: config.json, rounds.csv, clients.csv and the final model, all atomic.
+"""The results folder of a run, and its checkpoint: the one place that owns their format.
 
-``rounds.csv`` and ``clients.csv`` are rewritten whole (through a temporary file and a
-rename) after every round, so a reader or a crash never sees a torn row.
+Files (all written atomically: a temporary file, then a rename; mode 0644):
+
+- ``config.json``: the run config, the model name and its parameter count;
+- ``rounds.csv``: one row per round (round 0 is the initial model), rewritten after every round;
+- ``clients.csv``: one row per valid client reply;
+- ``failures.csv``: one row per failed, invalid or late client (``round, node_id,
+  partition_id, local_batch, reason``);
+- ``batch_plan.json``: what an adaptive batch policy probed and chose;
+- ``checkpoint.pt``: everything needed to continue (``RunResults.save_checkpoint``);
+- ``model.pt``: the final ``state_dict``.
+
+``RunResults`` is the strategy's ``RoundSink``: the strategy hands it each round's training
+record, the ServerApp adds the evaluation and commits the row.
 """
 
 from __future__ import annotations
@@ -15,20 +26,32 @@ from typing import Any
 import torch
 
 from workloads.config import RunConfig
+from workloads.errors import ConfigError
 from workloads.files import atomic_torch_save, atomic_write_json, atomic_write_text
 
 ROUND_COLUMNS = [
-    "round", "global_batch", "samples_seen", "lr", "train_loss", "val_loss", "val_accuracy",
-    "test_loss", "test_accuracy", "wall_s",
+    "round", "global_batch", "planned_batch", "failed_clients", "samples_seen", "lr", "train_loss",
+    "val_loss", "val_accuracy", "test_loss", "test_accuracy", "wall_s",
 ]
+CLIENT_COLUMNS = ["round", "node_id", "partition_id"]
+FAILURE_COLUMNS = ["round", "node_id", "partition_id", "local_batch", "reason"]
+CHECKPOINT_FORMAT = 1
+# Keys a resumed run may change: they decide how faults are handled and where files are, not what is computed.
+RESUMABLE_KEYS = frozenset({"resume", "min-batch-fraction", "round-timeout-s", "max-norm-ratio",
+                            "checkpoint-every", "out-dir", "data-dir"})
 
 
 def resolve_out_dir(out_dir: str, cfg: RunConfig) -> Path:
-    """Return the results folder: ``out-dir``, or ``./results/<time>-<dataset>-<model>``."""
+    """Return the results folder: ``out-dir``, or ``./results/<time>-<dataset>-<model>-s<seed>``."""
     if out_dir:
         return Path(out_dir).expanduser().resolve()
     stamp = time.strftime("%Y%m%d-%H%M%S")
     return Path("results").resolve() / f"{stamp}-{cfg.dataset}-{cfg.model}-s{cfg.seed}"
+
+
+def holds_run(out_dir: Path) -> bool:
+    """Whether ``out_dir`` already holds a run's results."""
+    return (out_dir / "rounds.csv").exists() or (out_dir / "checkpoint.pt").exists()
 
 
 def _csv_text(rows: list[dict[str, Any]], first: list[str]) -> str:
@@ -47,25 +70,121 @@ def _fmt(value: Any) -> Any:
     return f"{value:.6g}" if isinstance(value, float) else value
 
 
-class ResultsWriter:
-    """Writes a run's outputs into one folder."""
+def _read_csv(path: Path) -> list[dict[str, Any]]:
+    if not path.exists():
+        return []
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+class RunResults:
+    """Writes (and, on resume, reloads) one run's results folder.
+
+    Parameters
+    ----------
+    out_dir : Path
+        The results folder.
+    cfg : RunConfig
+        The run config (``config.json``).
+    extra : dict, optional
+        More entries for ``config.json`` (model name, parameter count).
+
+    Raises
+    ------
+    ConfigError
+        If ``out_dir`` already holds a run and ``cfg.resume`` is false: nothing is overwritten.
+    """
 
     def __init__(self, out_dir: Path, cfg: RunConfig, extra: dict[str, Any] | None = None) -> None:
-        self.out_dir = out_dir
+        if holds_run(out_dir) and not cfg.resume:
+            raise ConfigError(
+                f"run-config key 'out-dir' = '{out_dir}' already holds a run (rounds.csv or checkpoint.pt). "
+                "Allowed: a new folder, or resume=true (python -m experiments.run --resume DIR) to continue it."
+            )
+        self.out_dir, self.cfg = out_dir, cfg
         self.out_dir.mkdir(parents=True, exist_ok=True)
         self.rounds: list[dict[str, Any]] = []
+        self.clients: list[dict[str, Any]] = []
+        self.failure_rows: list[dict[str, Any]] = []
+        self._pending: tuple[dict[str, Any], list[dict[str, Any]]] | None = None
         atomic_write_json(self.out_dir / "config.json", {"run_config": cfg.to_mapping(), **(extra or {})})
 
-    def add_round(self, row: dict[str, Any], client_rows: list[dict[str, Any]]) -> None:
-        """Append one round's row and rewrite rounds.csv and clients.csv."""
-        self.rounds.append(row)
-        atomic_write_text(self.out_dir / "rounds.csv", _csv_text(self.rounds, ROUND_COLUMNS))
-        if client_rows:
-            atomic_write_text(self.out_dir / "clients.csv", _csv_text(client_rows, ["round", "node_id"]))
+    # RoundSink ------------------------------------------------------------------
+    def train(self, row: dict[str, Any], clients: list[dict[str, Any]]) -> None:
+        """Hold a round's training record until ``finish_round`` adds its evaluation."""
+        self._pending = (row, clients)
 
-    def write_json(self, name: str, obj: Any) -> None:
-        """Write ``obj`` as ``name`` in the results folder, atomically."""
-        atomic_write_json(self.out_dir / name, obj)
+    def failures(self, rows: list[dict[str, Any]]) -> None:
+        """Append failed clients to failures.csv at once (before a failing round stops the run)."""
+        self.failure_rows += rows
+        atomic_write_text(self.out_dir / "failures.csv", _csv_text(self.failure_rows, FAILURE_COLUMNS))
+
+    def plan(self, batch_plan: dict[str, Any]) -> None:
+        """Write batch_plan.json."""
+        atomic_write_json(self.out_dir / "batch_plan.json", batch_plan)
+
+    # rounds ---------------------------------------------------------------------
+    def finish_round(self, rnd: int, evaluation: dict[str, float], wall_s: float) -> dict[str, Any]:
+        """Commit round ``rnd`` (its training record, ``evaluation`` and ``wall_s``); rewrite the CSVs."""
+        row: dict[str, Any] = {"round": rnd, "global_batch": 0, "samples_seen": 0, "lr": 0.0}
+        clients: list[dict[str, Any]] = []
+        if rnd > 0 and self._pending is not None:
+            train, clients = self._pending
+            row |= train
+        self._pending = None
+        row |= evaluation
+        row["wall_s"] = wall_s
+        self.rounds.append(row)
+        self.clients += clients
+        atomic_write_text(self.out_dir / "rounds.csv", _csv_text(self.rounds, ROUND_COLUMNS))
+        if self.clients:
+            atomic_write_text(self.out_dir / "clients.csv", _csv_text(self.clients, CLIENT_COLUMNS))
+        return row
+
+    def keep_through(self, rnd: int) -> None:
+        """Resume: reload the CSVs on disk, keeping only rows of rounds <= ``rnd`` (-1 keeps none)."""
+        def keep(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+            return [r for r in rows if int(r["round"]) <= rnd]
+
+        self.rounds = keep(_read_csv(self.out_dir / "rounds.csv"))
+        self.clients = keep(_read_csv(self.out_dir / "clients.csv"))
+        self.failure_rows = keep(_read_csv(self.out_dir / "failures.csv"))
+        for name, rows, first in (("rounds.csv", self.rounds, ROUND_COLUMNS), ("clients.csv", self.clients, CLIENT_COLUMNS),
+                                  ("failures.csv", self.failure_rows, FAILURE_COLUMNS)):
+            path = self.out_dir / name
+            if rows or path.exists():
+                atomic_write_text(path, _csv_text(rows, first))
+
+    # checkpoints ------------------------------------------------------------------
+    def save_checkpoint(self, rnd: int, strategy_state: dict[str, Any], wall_s: float) -> Path:
+        """Write checkpoint.pt: the strategy's state after round ``rnd``, the wall clock and the config."""
+        path = self.out_dir / "checkpoint.pt"
+        atomic_torch_save(path, {"format": CHECKPOINT_FORMAT, "round": rnd, "wall_s": wall_s,
+                                 "run_config": self.cfg.to_mapping(), "strategy": strategy_state})
+        return path
+
+    def load_checkpoint(self) -> dict[str, Any] | None:
+        """Read checkpoint.pt (None if there is none) and check that it belongs to this config.
+
+        Raises
+        ------
+        ConfigError
+            If a key other than ``RESUMABLE_KEYS`` differs from the checkpoint's run config.
+        """
+        path = self.out_dir / "checkpoint.pt"
+        if not path.exists():
+            return None
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        if ckpt.get("format") != CHECKPOINT_FORMAT:
+            raise ConfigError(f"{path}: checkpoint format {ckpt.get('format')!r}; this version reads {CHECKPOINT_FORMAT}.")
+        now = self.cfg.to_mapping()
+        for key, then in ckpt["run_config"].items():
+            if key not in RESUMABLE_KEYS and now.get(key) != then:
+                raise ConfigError(
+                    f"run-config key '{key}' = {now.get(key)!r}, but the checkpoint in {self.out_dir} was written "
+                    f"with {then!r}. Allowed on resume: the same value (only {', '.join(sorted(RESUMABLE_KEYS))} may change)."
+                )
+        return ckpt
 
     def save_model(self, state: dict[str, torch.Tensor]) -> Path:
         """Save the final ``state_dict`` as model.pt."""

@@ -19,13 +19,22 @@ time on the slowest device goes on the virtual clock before round 1.
 
 from __future__ import annotations
 
+import dataclasses
+import time
 from dataclasses import dataclass
+from logging import INFO
+from typing import Any
 
+import numpy as np
 from flwr.app import ConfigRecord, Message, RecordDict
 from flwr.app.message_type import MessageType
+from flwr.common.logger import log
 from flwr.serverapp import Grid
 
-from estimators.performance import BatchChoice, IterTimeModel, choose_batch, comm_seconds, fit_iter_time
+from estimators.performance import (
+    BatchChoice, IterTimeModel, KneeModel, PowerLawModel, choose_batch, comm_seconds, fit_iter_time,
+)
+from workloads.config import RunConfig
 from workloads.devices import DeviceProfile, profile_for
 
 PROBE_COUNT = 4  # profiled batch sizes per client: geometric from 1 to its memory limit
@@ -41,6 +50,23 @@ class ClientCapacity:
     step_model: IterTimeModel  # virtual seconds of a step vs b_i (profile speed applied)
     comm_s: float  # virtual seconds of its link per round (weights down, gradient up)
     probe_s: float  # virtual seconds the probe took on it (its steps / speed, plus a round trip)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain values for a checkpoint."""
+        kind = "knee" if isinstance(self.step_model, KneeModel) else "power"
+        return {**{f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "step_model"},
+                "step_kind": kind, "step_params": dataclasses.asdict(self.step_model)}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> ClientCapacity:
+        """Inverse of ``to_dict``."""
+        params = dict(d["step_params"])
+        if d["step_kind"] == "knee":
+            model: IterTimeModel = KneeModel(**params)
+        else:
+            model = PowerLawModel(tuple(params["batches"]), tuple(params["seconds"]))
+        return cls(int(d["node_id"]), int(d["partition_id"]), int(d["max_batch"]), model, float(d["comm_s"]),
+                   float(d["probe_s"]))
 
 
 class ProbeFailure(RuntimeError):
@@ -61,7 +87,11 @@ def probe_clients(
     messages = [Message(content=RecordDict({"config": config}), message_type=MessageType.QUERY, dst_node_id=n)
                 for n in nodes]
     out = []
-    for reply in grid.send_and_receive(messages, timeout=timeout_s):
+    replies = list(grid.send_and_receive(messages, timeout=timeout_s))
+    silent = sorted(set(nodes) - {r.metadata.src_node_id for r in replies})
+    if silent:
+        raise ProbeFailure(f"nodes {silent} did not answer the capacity probe within {timeout_s:g} s")
+    for reply in replies:
         if reply.has_error():
             raise ProbeFailure(f"node {reply.metadata.src_node_id}: capacity probe failed: {reply.error.reason}")
         m = reply.content["metrics"]
@@ -79,14 +109,90 @@ def probe_clients(
 
 
 def memory_max_plan(capacities: list[ClientCapacity]) -> dict[int, int]:
-    """``memory-max``: b_i = the client's memory limit, per node id."""
-    return {c.node_id: c.max_batch for c in capacities}
+    """``memory-max``: b_i = the client's memory limit, per partition id."""
+    return {c.partition_id: c.max_batch for c in capacities}
 
 
 def optimal_plan(
     capacities: list[ClientCapacity], noise_scale: float, server_s: float, objective: str
 ) -> tuple[dict[int, int], BatchChoice]:
-    """``optimal``: ``choose_batch`` over these clients; b_i per node id and the choice."""
+    """``optimal``: ``choose_batch`` over these clients; b_i per partition id and the choice."""
     choice = choose_batch([c.step_model for c in capacities], [c.comm_s for c in capacities],
                           [c.max_batch for c in capacities], noise_scale, server_s, objective)
-    return {c.node_id: b for c, b in zip(capacities, choice.split)}, choice
+    return {c.partition_id: b for c, b in zip(capacities, choice.split)}, choice
+
+
+class PolicyState:
+    """The adaptive policies' state: probed capacities, the plan, and the calibration rounds.
+
+    Plans are keyed by partition id, so they survive new node ids (a restarted simulation or
+    SuperNode). When the set of connected partitions changes, the clients are probed again.
+    """
+
+    def __init__(self, cfg: RunConfig, profiles: tuple[DeviceProfile, ...], model_bytes: float) -> None:
+        self.cfg, self.profiles, self.model_bytes = cfg, profiles, model_bytes
+        self.capacities: list[ClientCapacity] | None = None
+        self.current: dict[int, int] | None = None  # b_i per partition id
+        self.batch_plan: dict[str, Any] = {}  # what the policy chose and why (batch_plan.json)
+        self.calibration: list[tuple[float, float]] = []  # (b_simple, server_s) of calibration rounds
+
+    def plan(self, rnd: int, usable: dict[int, int], grid: Grid, timeout_s: float) -> tuple[dict[int, int] | None, float, bool]:
+        """b_i per partition for round ``rnd`` (None: the fixed even split), probe virtual seconds, replanned?"""
+        policy = self.cfg.batch_policy
+        if policy == "fixed":
+            return None, 0.0, False
+        probe_virtual_s, replanned = 0.0, False
+        if self.capacities is not None and {c.partition_id for c in self.capacities} != set(usable.values()):
+            log(INFO, "batch policy %s: the connected partitions changed; probing and planning again", policy)
+            self.capacities = self.current = None
+        if self.capacities is None:
+            t0 = time.perf_counter()
+            self.capacities = probe_clients(grid, list(usable), self.profiles, self.model_bytes, timeout_s)
+            probe_virtual_s = max(c.probe_s for c in self.capacities)
+            self.batch_plan = {"policy": policy, "probe_s": time.perf_counter() - t0, "probe_virtual_s": probe_virtual_s,
+                               "clients": [{"node_id": c.node_id, "partition_id": c.partition_id, "max_batch": c.max_batch,
+                                            "comm_s": c.comm_s, "step_s_at_max": float(c.step_model(c.max_batch))}
+                                           for c in self.capacities]}
+            replanned = True
+            log(INFO, "batch policy %s: probed %d clients in %.1f s; memory limits %s", policy,
+                len(self.capacities), self.batch_plan["probe_s"], [c.max_batch for c in self.capacities])
+        if policy == "memory-max":
+            self.current = self.current or memory_max_plan(self.capacities)
+            return self.current, probe_virtual_s, replanned
+        if rnd <= self.cfg.calibration_rounds:
+            return None, probe_virtual_s, replanned
+        if self.current is None:
+            self._plan_optimal()
+            replanned = True
+        return self.current, probe_virtual_s, replanned
+
+    def _plan_optimal(self) -> None:
+        noise = [b for b, _ in self.calibration if np.isfinite(b) and b > 0]
+        noise_scale = float(np.median(noise)) if noise else float(self.cfg.global_batch_size)
+        server_s = float(np.median([t for _, t in self.calibration])) if self.calibration else 0.0
+        self.current, choice = optimal_plan(self.capacities, noise_scale, server_s, self.cfg.batch_objective)
+        self.batch_plan |= {"noise_scale": noise_scale, "noise_measured": bool(noise), "server_s": server_s,
+                            "objective": self.cfg.batch_objective, "global_batch": choice.global_batch,
+                            "split": {str(p): b for p, b in self.current.items()}, "predicted_round_s": choice.round_s,
+                            "candidates": [dict(zip(("B", "round_s", "rel_time", "rel_cost"), row)) for row in choice.table]}
+        log(INFO, "batch policy optimal (%s): B_noise %.0f%s -> global batch %d, split by partition %s, "
+            "predicted round %.3f s", self.cfg.batch_objective, noise_scale,
+            "" if noise else " (not measured: global-batch-size)", choice.global_batch, choice.split, choice.round_s)
+
+    def observe(self, rnd: int, b_simple: float, server_s: float) -> None:
+        """Record a calibration round's noise scale and server time (``optimal`` only)."""
+        if self.cfg.batch_policy == "optimal" and rnd <= self.cfg.calibration_rounds:
+            self.calibration.append((b_simple, server_s))
+
+    def state_dict(self) -> dict[str, Any]:
+        """Plain values for a checkpoint."""
+        return {"capacities": None if self.capacities is None else [c.to_dict() for c in self.capacities],
+                "current": self.current, "batch_plan": self.batch_plan, "calibration": list(self.calibration)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore what ``state_dict`` returned."""
+        caps = state["capacities"]
+        self.capacities = None if caps is None else [ClientCapacity.from_dict(c) for c in caps]
+        self.current = None if state["current"] is None else {int(k): int(v) for k, v in state["current"].items()}
+        self.batch_plan = dict(state["batch_plan"])
+        self.calibration = [tuple(c) for c in state["calibration"]]

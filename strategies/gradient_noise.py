@@ -35,6 +35,14 @@ class NoiseTeacher:
         self.small_batch = small_batch
         self.generator = torch.Generator().manual_seed(seed + 7_777)
 
+    def state_dict(self) -> dict:
+        """The sign generator's state (a checkpoint restores the same future noise)."""
+        return {"generator": self.generator.get_state()}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore what ``state_dict`` returned."""
+        self.generator.set_state(state["generator"])
+
     def __call__(self, inp: TeacherInput) -> TeacherOutput:
         """Return G plus rebuilt small-batch noise."""
         k, total = len(inp.client_batches), sum(inp.client_batches)
@@ -74,6 +82,15 @@ class AdaScaleTeacher:
         self.var_avg = self.sqr_avg = 0.0
         self.steps = 0
         self.tau = 0.0  # progress, in rounds of the configured schedule
+
+    def state_dict(self) -> dict:
+        """The EMAs, their step count and the clock tau."""
+        return {"var_avg": self.var_avg, "sqr_avg": self.sqr_avg, "steps": self.steps, "tau": self.tau}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore what ``state_dict`` returned."""
+        self.var_avg, self.sqr_avg = float(state["var_avg"]), float(state["sqr_avg"])
+        self.steps, self.tau = int(state["steps"]), float(state["tau"])
 
     def __call__(self, inp: TeacherInput) -> TeacherOutput:
         """Return G with the AdaScale learning-rate gain."""

@@ -1,23 +1,35 @@
 """The Flower strategy for synchronous large-global-batch training (thin glue).
 
-Each round: sample K clients, send client i the global weights and its own config (local
-batch b_i, micro-batch size, local steps, learning rate), collect one gradient per client,
-average them weighted by b_i into the gradient of the global batch B = sum_i b_i
-(strategies/aggregation.py), pass it through the teacher (strategies/teachers.py) and apply
-the server optimizer (strategies/server_opt.py). With ``local-steps`` H > 1 the clients
-return pseudo-gradients (w_0 - w_H) / lr instead, which makes FedAvg-style baselines the same
-code path.
+Each round: identify new nodes (strategies/nodes.py), sample K clients by partition id, send
+client i the global weights and its own config (local batch b_i, micro-batch size, local
+steps, learning rate, and how many examples its partition has drawn so far), collect one
+gradient per client, check every reply (strategies/reply_check.py), average the valid ones
+weighted by b_i into the gradient of the global batch (strategies/aggregation.py), pass it
+through the teacher (strategies/teachers.py) and apply the server optimizer
+(strategies/server_opt.py). With ``local-steps`` H > 1 the clients return pseudo-gradients
+(w_0 - w_H) / lr instead, which makes FedAvg-style baselines the same code path.
 
-Only ``configure_train``, ``aggregate_train`` and ``summary`` are overridden; ``start`` is
-Flower's. Client-side federated evaluation is off; the ServerApp evaluates centrally.
+Faults: an invalid, failed or late reply drops that client from the round; the step is then
+the exact mean over the examples that did arrive, B' = sum of their b_i, as long as B' is at
+least ``min-batch-fraction`` of the planned B (else ``RoundFailure``). Nothing changes before
+all replies are checked, and a step that would make the weights non-finite is undone
+(``DivergenceError``). The server owns every client's sampler position, so a client keeps no
+state between rounds and a resumed run (``state_dict`` / ``load_state_dict``) draws the same
+examples.
+
+Only ``configure_train``, ``aggregate_train``, ``configure_evaluate`` and ``summary`` are
+overridden; ``start`` is Flower's. Results leave through a ``RoundSink``
+(server_app/results.py owns their format).
 """
 
 from __future__ import annotations
 
+import math
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
-from logging import INFO
+from dataclasses import dataclass
+from logging import INFO, WARNING
 from typing import Any
 
 import numpy as np
@@ -29,22 +41,44 @@ from flwr.serverapp.strategy import FedAvg
 
 from estimators.performance import client_virtual_seconds
 from strategies.aggregation import aggregate_buffers, weighted_mean
-from strategies.batch_policy import ClientCapacity, memory_max_plan, optimal_plan, probe_clients
+from strategies.batch_policy import PolicyState
 from strategies.noise_scale import noise_stats
+from strategies.nodes import NodeDirectory, sample_nodes
+from strategies.records import MemorySink, RoundSink
+from strategies.reply_check import Expected, check_buffers, check_metrics, check_tensors, grad_norm, norm_outliers
 from strategies.server_opt import ServerSGD, lr_at
+from strategies.teacher_registry import load_teacher_state, teacher_state
 from strategies.teachers import TeacherInput, TeacherOutput
-from workloads.config import ConfigError, RunConfig, split_global_batch
+from workloads.config import RunConfig, split_global_batch
 from workloads.devices import parse_profiles, profile_for
+from workloads.errors import ConfigError
 
 NODE_WAIT_S = 300.0  # how long to wait for clients-per-round nodes before failing
 
 
-class ClientFailure(RuntimeError):
-    """A client replied with an error: the global batch would be incomplete."""
+class RoundFailure(RuntimeError):
+    """Too few valid replies: the round's examples fall below ``min-batch-fraction`` of the plan."""
+
+
+class DivergenceError(RuntimeError):
+    """The server step would have made the global model non-finite; it was undone."""
+
+
+@dataclass
+class ValidReply:
+    """A reply that passed every check."""
+
+    node_id: int
+    partition_id: int
+    batch: int  # b_i, examples
+    grads: list[torch.Tensor]  # in param_names order
+    buffers: dict[str, torch.Tensor] | None
+    metrics: dict[str, float]
+    norm: float  # |g_i|
 
 
 class LargeBatchStrategy(FedAvg):
-    """Synchronous large-global-batch SGD with a teacher hook.
+    """Synchronous large-global-batch SGD with a teacher hook and checked, partial rounds.
 
     Parameters
     ----------
@@ -56,6 +90,8 @@ class LargeBatchStrategy(FedAvg):
         Names of the trainable parameters, in ``model.parameters()`` order.
     teacher : callable
         ``TeacherInput -> TeacherOutput``.
+    sink : RoundSink, optional
+        Receives each round's records (default: a ``MemorySink``).
     """
 
     def __init__(
@@ -64,6 +100,7 @@ class LargeBatchStrategy(FedAvg):
         initial_state: dict[str, torch.Tensor],
         param_names: list[str],
         teacher: Callable[[TeacherInput], TeacherOutput],
+        sink: RoundSink | None = None,
     ) -> None:
         super().__init__(min_train_nodes=1, min_available_nodes=1)
         self.cfg = cfg
@@ -71,97 +108,71 @@ class LargeBatchStrategy(FedAvg):
             (k, v.detach().clone().cpu()) for k, v in initial_state.items()
         )
         self.param_names = list(param_names)
+        self.param_shapes = {n: tuple(self.state[n].shape) for n in self.param_names}
         self.buffer_names = [k for k in self.state if k not in set(self.param_names)]
         self.teacher = teacher
+        self.sink: RoundSink = sink if sink is not None else MemorySink()
         self.optimizer = ServerSGD(momentum=cfg.momentum, weight_decay=cfg.weight_decay)
         self.rng = np.random.default_rng(cfg.seed)
-        self.samples_seen = 0
-        self.round_lr = 0.0
-        self.last_round: dict[str, Any] = {}  # summary of the last aggregated round
-        self.client_rows: list[dict[str, Any]] = []  # one row per client per round
+        self.nodes = NodeDirectory()
         self.profiles = parse_profiles(cfg.device_profiles)
         self.model_bytes = sum(v.numel() * v.element_size() for v in self.state.values())
+        self.policy = PolicyState(cfg, self.profiles, self.model_bytes)
+        self.samples_seen = 0
         self.virtual_total = 0.0  # seconds of the virtual clock (device profiles applied)
-        self.capacities: list[ClientCapacity] | None = None  # capacity probe (adaptive batch policies)
-        self.plan: dict[int, int] | None = None  # b_i per node id under an adaptive policy
-        self.batch_plan: dict[str, Any] = {}  # what the policy chose and why (batch_plan.json)
-        self.calibration: list[tuple[float, float]] = []  # (b_simple, server_s) of calibration rounds
+        self.drawn: dict[int, int] = {}  # partition id -> examples its sampler has drawn so far
+        self.round_offset = 0  # rounds completed before this process (resume)
+        self.round_lr = 0.0
+        self.assigned: dict[int, tuple[int, int]] = {}  # this round: node id -> (partition id, b_i)
 
     def summary(self) -> None:
         """Log the strategy's settings."""
         c = self.cfg
         log(INFO, "\t├──> LargeBatchStrategy: global batch %d, clients/round %s, micro-batch %s",
             c.global_batch_size, c.clients_per_round or "all", c.micro_batch_size or "off")
-        log(INFO, "\t└──> server SGD lr %.4g (%s, warm-up %d), momentum %.3g, weight decay %.3g, "
+        log(INFO, "\t├──> server SGD lr %.4g (%s, warm-up %d), momentum %.3g, weight decay %.3g, "
             "local steps %d, teacher %s", c.lr, c.schedule, c.warmup_rounds, c.momentum,
             c.weight_decay, c.local_steps, c.teacher)
+        log(INFO, "\t└──> faults: min-batch-fraction %.3g, round-timeout-s %.0f, max-norm-ratio %s",
+            c.min_batch_fraction, c.round_timeout_s, c.max_norm_ratio or "off")
 
+    # ----------------------------------------------------------------- configure
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
-        """Sample K clients and send each its local batch size and the round's LR."""
-        nodes = _wait_for_nodes(grid, max(1, self.cfg.clients_per_round))
-        k = self.cfg.clients_per_round or len(nodes)
-        if k > len(nodes):
+        """Sample K clients by partition id and send each its local batch, sampler position and LR."""
+        rnd = server_round + self.round_offset
+        connected = _wait_for_nodes(grid, max(1, self.cfg.clients_per_round))
+        usable = self.nodes.refresh(grid, connected, self.cfg.round_timeout_s)
+        k = self.cfg.clients_per_round or len(usable)
+        if not usable or k > len(usable):
             raise ConfigError(
-                f"run-config key 'clients-per-round' = {k}: only {len(nodes)} nodes are connected."
+                f"run-config key 'clients-per-round' = {self.cfg.clients_per_round}: only {len(usable)} of "
+                f"{len(connected)} connected nodes identified themselves with distinct partition ids."
             )
-        # Choose positions, not ids: node ids are uint64 and numpy would turn a mix into float64.
-        sampled = sorted(nodes[int(i)] for i in self.rng.choice(len(nodes), size=k, replace=False))
-        plan = self._policy_plan(server_round, nodes, grid)
-        batches = [plan[n] for n in sampled] if plan else split_global_batch(self.cfg.global_batch_size, k)
-        self.round_lr = lr_at(server_round, self.cfg.num_server_rounds, self.cfg.lr,
-                              self.cfg.warmup_rounds, self.cfg.schedule)
+        sampled = sample_nodes(usable, k, self.rng)
+        plan, probe_virtual_s, replanned = self.policy.plan(rnd, usable, grid, self.cfg.round_timeout_s)
+        self.virtual_total += probe_virtual_s  # the probe costs the devices time too
+        if replanned:
+            self.sink.plan(self.policy.batch_plan)
+        batches = ([plan[usable[n]] for n in sampled] if plan is not None
+                   else split_global_batch(self.cfg.global_batch_size, k))
+        self.assigned = {n: (usable[n], b) for n, b in zip(sampled, batches)}
+        self.round_lr = lr_at(rnd, self.cfg.num_server_rounds, self.cfg.lr, self.cfg.warmup_rounds, self.cfg.schedule)
         self._t_sent = time.perf_counter()
         messages = []
-        for node_id, b in zip(sampled, batches):
+        for node_id, (pid, b) in self.assigned.items():
             node_config = ConfigRecord({
-                "server-round": server_round,
+                "server-round": rnd,
                 "local-batch-size": b,
                 "micro-batch-size": self.cfg.micro_batch_size or b,
                 "local-steps": self.cfg.local_steps,
                 "lr": self.round_lr,
+                "drawn-examples": self.drawn.get(pid, 0),
             })
             content = RecordDict({"arrays": arrays, "config": node_config})
             messages.append(Message(content=content, message_type=MessageType.TRAIN, dst_node_id=node_id))
         return messages
-
-    def _policy_plan(self, server_round: int, nodes: list[int], grid: Grid) -> dict[int, int] | None:
-        """b_i per node id under ``batch-policy`` (None: the fixed even split this round)."""
-        policy = self.cfg.batch_policy
-        if policy == "fixed":
-            return None
-        if self.capacities is not None and {c.node_id for c in self.capacities} != set(nodes):
-            log(INFO, "batch policy %s: the connected nodes changed; probing and planning again", policy)
-            self.capacities = self.plan = None
-        if self.capacities is None:
-            t0 = time.perf_counter()
-            self.capacities = probe_clients(grid, nodes, self.profiles, self.model_bytes)
-            probe_virtual_s = max(c.probe_s for c in self.capacities)
-            self.virtual_total += probe_virtual_s  # the probe costs the devices time too
-            self.batch_plan = {"policy": policy, "probe_s": time.perf_counter() - t0, "probe_virtual_s": probe_virtual_s, "clients": [
-                {"node_id": c.node_id, "partition_id": c.partition_id, "max_batch": c.max_batch, "comm_s": c.comm_s,
-                 "step_s_at_max": float(c.step_model(c.max_batch))} for c in self.capacities]}
-            log(INFO, "batch policy %s: probed %d clients in %.1f s; memory limits %s", policy,
-                len(self.capacities), self.batch_plan["probe_s"], [c.max_batch for c in self.capacities])
-        if policy == "memory-max":
-            self.plan = self.plan or memory_max_plan(self.capacities)
-            return self.plan
-        if server_round <= self.cfg.calibration_rounds:
-            return None
-        if self.plan is None:
-            noise = [b for b, _ in self.calibration if np.isfinite(b) and b > 0]
-            noise_scale = float(np.median(noise)) if noise else float(self.cfg.global_batch_size)
-            server_s = float(np.median([t for _, t in self.calibration])) if self.calibration else 0.0
-            self.plan, choice = optimal_plan(self.capacities, noise_scale, server_s, self.cfg.batch_objective)
-            self.batch_plan |= {"noise_scale": noise_scale, "noise_measured": bool(noise), "server_s": server_s,
-                                "objective": self.cfg.batch_objective, "global_batch": choice.global_batch,
-                                "split": {str(n): b for n, b in self.plan.items()}, "predicted_round_s": choice.round_s,
-                                "candidates": [dict(zip(("B", "round_s", "rel_time", "rel_cost"), row)) for row in choice.table]}
-            log(INFO, "batch policy optimal (%s): B_noise %.0f%s -> global batch %d, split %s, predicted round %.3f s",
-                self.cfg.batch_objective, noise_scale, "" if noise else " (not measured: global-batch-size)",
-                choice.global_batch, choice.split, choice.round_s)
-        return self.plan
 
     def configure_evaluate(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
@@ -169,83 +180,182 @@ class LargeBatchStrategy(FedAvg):
         """No federated evaluation: the ServerApp evaluates the global model centrally."""
         return []
 
+    # ----------------------------------------------------------------- aggregate
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        """Average gradients by b_i, apply the teacher and the server optimizer."""
-        replies = list(replies)
+        """Check the replies, then average the valid gradients by b_i, apply the teacher and the optimizer."""
+        rnd = server_round + self.round_offset
         t_recv = time.perf_counter()
-        failed = [m for m in replies if m.has_error()]
-        if failed or not replies:
-            reasons = "; ".join(f"node {m.metadata.src_node_id}: {m.error.reason}" for m in failed)
-            raise ClientFailure(
-                f"round {server_round}: {len(failed)} of {len(replies)} clients failed, so the "
-                f"global batch is incomplete. {reasons or 'No replies arrived.'}"
+        valid, failures = self.check_replies(rnd, list(replies))
+        planned = sum(b for _, b in self.assigned.values())
+        arrived = sum(r.batch for r in valid)
+        if failures:
+            for f in failures:
+                log(WARNING, "round %d: node %s (partition %s) failed: %s", rnd, f["node_id"], f["partition_id"],
+                    f["reason"])
+            self.sink.failures(failures)
+        needed = self.cfg.min_batch_fraction * planned
+        if not valid or arrived < needed * (1 - 1e-12):
+            names = "; ".join(f"node {f['node_id']} (partition {f['partition_id']}): {f['reason']}" for f in failures)
+            raise RoundFailure(
+                f"round {rnd}: valid replies cover {arrived} of the {planned} planned examples, below "
+                f"min-batch-fraction = {self.cfg.min_batch_fraction:g} ({math.ceil(needed)} needed). "
+                f"{len(failures)} of {len(self.assigned)} clients failed: {names}"
             )
-        grads, buffers, batches, metrics = [], [], [], []
-        for m in replies:
-            g = m.content["grads"].to_torch_state_dict()
-            grads.append([g[name] for name in self.param_names])
-            if self.buffer_names:
-                buffers.append(m.content["buffers"].to_torch_state_dict())
-            mr = m.content["metrics"]
-            batches.append(int(mr["num-examples"]))
-            metrics.append({k: float(v) for k, v in mr.items()} | {"node-id": m.metadata.src_node_id})
 
         t0 = time.perf_counter()
+        grads, batches = [r.grads for r in valid], [r.batch for r in valid]
         global_grad = weighted_mean(grads, batches)
         stats = noise_stats(global_grad, grads, batches)
         params = [self.state[name] for name in self.param_names]
         t_teacher = time.perf_counter()
         taught = self.teacher(TeacherInput(
-            global_grad, grads, batches, server_round, lr=self.round_lr, params=params,
+            global_grad, grads, batches, rnd, lr=self.round_lr, params=params,
             weight_decay=self.cfg.weight_decay, stats=stats,
         ))
         teacher_s = time.perf_counter() - t_teacher
         lr = self.round_lr * taught.lr_scale
-        self.optimizer.step(params, taught.grad, lr)
-        for name, value in aggregate_buffers(buffers, batches).items():
-            self.state[name] = value
+        self._finite_step(rnd, params, taught.grad, lr)
+        if self.buffer_names:
+            self.state.update(aggregate_buffers([r.buffers for r in valid], batches))
         server_s = time.perf_counter() - t0
 
+        for r in valid:
+            self.drawn[r.partition_id] = self.drawn.get(r.partition_id, 0) + r.batch * self.cfg.local_steps
         global_batch = sum(batches)
         self.samples_seen += global_batch * self.cfg.local_steps
-        loss = sum(b * m["train-loss"] for b, m in zip(batches, metrics)) / global_batch
-        virtual = [client_virtual_seconds(m["compute-s"], profile_for(self.profiles, int(m["partition-id"])),
-                                          self.model_bytes) for m in metrics]
+        loss = sum(r.batch * r.metrics["train-loss"] for r in valid) / global_batch
+        virtual = [client_virtual_seconds(r.metrics["compute-s"], profile_for(self.profiles, r.partition_id),
+                                          self.model_bytes) for r in valid]
         self.virtual_total += max(virtual) + server_s
-        if self.cfg.batch_policy == "optimal" and server_round <= self.cfg.calibration_rounds:
-            self.calibration.append((stats.b_simple, server_s))
-        self.last_round = {
-            "round": server_round,
-            "clients": len(replies),
-            "global_batch": global_batch,
-            "samples_seen": self.samples_seen,
-            "lr": lr,
-            "train_loss": loss,
-            "grad_norm": stats.grad_norm,
-            "tr_sigma": stats.tr_sigma,
-            "grad_sq": stats.grad_sq,
-            "b_simple": stats.b_simple,
-            "virtual_s": max(virtual) + server_s,
-            "virtual_total_s": self.virtual_total,
-            "client_compute_s_max": max(m["compute-s"] for m in metrics),
-            "client_peak_mem_mb_max": max(m["peak-mem-mb"] for m in metrics),
-            "round_trip_s": t_recv - self._t_sent,
-            "server_s": server_s,
-            "teacher_time_s": teacher_s,
+        self.policy.observe(rnd, stats.b_simple, server_s)
+        peaks = [r.metrics["peak-mem-mb"] for r in valid if not math.isnan(r.metrics["peak-mem-mb"])]
+        row = {
+            "round": rnd, "clients": len(valid), "planned_batch": planned, "failed_clients": len(failures),
+            "global_batch": global_batch, "samples_seen": self.samples_seen, "lr": lr, "train_loss": loss,
+            "grad_norm": stats.grad_norm, "tr_sigma": stats.tr_sigma, "grad_sq": stats.grad_sq,
+            "b_simple": stats.b_simple, "virtual_s": max(virtual) + server_s, "virtual_total_s": self.virtual_total,
+            "client_compute_s_max": max(r.metrics["compute-s"] for r in valid),
+            "client_peak_mem_mb_max": max(peaks) if peaks else math.nan,
+            "round_trip_s": t_recv - self._t_sent, "server_s": server_s, "teacher_time_s": teacher_s,
             **{f"teacher_{k}": v for k, v in ({"scale": 1.0, "noise_norm": 0.0} | taught.metrics).items()},
         }
-        self.client_rows += [
-            {"round": server_round, "node_id": m["node-id"], "partition_id": int(m["partition-id"]),
-             "local_batch": int(m["num-examples"]), "micro_batch": int(m["micro-batch-size"]),
-             "train_loss": m["train-loss"], "compute_s": m["compute-s"], "virtual_s": v,
-             "budget_mb": m["budget-mb"], "predicted_peak_mb": m["predicted-peak-mb"], "peak_mem_mb": m["peak-mem-mb"],
-             "max_batch": int(m["max-batch"])}
-            for m, v in zip(metrics, virtual)
+        clients = [
+            {"round": rnd, "node_id": r.node_id, "partition_id": r.partition_id, "local_batch": r.batch,
+             "micro_batch": int(r.metrics["micro-batch-size"]), "train_loss": r.metrics["train-loss"],
+             "grad_norm": r.norm, "compute_s": r.metrics["compute-s"], "virtual_s": v,
+             "budget_mb": r.metrics["budget-mb"], "predicted_peak_mb": r.metrics["predicted-peak-mb"],
+             "peak_mem_mb": r.metrics["peak-mem-mb"], "max_batch": int(r.metrics["max-batch"])}
+            for r, v in zip(valid, virtual)
         ]
+        self.sink.train(row, clients)
         summary = MetricRecord({"train-loss": loss, "global-batch": global_batch, "lr": lr})
         return ArrayRecord(self.state), summary
+
+    def check_replies(self, rnd: int, replies: list[Message]) -> tuple[list[ValidReply], list[dict[str, Any]]]:
+        """Split the round's replies into valid ones (ordered by partition) and failure rows.
+
+        Every sampled node must send exactly one reply that passes ``reply_check``; the norm
+        guard then runs over the clients that passed everything else.
+        """
+        by_node: dict[int, list[Message]] = {}
+        for m in replies:
+            by_node.setdefault(m.metadata.src_node_id, []).append(m)
+        candidates, failures = [], []
+
+        def fail(node: int, reason: str) -> None:
+            pid, b = self.assigned.get(node, (self.nodes.partitions.get(node, -1), 0))
+            failures.append({"round": rnd, "node_id": node, "partition_id": pid, "local_batch": b, "reason": reason})
+
+        for node, msgs in by_node.items():
+            if node not in self.assigned:
+                fail(node, "replied, but was not sampled this round")
+            elif len(msgs) > 1:
+                fail(node, f"sent {len(msgs)} replies to one message")
+            elif msgs[0].has_error():
+                fail(node, f"client error: {msgs[0].error.reason}")
+            else:
+                reply = self._check_one(node, msgs[0])
+                if isinstance(reply, str):
+                    fail(node, reply)
+                else:
+                    candidates.append(reply)
+        for node in self.assigned:
+            if node not in by_node:
+                fail(node, f"no reply within round-timeout-s = {self.cfg.round_timeout_s:g} s")
+        outliers = norm_outliers([r.norm for r in candidates], self.cfg.max_norm_ratio)
+        for r, out in zip(candidates, outliers):
+            if out:
+                second = max(c.norm for c in candidates if c is not r)
+                fail(r.node_id, f"gradient norm {r.norm:.4g} is {r.norm / second:.3g} times the largest other "
+                     f"client's {second:.4g} (max-norm-ratio = {self.cfg.max_norm_ratio:g})")
+        valid = sorted((r for r, out in zip(candidates, outliers) if not out), key=lambda r: r.partition_id)
+        return valid, sorted(failures, key=lambda f: (f["partition_id"], f["node_id"]))
+
+    def _check_one(self, node: int, msg: Message) -> ValidReply | str:
+        """A ``ValidReply``, or the reason this reply is invalid."""
+        pid, b = self.assigned[node]
+        try:
+            content = msg.content
+            if "grads" not in content.array_records or "metrics" not in content.metric_records:
+                return "the reply lacks its 'grads' ArrayRecord or its 'metrics' MetricRecord"
+            grads = content["grads"].to_torch_state_dict()
+            buffers = content["buffers"].to_torch_state_dict() if "buffers" in content.array_records else None
+            metrics = dict(content["metrics"])
+        except Exception as err:  # noqa: BLE001 - whatever a client sent, it must not crash the server
+            return f"unreadable reply ({type(err).__name__}: {err})"
+        expected = Expected(self.param_shapes, {k: self.state[k] for k in self.buffer_names}, b,
+                            self.cfg.local_steps, pid)
+        reason = (check_metrics(metrics, expected) or check_tensors("gradient", grads, self.param_shapes)
+                  or check_buffers(buffers, expected))
+        if reason:
+            return reason
+        ordered = [grads[n] for n in self.param_names]
+        return ValidReply(node, pid, b, ordered, buffers, {k: float(v) for k, v in metrics.items()}, grad_norm(ordered))
+
+    def _finite_step(self, rnd: int, params: list[torch.Tensor], grad: list[torch.Tensor], lr: float) -> None:
+        """Apply the optimizer; undo it and raise ``DivergenceError`` if a weight became non-finite."""
+        before = [p.clone() for p in params]
+        velocity = None if self.optimizer.velocity is None else [v.clone() for v in self.optimizer.velocity]
+        self.optimizer.step(params, grad, lr)
+        if all(bool(torch.isfinite(p).all()) for p in params):
+            return
+        for p, b in zip(params, before):
+            p.copy_(b)
+        self.optimizer.velocity = velocity
+        bad = [n for n, g in zip(self.param_names, grad) if not bool(torch.isfinite(g).all())]
+        raise DivergenceError(
+            f"round {rnd}: the server step would make the global model non-finite (lr = {lr:.4g}"
+            f"{', non-finite teacher output in ' + ', '.join(bad[:3]) if bad else ''}). The step was undone; "
+            "the run stops with the model of the previous round, and checkpoint.pt keeps the last checkpoint. "
+            "A smaller lr (or a longer warmup-rounds) usually helps."
+        )
+
+    # ----------------------------------------------------------------- checkpoints
+    def state_dict(self) -> dict[str, Any]:
+        """Everything the strategy needs to continue exactly where it is (see ``load_state_dict``)."""
+        return {
+            "model": OrderedDict((k, v.clone()) for k, v in self.state.items()),
+            "velocity": None if self.optimizer.velocity is None else [v.clone() for v in self.optimizer.velocity],
+            "teacher": teacher_state(self.teacher),
+            "rng": self.rng.bit_generator.state,
+            "samples_seen": self.samples_seen,
+            "virtual_total": self.virtual_total,
+            "drawn": dict(self.drawn),
+            "policy": self.policy.state_dict(),
+        }
+
+    def load_state_dict(self, state: dict[str, Any], completed_rounds: int) -> None:
+        """Continue after ``completed_rounds`` rounds from a ``state_dict``."""
+        self.state = OrderedDict((k, v.clone()) for k, v in state["model"].items())
+        self.optimizer.velocity = None if state["velocity"] is None else [v.clone() for v in state["velocity"]]
+        load_teacher_state(self.teacher, state["teacher"])
+        self.rng.bit_generator.state = state["rng"]
+        self.samples_seen, self.virtual_total = int(state["samples_seen"]), float(state["virtual_total"])
+        self.drawn = {int(k): int(v) for k, v in state["drawn"].items()}
+        self.policy.load_state_dict(state["policy"])
+        self.round_offset = completed_rounds
 
 
 def _wait_for_nodes(grid: Grid, minimum: int, timeout_s: float = NODE_WAIT_S) -> list[int]:

@@ -38,13 +38,27 @@ def data_dir() -> str:
 
 
 class FakeGrid:
-    """The part of a Flower Grid the strategy uses: the connected node ids."""
+    """The part of a Flower Grid the strategy uses outside a round: node ids and the identify query.
+
+    Node ``node_ids[i]`` holds partition i of ``len(node_ids)``.
+    """
 
     def __init__(self, node_ids: list[int]) -> None:
         self.node_ids = node_ids
 
     def get_node_ids(self) -> list[int]:
         return list(self.node_ids)
+
+    def send_and_receive(self, messages, *, timeout=None):
+        from flwr.app import MetricRecord
+
+        replies = []
+        for m in messages:
+            assert m.metadata.message_type == "query.identify", m.metadata.message_type
+            pid = self.node_ids.index(m.metadata.dst_node_id)
+            content = RecordDict({"metrics": MetricRecord({"partition-id": pid, "num-partitions": len(self.node_ids)})})
+            replies.append(Message(content, reply_to=delivered(m)))
+        return replies
 
 
 def delivered(msg: Message) -> Message:
@@ -55,7 +69,7 @@ def delivered(msg: Message) -> Message:
         metadata=Metadata(
             run_id=1, message_id=f"m{md.dst_node_id}-{time.time_ns()}", src_node_id=1,
             dst_node_id=md.dst_node_id, reply_to_message_id="", group_id=md.group_id or "1",
-            created_at=time.time(), ttl=3600.0, message_type=MessageType.TRAIN,
+            created_at=time.time(), ttl=3600.0, message_type=md.message_type or MessageType.TRAIN,
         ),
     )
 

@@ -52,7 +52,7 @@ def test_optimal_calibrates_then_follows_its_choice(tmp_path):
     assert (rounds["global_batch"].iloc[3:] == plan["global_batch"]).all()
     split = {int(k): v for k, v in plan["split"].items()}
     later = clients[clients["round"] > 2]
-    assert (later["local_batch"] == later["node_id"].map(split)).all()
+    assert (later["local_batch"] == later["partition_id"].map(split)).all()  # plans are keyed by partition
     best = min(plan["candidates"], key=lambda c: c["rel_time"])
     assert best["B"] == plan["global_batch"]
 

@@ -7,7 +7,7 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Error, Message, RecordDict
 
 from client_app.app import app as client_app
-from strategies.large_batch import ClientFailure, LargeBatchStrategy
+from strategies.large_batch import LargeBatchStrategy, RoundFailure
 from strategies.teacher_registry import build_teacher
 from tests.conftest import FakeGrid, client_context, delivered, reply_via_client, state_arrays
 from workloads.config import ConfigError, RunConfig
@@ -56,7 +56,7 @@ def test_client_error_fails_the_round_with_its_reason():
     assert "exceeds its partition (324 examples" in str(err.value)
     # Simulation and SuperNodes turn a ClientApp exception into an error reply like this one.
     reply = Message(Error(code=2, reason=f"{type(err.value)}:<'{err.value}'>"), reply_to=delivered(msg))
-    with pytest.raises(ClientFailure, match="1 of 1 clients failed.*exceeds its partition"):
+    with pytest.raises(RoundFailure, match="1 of 1 clients failed.*exceeds its partition"):
         strategy.aggregate_train(1, [reply])
 
 
@@ -64,7 +64,7 @@ def test_strategy_fails_on_any_error_reply():
     cfg, strategy = _strategy({"global-batch-size": 8})
     (msg,) = list(strategy.configure_train(1, state_arrays(strategy.state), ConfigRecord(), FakeGrid([3])))
     err = Message(Error(code=2, reason="boom"), reply_to=delivered(msg))
-    with pytest.raises(ClientFailure, match="boom"):
+    with pytest.raises(RoundFailure, match="boom"):
         strategy.aggregate_train(1, [err])
 
 
@@ -80,14 +80,21 @@ def test_sampler_visits_every_example_once_per_epoch():
     assert seen[:n] != seen[n : 2 * n]
 
 
-def test_client_sampler_state_persists_in_context():
+def test_sampler_position_comes_from_the_server_not_the_client():
+    """A SuperNode starts a fresh ClientApp process per message: the draw must not need client state."""
     run_config = {"global-batch-size": 100}
     cfg, strategy = _strategy(run_config)
-    ctx = client_context(9, 0, 1, run_config)
+    grads = []
     for rnd in (1, 2, 3):
         (msg,) = list(strategy.configure_train(rnd, state_arrays(strategy.state), ConfigRecord(), FakeGrid([9])))
-        assert not reply_via_client(client_app, msg, ctx).has_error()
-    assert dict(ctx.state["sampler"]) == {"epoch": 0, "cursor": 300}
+        assert msg.content["config"]["drawn-examples"] == 100 * (rnd - 1)
+        replies = [reply_via_client(client_app, msg, client_context(9, 0, 1, run_config)) for _ in range(2)]
+        a, b = (torch.cat([torch.from_numpy(x.numpy()).reshape(-1) for x in r.content["grads"].values()]) for r in replies)
+        assert torch.equal(a, b)  # two fresh contexts, the same examples
+        grads.append(a)
+        strategy.aggregate_train(rnd, replies[:1])
+    assert strategy.drawn == {0: 300}
+    assert not torch.equal(grads[0], grads[1])
 
 
 def test_micro_batching_does_not_change_the_gradient():

@@ -12,7 +12,7 @@ import copy
 
 import pytest
 import torch
-from flwr.app import ConfigRecord, RecordDict
+from flwr.app import ConfigRecord
 
 from client_app.app import app as client_app
 from client_app.job import get_job
@@ -46,8 +46,7 @@ def _federated_round(cfg, strategy, contexts, rnd):
         ctx = contexts[nid]
         b, steps = int(m.content["config"]["local-batch-size"]), int(m.content["config"]["local-steps"])
         job = get_job(cfg, NODES.index(nid), len(NODES))
-        replay_state = RecordDict({k: copy.deepcopy(v) for k, v in ctx.state.config_records.items()})
-        drawn.append(job.draw(replay_state, b, steps))
+        drawn.append(job.draw(int(m.content["config"]["drawn-examples"]), b, steps))
         reply = reply_via_client(client_app, m, ctx)
         assert not reply.has_error(), reply.error
         replies.append(reply)

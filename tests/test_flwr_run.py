@@ -6,8 +6,10 @@ import csv
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -66,8 +68,77 @@ def test_launcher_runs_flwr_and_writes_results(tmp_path):
 
 
 def test_failed_run_is_reported_as_failure(tmp_path):
-    cfg, fed, out = prepare("num-server-rounds=2", "num-supernodes=2", str(tmp_path / "fail"))
+    cfg, fed, out, _ = prepare("num-server-rounds=2", "num-supernodes=2", str(tmp_path / "fail"))
     # Bypass the launcher's own pre-check to make the clients fail inside Flower.
     cfg = cfg.replace(global_batch_size=5000)
     assert launch(cfg, fed, out, quiet=True) == 1
     assert "exceeds its partition" in (out / "run.log").read_text()
+
+
+def test_one_failing_client_does_not_stop_a_run_with_min_batch_fraction(tmp_path):
+    # partition 3's device is too small for its batch: it fails every round; 75% of the batch arrives
+    out = tmp_path / "partial"
+    res = subprocess.run(
+        [sys.executable, "-m", "experiments.run", "--out", str(out), "--federation-config", "num-supernodes=4",
+         "--run-config", "num-server-rounds=3 eval-every=3 global-batch-size=64 min-batch-fraction=0.75 "
+                         "device-profiles='big:0,big:0,big:0,watch:0.2'"],
+        cwd=REPO_ROOT, capture_output=True, text=True, timeout=400,
+    )
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    assert "1 of 4 clients will fail every round" in res.stderr  # the pre-flight warning
+    with open(out / "rounds.csv") as f:
+        rows = list(csv.DictReader(f))[1:]
+    assert [(int(r["planned_batch"]), int(r["global_batch"]), int(r["failed_clients"])) for r in rows] == [(64, 48, 1)] * 3
+    with open(out / "failures.csv") as f:
+        failures = list(csv.DictReader(f))
+    assert [int(f["partition_id"]) for f in failures] == [3, 3, 3]
+    assert all("'watch' = 0.2 MiB is too small" in f["reason"] for f in failures)
+
+
+def test_sigkill_then_resume_ends_with_the_uninterrupted_model(tmp_path, one_thread):
+    """A run killed (SIGKILL, the whole process tree) at round 5 and resumed equals the uninterrupted run.
+
+    The reference is the same config in one process with one torch thread, as a Ray actor with
+    client-resources-num-cpus=1 has: the two are bit-identical (ordering by partition id).
+    """
+    from experiments.run import parse_pairs
+    from experiments.superlink import descendants
+
+    out = tmp_path / "killed"
+    rc = "num-server-rounds=8 checkpoint-every=2 eval-every=4 global-batch-size=64 clients-per-round=3 teacher=noise"
+    proc = subprocess.Popen([sys.executable, "-m", "experiments.run", "--out", str(out), "--run-config", rc,
+                             "--federation-config", "num-supernodes=4"], cwd=REPO_ROOT,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 300
+    while _last_round(out) < 5:
+        assert time.monotonic() < deadline and proc.poll() is None, "the run did not reach round 5"
+        time.sleep(0.05)
+    for pid in [proc.pid, *descendants(proc.pid)]:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    proc.wait()
+    assert torch.load(out / "checkpoint.pt")["round"] == 4
+    res = subprocess.run([sys.executable, "-m", "experiments.run", "--resume", str(out)],
+                         cwd=REPO_ROOT, capture_output=True, text=True, timeout=400)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    assert "resumed" in res.stdout
+
+    run_inprocess(parse_pairs(rc) | {"out-dir": str(tmp_path / "reference")}, num_clients=4)
+    resumed, reference = torch.load(out / "model.pt"), torch.load(tmp_path / "reference" / "model.pt")
+    assert max(float((resumed[k] - reference[k]).abs().max()) for k in resumed) == 0.0
+    with open(out / "rounds.csv") as f:
+        assert [int(r["round"]) for r in csv.DictReader(f)] == list(range(9))  # no duplicated rows
+    log = (out / "run.log").read_text()
+    assert "[round 5/8]" in log and "[round 8/8]" in log and "\x1b[" not in log  # line by line, no colours
+    assert all(oct(p.stat().st_mode & 0o777) == "0o644" for p in out.iterdir() if p.is_file())
+
+
+def _last_round(out) -> int:
+    try:
+        with open(out / "rounds.csv") as f:
+            rows = list(csv.DictReader(f))
+    except FileNotFoundError:
+        return -1
+    return int(rows[-1]["round"]) if rows else -1

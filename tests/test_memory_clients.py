@@ -11,9 +11,8 @@ import pytest
 import torch
 
 from experiments.inprocess import run_inprocess
-from strategies.large_batch import ClientFailure
 from workloads.devices import memory_budget_mb, parse_profiles
-from workloads.config import ConfigError
+from workloads.errors import ConfigError
 
 BASE = {"model": "cnn", "global-batch-size": 300, "num-server-rounds": 2, "eval-every": 100, "warmup-rounds": 0,
         "momentum": 0.9, "seed": 3}
@@ -56,9 +55,11 @@ def test_three_budgets_fit_and_leave_the_step_unchanged(tmp_path):
             assert rel < 1e-5, f"{name}: {rel:.2e}"
 
 
-def test_budget_too_small_names_its_source(tmp_path):
-    with pytest.raises(ClientFailure, match=r"device-profiles' entry 'watch' = 0.5 MiB is too small"):
+def test_budget_too_small_is_refused_before_round_1(tmp_path):
+    # the pre-flight check (as in the launcher, before Ray starts) names the budget's source
+    with pytest.raises(ConfigError, match=r"device-profiles' entry 'watch' = 0.5 MiB is too small"):
         _run(tmp_path, "tiny", **{"device-profiles": "watch:0.5", "num-server-rounds": 1})
+    assert not (tmp_path / "tiny").exists()
 
 
 def test_budget_order_node_config_then_profile_then_default():

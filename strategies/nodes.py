@@ -1,0 +1,103 @@
+"""Which node holds which partition, and a deterministic choice of the round's clients.
+
+Flower node ids are random (a fresh simulation or a restarted SuperNode gets new ones), so
+anything ordered or keyed by node id changes from one deployment of the same config to the
+next: which client gets the extra example of an uneven split, which clients are sampled, the
+order in which gradients are summed. The server therefore asks every new node once for its
+partition id (a ``query.identify`` message) and orders, samples and assigns by partition id.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from logging import INFO, WARNING
+
+import numpy as np
+from flwr.app import ConfigRecord, Message, RecordDict
+from flwr.common.logger import log
+from flwr.serverapp import Grid
+
+IDENTIFY = "query.identify"  # message type; the ClientApp answers with partition-id and num-partitions
+STARTUP_WAIT_S = 120.0  # the first identify waits at least this long: it starts the Ray actors / client processes
+
+
+@dataclass
+class NodeDirectory:
+    """Node id -> partition id, learned from identify replies and kept for the run."""
+
+    partitions: dict[int, int] = field(default_factory=dict)
+    num_partitions: dict[int, int] = field(default_factory=dict)
+    _reported: set = field(default_factory=set)  # warnings already given (duplicates, gaps)
+
+    def refresh(self, grid: Grid, connected: Sequence[int], timeout_s: float) -> dict[int, int]:
+        """Identify the connected nodes not seen before; return the usable nodes' partitions.
+
+        A node that does not answer (or answers with an error) is not usable this round and is
+        asked again next round. The run's first query waits at least ``STARTUP_WAIT_S``: it is
+        what starts the clients (Ray actors take about 13 s on the 2-core machine), and it ends
+        as soon as every node has answered. When two nodes claim the same partition, only the one with the
+        lower node id is used, and a warning names both: their gradients would be duplicates.
+        """
+        new = [n for n in connected if n not in self.partitions]
+        if new:
+            messages = [Message(RecordDict({"config": ConfigRecord({})}), message_type=IDENTIFY, dst_node_id=n)
+                        for n in new]
+            wait = timeout_s if self.partitions else max(timeout_s, STARTUP_WAIT_S)
+            replies = list(grid.send_and_receive(messages, timeout=wait))
+            silent = sorted(set(new) - {r.metadata.src_node_id for r in replies})
+            if silent:
+                log(WARNING, "nodes %s did not identify themselves within %.0f s; asked again next round", silent, wait)
+            for reply in replies:
+                node = reply.metadata.src_node_id
+                if reply.has_error():
+                    log(WARNING, "node %d did not identify itself: %s", node, reply.error.reason)
+                    continue
+                try:
+                    m = reply.content["metrics"]
+                    pid, nparts = int(m["partition-id"]), int(m["num-partitions"])
+                except (KeyError, TypeError, ValueError) as err:
+                    log(WARNING, "node %d sent an unreadable identify reply (%s)", node, err)
+                    continue
+                self.partitions[node], self.num_partitions[node] = pid, nparts
+        usable: dict[int, int] = {}
+        for node in sorted(n for n in connected if n in self.partitions):
+            pid = self.partitions[node]
+            owner = next((n for n, p in usable.items() if p == pid), None)
+            if owner is None:
+                usable[node] = pid
+            elif (owner, node) not in self._reported:
+                self._reported.add((owner, node))
+                log(WARNING, "nodes %d and %d both claim partition-id %d: only node %d is used. Give every "
+                    "SuperNode its own --node-config partition-id.", owner, node, pid, owner)
+        self._report_gaps(usable)
+        return dict(sorted(usable.items(), key=lambda kv: (kv[1], kv[0])))
+
+    def _report_gaps(self, usable: dict[int, int]) -> None:
+        counts = {self.num_partitions[n] for n in usable}
+        if not counts:
+            return
+        gaps = tuple(sorted(set(range(max(counts))) - set(usable.values())))
+        if gaps and ("gaps", gaps) not in self._reported:
+            self._reported.add(("gaps", gaps))
+            log(INFO, "partitions without a connected node: %s", list(gaps))
+        if len(counts) > 1 and ("counts", tuple(counts)) not in self._reported:
+            self._reported.add(("counts", tuple(counts)))
+            log(WARNING, "nodes disagree on num-partitions: %s", sorted(counts))
+
+
+def sample_nodes(usable: dict[int, int], k: int, rng: np.random.Generator) -> list[int]:
+    """Choose ``k`` of the usable nodes, ordered by partition id; the draw depends only on the partitions.
+
+    Parameters
+    ----------
+    usable : dict
+        Node id -> partition id.
+    k : int
+        Clients this round.
+    rng : numpy.random.Generator
+        The strategy's generator (checkpointed, so a resumed run draws the same clients).
+    """
+    order = sorted(usable, key=lambda n: (usable[n], n))
+    positions = sorted(int(i) for i in rng.choice(len(order), size=k, replace=False))
+    return [order[i] for i in positions]

@@ -1,0 +1,150 @@
+"""Checks of client replies, run on every reply before the global model changes.
+
+A synchronous large-batch step (Tyagi, arXiv 2509.10537) averages K client gradients into
+the gradient of one global batch. It is exact only when every gradient is what the server
+asked for: the model's tensors, finite, computed on the b_i examples the server assigned.
+One NaN, one broadcastable wrong shape or one lie about ``num-examples`` otherwise reaches
+the weights. These functions take plain tensors and numbers (no Flower types) and return
+the reason a reply is invalid, or ``None``.
+
+The norm guard (``norm_outliers``) is the one check that is statistical rather than exact:
+it rejects a client whose gradient norm exceeds ``max-norm-ratio`` times the largest norm of
+the round's other valid clients, which bounds what a single scaled or corrupted gradient can
+do to the step, at the price of dropping an honest client that is that far out (the default
+sits above the measured honest spreads, see docs/faults.md).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import torch
+
+# Metrics the server reads from every train reply. ``peak-mem-mb`` is NaN in rounds in which a
+# CPU client does not measure its peak (``memory-check-every``).
+REQUIRED_METRICS = (
+    "num-examples", "train-loss", "compute-s", "peak-mem-mb", "predicted-peak-mb", "budget-mb",
+    "max-batch", "micro-batch-size", "partition-id",
+)
+MAY_BE_NAN = frozenset({"peak-mem-mb"})
+
+
+@dataclass(frozen=True)
+class Expected:
+    """What a valid reply of one client holds this round."""
+
+    param_shapes: Mapping[str, tuple[int, ...]]  # parameter name -> exact shape
+    buffers: Mapping[str, torch.Tensor]  # the server's buffers before the round (dtype, shape, counters)
+    local_batch: int  # b_i the server assigned, examples
+    local_steps: int  # H: forward passes per example at most H (micro-batches of >= 1 example)
+    partition_id: int  # the partition this node identified as
+
+
+def check_metrics(metrics: Mapping[str, object], exp: Expected) -> str | None:
+    """Reason the reply's metrics are invalid, or None."""
+    missing = [k for k in REQUIRED_METRICS if k not in metrics]
+    if missing:
+        return f"metrics missing: {', '.join(missing)}"
+    for key in REQUIRED_METRICS:
+        value = metrics[key]
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            return f"metric '{key}' = {value!r} is not a number"
+        if not math.isfinite(value) and not (key in MAY_BE_NAN and math.isnan(value)):
+            return f"metric '{key}' = {value!r} is not finite"
+    if metrics["num-examples"] != exp.local_batch:
+        return f"num-examples = {metrics['num-examples']!r}; the server assigned {exp.local_batch}"
+    if metrics["partition-id"] != exp.partition_id:
+        return f"partition-id = {metrics['partition-id']!r}; this node identified as partition {exp.partition_id}"
+    for key in ("train-loss", "compute-s"):
+        if metrics[key] < 0:
+            return f"metric '{key}' = {metrics[key]!r} is negative"
+    return None
+
+
+def check_tensors(kind: str, got: Mapping[str, torch.Tensor], shapes: Mapping[str, tuple[int, ...]]) -> str | None:
+    """Reason ``got`` is not exactly the named, shaped, finite floating tensors of ``shapes``, or None."""
+    missing, extra = [k for k in shapes if k not in got], [k for k in got if k not in shapes]
+    if missing:
+        return f"{kind} tensors missing: {', '.join(missing)}"
+    if extra:
+        return f"unexpected {kind} tensors: {', '.join(extra)}"
+    for name, shape in shapes.items():
+        t = got[name]
+        if tuple(t.shape) != tuple(shape):
+            return f"{kind} '{name}' has shape {tuple(t.shape)}; expected {tuple(shape)}"
+        if not t.is_floating_point():
+            return f"{kind} '{name}' has dtype {t.dtype}; a floating dtype is required"
+        bad = int((~torch.isfinite(t)).sum())
+        if bad:
+            return f"{kind} '{name}' has {bad} non-finite values (NaN or Inf)"
+    return None
+
+
+def check_buffers(got: Mapping[str, torch.Tensor] | None, exp: Expected) -> str | None:
+    """Reason the reply's buffers (BatchNorm statistics) are invalid, or None.
+
+    Every buffer must have the server's name, shape and dtype. Floating buffers must be
+    finite. Integer buffers are counters (``num_batches_tracked``): a client adds at most one
+    per forward pass, so its value lies in ``[server, server + H * b_i]``.
+    """
+    if not exp.buffers:
+        return None
+    if got is None:
+        return "buffers missing"
+    missing, extra = [k for k in exp.buffers if k not in got], [k for k in got if k not in exp.buffers]
+    if missing:
+        return f"buffer tensors missing: {', '.join(missing)}"
+    if extra:
+        return f"unexpected buffer tensors: {', '.join(extra)}"
+    for name, ref in exp.buffers.items():
+        value = got[name]
+        if tuple(value.shape) != tuple(ref.shape) or value.dtype != ref.dtype:
+            return (f"buffer '{name}' has shape {tuple(value.shape)} and dtype {value.dtype}; "
+                    f"expected {tuple(ref.shape)} and {ref.dtype}")
+        if ref.is_floating_point():
+            bad = int((~torch.isfinite(value)).sum())
+            if bad:
+                return f"buffer '{name}' has {bad} non-finite values (NaN or Inf)"
+            continue
+        low, high = ref.long(), ref.long() + exp.local_steps * exp.local_batch
+        if bool((value.long() < low).any() or (value.long() > high).any()):
+            return (f"buffer '{name}' = {value.flatten()[:3].tolist()}; expected between "
+                    f"{int(low.flatten()[0])} and {int(high.flatten()[0])}")
+    return None
+
+
+def grad_norm(tensors: Sequence[torch.Tensor]) -> float:
+    """L2 norm of a list of tensors, accumulated in float64."""
+    return math.sqrt(sum(float(t.double().pow(2).sum()) for t in tensors))
+
+
+def norm_outliers(norms: Sequence[float], max_ratio: float) -> list[bool]:
+    """Flag a client whose gradient norm exceeds ``max_ratio`` times the largest norm of the others.
+
+    The reference is the largest other norm, not the median: with non-IID partitions late in
+    training most clients have fit their few classes and their norms collapse, so an honest
+    client on a harder partition measured up to 125x the round's median (digits, Dirichlet
+    alpha = 0.1), while it stays within a few times the next-largest norm. The guard therefore
+    catches one gross outlier per round (a scaled, corrupted or exploding gradient); several
+    colluding clients need a Byzantine-robust rule, which this is not.
+
+    Parameters
+    ----------
+    norms : sequence of float
+        |g_i| of the round's otherwise valid clients.
+    max_ratio : float
+        R; 0 turns the guard off.
+
+    Returns
+    -------
+    list[bool]
+        True for a rejected client (at most one). With fewer than 3 clients there is no
+        telling which of two is wrong, so nothing is flagged.
+    """
+    if max_ratio <= 0 or len(norms) < 3:
+        return [False] * len(norms)
+    order = sorted(range(len(norms)), key=lambda i: norms[i], reverse=True)
+    top, second = norms[order[0]], norms[order[1]]
+    return [i == order[0] and top > max_ratio * second for i in range(len(norms))]
