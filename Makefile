@@ -7,7 +7,9 @@ RUN_CONFIG ?=
 FEDERATION_CONFIG ?=
 OUT ?=
 
-.PHONY: install run test bench clean
+NODES ?= 3
+
+.PHONY: install run test bench deploy-local clean
 
 $(STAMP): requirements.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -25,6 +27,9 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python -m experiments.bench_sim
+
+deploy-local: $(STAMP)
+	$(BIN)/python -m experiments.deploy_local --nodes $(NODES) --check-intruder --run-config "num-server-rounds=3 $(RUN_CONFIG)"
 
 clean:
 	rm -rf results .flwr

@@ -18,11 +18,13 @@ from __future__ import annotations
 import contextlib
 import time
 
+from client_app.startup import STARTED_AT  # noqa: I001 - first: it records when the imports began
+
 import torch
 from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from client_app.job import ClientJob, get_job
+from client_app.job import ClientJob, get_job, node_identity
 from estimators.performance import profile_batches
 from estimators.step_peak import step_peak
 from workloads.devices import memory_budget_mb, parse_profiles
@@ -35,15 +37,15 @@ app = ClientApp()
 def _client(context: Context) -> tuple[RunConfig, int, int, ClientJob, float, str]:
     """This node's run config, partition id and count, cached job, and memory budget (MiB) with its source."""
     cfg = RunConfig.from_mapping(context.run_config)
-    pid = int(context.node_config.get("partition-id", 0))
-    nparts = int(context.node_config.get("num-partitions", 1))
+    pid, nparts, data_dir = node_identity(context.node_config, cfg)
     budget_mb, source = memory_budget_mb(context.node_config, parse_profiles(cfg.device_profiles), cfg.memory_budget_mb, pid)
-    return cfg, pid, nparts, get_job(cfg, pid, nparts), budget_mb, source
+    return cfg, pid, nparts, get_job(cfg, pid, nparts, data_dir), budget_mb, source
 
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     """Reply with this client's gradient for the round (see the module docstring)."""
+    entered = time.time()
     cfg, pid, nparts, job, budget_mb, source = _client(context)
     conf = msg.content["config"]
     b, micro = int(conf["local-batch-size"]), int(conf["micro-batch-size"])
@@ -67,6 +69,7 @@ def train(msg: Message, context: Context) -> Message:
     cpu_peak_mb = float("nan")
     if job.device.type == "cpu" and _check_memory(cfg, rnd):
         cpu_peak_mb = _cpu_step_peak_mb(job, model, batches[0], plan.micro_batch, cfg.seed * 7 + rnd)
+    ready = time.time()
     with step_peak(job.device, ()) if job.device.type == "cuda" else contextlib.nullcontext() as peak:
         t0 = time.perf_counter()
         if steps == 1:
@@ -92,6 +95,8 @@ def train(msg: Message, context: Context) -> Message:
             "micro-batch-size": plan.micro_batch,
             "partition-id": pid,
             "partition-size": n,
+            "startup-s": entered - STARTED_AT,  # process start -> handler (imports; large on a SuperNode)
+            "setup-s": ready - entered,  # data, model, memory plan, draw (disk-cached after the first) and memory check
         }),
     })
     buffers = {k: v.detach().cpu() for k, v in model.named_buffers()}
@@ -101,9 +106,9 @@ def train(msg: Message, context: Context) -> Message:
 
 
 def _check_memory(cfg: RunConfig, rnd: int) -> bool:
-    """CPU: measure the step's peak this round? (first, every ``memory-check-every``, last)."""
+    """CPU: measure the step's peak this round? (first, last and every ``memory-check-every``-th; -1: never)."""
     every = cfg.memory_check_every
-    return every > 0 and (rnd == 1 or rnd % every == 0 or rnd == cfg.num_server_rounds)
+    return every >= 0 and (rnd == 1 or rnd == cfg.num_server_rounds or (every > 0 and rnd % every == 0))
 
 
 def _cpu_step_peak_mb(job, model: torch.nn.Module, batch, micro: int, seed: int) -> float:
@@ -126,8 +131,7 @@ def _cpu_step_peak_mb(job, model: torch.nn.Module, batch, micro: int, seed: int)
 @app.query("identify")
 def identify(msg: Message, context: Context) -> Message:
     """Tell the server which partition this node holds (strategies/nodes.py); builds nothing."""
-    pid = int(context.node_config.get("partition-id", 0))
-    nparts = int(context.node_config.get("num-partitions", 1))
+    pid, nparts, _ = node_identity(context.node_config, RunConfig.from_mapping(context.run_config))
     return Message(RecordDict({"metrics": MetricRecord({"partition-id": pid, "num-partitions": nparts})}),
                    reply_to=msg)
 

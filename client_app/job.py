@@ -9,16 +9,21 @@ SuperNode starts a fresh ClientApp process per message and rebuilds it.
 from __future__ import annotations
 
 import functools
+import platform
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 from torch import nn
 
-from estimators.memory import MemoryEstimator
-from workloads.config import ConfigError, RunConfig
+from estimators.memory import MemoryEstimator, StepMemoryModel
+from workloads.cache import cached_arrays, set_root
+from workloads.config import RunConfig
+from workloads.errors import ConfigError
 from workloads.data import Splits, augment_crop_flip, load_splits
 from workloads.models import build_model
+from workloads.node_data import load_partition
 from workloads.partition import client_partition
 from workloads.registry import WORKLOADS, resolve_model
 from workloads.training import draw_batch, pick_device
@@ -130,22 +135,72 @@ def step_estimator(cfg: RunConfig, splits: Splits, model: nn.Module, device: tor
     key = (cfg.dataset, resolve_model(cfg.dataset, cfg.model), str(device), augment, torch.get_num_threads())
     if key not in _ESTIMATORS:
         shape, dtype = tuple(splits.x_train.shape[1:]), splits.x_train.dtype
-        _ESTIMATORS[key] = MemoryEstimator(
-            model, shape, WORKLOADS[cfg.dataset].num_classes, "none",
-            make_input=lambda b: torch.zeros((b, *shape), dtype=dtype),
-            transform=make_inputs(splits, device, augment, torch.Generator().manual_seed(0)), device=device,
-        )
+
+        def build(fitted: StepMemoryModel | None = None) -> MemoryEstimator:
+            return MemoryEstimator(
+                model, shape, WORKLOADS[cfg.dataset].num_classes, "none",
+                make_input=lambda b: torch.zeros((b, *shape), dtype=dtype),
+                transform=make_inputs(splits, device, augment, torch.Generator().manual_seed(0)), device=device,
+                fitted=fitted,
+            )
+
+        if device.type == "cpu":  # a CPU fit is fixed: keep it on disk for the next process (a SuperNode's next message)
+            disk_key = {"step": list(key), "shape": list(shape), "torch": torch.__version__, "machine": platform.machine(),
+                        "model_arch": str(model), "version": 1}
+            fitted = StepMemoryModel.from_arrays(cached_arrays("memory-fits", disk_key, lambda: build().step_model.to_arrays()))
+            _ESTIMATORS[key] = build(fitted)
+        else:
+            _ESTIMATORS[key] = build()
     return _ESTIMATORS[key]
 
 
+def node_identity(node_config: Mapping[str, object], cfg: RunConfig) -> tuple[int, int, str]:
+    """This node's partition id, number of partitions and own data folder, from its node config.
+
+    Node-config keys (``flower-supernode --node-config``; simulation sets the first two):
+    ``partition-id`` and ``num-partitions`` (default 0 and 1), ``data-dir`` (the node's own
+    examples, written by ``python -m deploy.split_data``; then the two ids come from that file
+    when not given), ``cache-dir`` (the node-local array cache, workloads/cache.py) and
+    ``memory-budget-mb`` (workloads/devices.py).
+
+    Raises
+    ------
+    ConfigError
+        Naming the node-config key whose value is invalid or contradicts the data folder.
+    """
+    if node_config.get("cache-dir"):
+        set_root(str(node_config["cache-dir"]))
+    ids = {}
+    for key in ("partition-id", "num-partitions"):
+        if key in node_config:
+            value = node_config[key]
+            if isinstance(value, bool) or not isinstance(value, int) or value < (0 if key == "partition-id" else 1):
+                raise ConfigError(f"node-config key '{key}' = {value!r} is invalid. Allowed: an integer >= "
+                                  f"{0 if key == 'partition-id' else 1}.")
+            ids[key] = value
+    data_dir = str(node_config.get("data-dir", "") or "")
+    if data_dir:
+        _, pid, nparts = load_partition(data_dir, cfg, ids.get("partition-id"), ids.get("num-partitions"))
+        return pid, nparts, data_dir
+    return ids.get("partition-id", 0), ids.get("num-partitions", 1), ""
+
+
 @functools.lru_cache(maxsize=64)
-def get_job(cfg: RunConfig, partition_id: int, num_partitions: int) -> ClientJob:
-    """Build (once per process and config) the data, partition and model of a client."""
+def get_job(cfg: RunConfig, partition_id: int, num_partitions: int, node_data_dir: str = "") -> ClientJob:
+    """Build (once per process and config) the data, partition and model of a client.
+
+    With ``node_data_dir`` the node holds only its own examples (workloads/node_data.py): its
+    training split is its partition, in the order a shared-data run would index it.
+    """
     workload = WORKLOADS[cfg.dataset]
-    splits = load_splits(cfg.dataset, cfg.data_dir, cfg.val_fraction, cfg.train_limit)
-    idx = client_partition(
-        splits.y_train.numpy(), partition_id, num_partitions, cfg.partitioner, cfg.dirichlet_alpha, cfg.seed
-    )
+    if node_data_dir:
+        splits, _, _ = load_partition(node_data_dir, cfg, partition_id, num_partitions)
+        idx = np.arange(len(splits.y_train))
+    else:
+        splits = load_splits(cfg.dataset, cfg.data_dir, cfg.val_fraction, cfg.train_limit)
+        idx = client_partition(
+            splits.y_train.numpy(), partition_id, num_partitions, cfg.partitioner, cfg.dirichlet_alpha, cfg.seed
+        )
     device = pick_device(cfg.device)
     model = build_model(resolve_model(cfg.dataset, cfg.model), workload.input_shape, workload.num_classes, cfg.seed)
     return ClientJob(

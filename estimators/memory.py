@@ -122,6 +122,22 @@ class StepMemoryModel:
         peaks = [(self.fixed[i] + self.slope[i] * micro_batch).max(initial=0.0) for i in self._pieces_for(micro_batch)]
         return max(0.0, float(max(peaks)))
 
+    def to_arrays(self) -> dict[str, np.ndarray]:
+        """The model as plain arrays (for the on-disk cache, workloads/cache.py)."""
+        out = {"scalars": np.asarray([self.state_bytes, self.input_bytes_per_example]),
+               "knots": np.asarray(self.knots, dtype=np.int64), "same_ops": np.asarray(self.same_ops, dtype=bool)}
+        for i, (f, s) in enumerate(zip(self.fixed, self.slope)):
+            out[f"fixed_{i}"], out[f"slope_{i}"] = f, s
+        return out
+
+    @classmethod
+    def from_arrays(cls, a: dict[str, np.ndarray]) -> StepMemoryModel:
+        """Inverse of ``to_arrays``."""
+        n = len(a["same_ops"])
+        return cls(float(a["scalars"][0]), float(a["scalars"][1]), tuple(int(k) for k in a["knots"]),
+                   tuple(np.asarray(a[f"fixed_{i}"]) for i in range(n)), tuple(np.asarray(a[f"slope_{i}"]) for i in range(n)),
+                   tuple(bool(b) for b in a["same_ops"]))
+
     def peak_bytes(self, batch_size: int, micro_batch: int) -> float:
         """Peak live bytes of a step over ``batch_size`` examples in micro-batches, bytes."""
         last = batch_size - (math.ceil(batch_size / micro_batch) - 1) * micro_batch
@@ -242,6 +258,9 @@ class MemoryEstimator:
         new knot is smaller than a batch already predicted to fit the queried budget, so
         refinement never runs a step near the memory limit. The model is kept by reference
         for these later traces: do not train it in between.
+    fitted : StepMemoryModel, optional
+        A fit of this exact step made before (``StepMemoryModel.from_arrays`` of a cached
+        ``to_arrays``): used as is, nothing is traced. Ignored with ``refine``.
 
     Notes
     -----
@@ -269,6 +288,7 @@ class MemoryEstimator:
         device: str | torch.device = "cpu",
         trace_batch_sizes: tuple[int, ...] = TRACE_BATCH_SIZES,
         refine: bool | None = None,
+        fitted: StepMemoryModel | None = None,
     ) -> None:
         self.optimizer = check_optimizer(optimizer)
         self.num_classes = check_positive("num_classes", num_classes)
@@ -289,7 +309,10 @@ class MemoryEstimator:
         self._model = model
         self._traces: list[StepTrace] = []
         self.estimate_seconds = 0.0
-        self._trace(sizes)
+        if fitted is not None and not self.refine:  # a fit of the same step, from the cache: no tracing
+            self.step_model = fitted
+        else:
+            self._trace(sizes)
 
     def _trace(self, sizes: list[int]) -> None:
         """Trace ``sizes`` and refit; adds their wall time to ``estimate_seconds``."""

@@ -38,11 +38,14 @@ def _set_task_identity() -> None:
 class InProcessGrid(Grid):
     """A Grid whose nodes are ClientApp calls in this process."""
 
-    def __init__(self, client_app, num_nodes: int, run_config: dict[str, Any]) -> None:
+    in_process = True  # server_app.grid.RoundGrid calls send_and_receive, not push/pull
+
+    def __init__(self, client_app, num_nodes: int, run_config: dict[str, Any],
+                 node_configs: list[dict[str, Any]] | None = None) -> None:
         self.client_app = client_app
         self.contexts = {
             1000 + i: Context(run_id=1, node_id=1000 + i, state=RecordDict(), run_config=dict(run_config),
-                              node_config={"partition-id": i, "num-partitions": num_nodes})
+                              node_config=node_configs[i] if node_configs else {"partition-id": i, "num-partitions": num_nodes})
             for i in range(num_nodes)
         }
         self._ids = itertools.count()
@@ -107,7 +110,8 @@ def _call(client_app, msg: Message, context: Context, timeout: float | None) -> 
 
 
 def run_inprocess(run_config: dict[str, Any], num_clients: int, quiet: bool = True,
-                  client_app: Callable[[Message, Context], Message] | None = None) -> pd.DataFrame:
+                  client_app: Callable[[Message, Context], Message] | None = None,
+                  node_configs: list[dict[str, Any]] | None = None) -> pd.DataFrame:
     """Run the app in this process; return rounds.csv as a DataFrame.
 
     Parameters
@@ -123,6 +127,9 @@ def run_inprocess(run_config: dict[str, Any], num_clients: int, quiet: bool = Tr
     client_app : callable, optional
         What answers the messages instead of the real ClientApp, e.g. an
         ``experiments.faults.FaultyClientApp`` around it.
+    node_configs : list of dict, optional
+        Node i's ``node_config`` (default: partition-id i of ``num_clients``), as a SuperNode's
+        ``--node-config`` would give it, e.g. ``{"data-dir": ...}`` for node-local data.
     """
     import logging
 
@@ -143,7 +150,7 @@ def run_inprocess(run_config: dict[str, Any], num_clients: int, quiet: bool = Tr
         if not quiet:
             print(f"warning: {warning}")
     full = cfg.to_mapping()
-    grid = InProcessGrid(client_app or real_client_app, num_clients, full)
+    grid = InProcessGrid(client_app or real_client_app, num_clients, full, node_configs)
     logger = logging.getLogger("flwr")
     level = logger.level
     if quiet:

@@ -16,6 +16,7 @@ import os
 import re
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import time
@@ -90,22 +91,57 @@ class RunOutcome:
         return self.status == "finished:completed"
 
 
-class LocalSuperLink:
-    """Context manager owning one ``flower-superlink`` process and its process tree."""
+@dataclass(frozen=True)
+class Deployment:
+    """A SuperLink for real SuperNodes (not simulation): TLS, SuperNode authentication, a database."""
 
-    def __init__(self, log_path: Path, flwr_home: Path | None = None, port: int | None = None) -> None:
+    database: Path  # persistent state (nodes, runs); without it the SuperLink keeps state in memory
+    ca_cert: Path | None = None  # TLS: the CA the CLI and the SuperNodes verify the SuperLink with
+    cert: Path | None = None  # TLS: the SuperLink's certificate and key (None: --insecure)
+    key: Path | None = None
+    auth: bool = True  # --enable-supernode-auth: only registered SuperNode keys may connect
+    connection: str = "rehearsal"  # the name of the CLI connection in $FLWR_HOME/config.toml
+
+    def superlink_args(self) -> list[str]:
+        """The ``flower-superlink`` flags for these settings."""
+        tls = (["--ssl-ca-certfile", str(self.ca_cert), "--ssl-certfile", str(self.cert), "--ssl-keyfile", str(self.key)]
+               if self.cert else ["--insecure"])
+        return [*tls, *(["--enable-supernode-auth"] if self.auth else []), "--database", str(self.database)]
+
+    def connection_toml(self, port: int) -> str:
+        """``$FLWR_HOME/config.toml`` making this SuperLink the CLI's default connection."""
+        secure = f'root-certificates = "{self.ca_cert}"' if self.cert else "insecure = true"
+        return (f'[superlink]\ndefault = "{self.connection}"\n\n[superlink.{self.connection}]\n'
+                f'address = "127.0.0.1:{port}"\n{secure}\n')
+
+
+class LocalSuperLink:
+    """Context manager owning one ``flower-superlink`` process and its process tree.
+
+    By default a simulation SuperLink (the CLI's managed ``local`` connection on a private
+    port); with ``deployment`` one that real SuperNodes connect to, which becomes the default
+    connection of this ``FLWR_HOME``.
+    """
+
+    def __init__(self, log_path: Path, flwr_home: Path | None = None, port: int | None = None,
+                 deployment: Deployment | None = None) -> None:
         self.port = port or free_port()
         self.flwr_home = flwr_home or REPO_ROOT / ".flwr"
         self.log_path = log_path
+        self.deployment = deployment
         self.env = flower_env(self.port, self.flwr_home)
         self.proc: subprocess.Popen | None = None
 
     def __enter__(self) -> LocalSuperLink:
         self.flwr_home.mkdir(parents=True, exist_ok=True)
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        mode = ["--simulation"] if self.deployment is None else self.deployment.superlink_args()
+        if self.deployment is not None:
+            (self.flwr_home / "config.toml").write_text(self.deployment.connection_toml(self.port))
         cmd = [
-            bin_path("flower-superlink"), "--insecure", "--simulation", "--isolation", "subprocess",
-            "--host", "127.0.0.1", "--port", str(self.port), "--disable-runtime-dependency-installation",
+            bin_path("flower-superlink"), *(["--insecure"] if self.deployment is None else []), *mode,
+            "--isolation", "subprocess", "--host", "127.0.0.1", "--port", str(self.port),
+            "--disable-runtime-dependency-installation",
         ]
         self._log = open(self.log_path, "ab")  # noqa: SIM115 - closed in __exit__
         self.proc = subprocess.Popen(
@@ -119,12 +155,14 @@ class LocalSuperLink:
 
     def _wait_healthy(self, timeout_s: float = 60.0) -> None:
         deadline = time.monotonic() + timeout_s
-        url = f"http://127.0.0.1:{self.port}/health"
+        tls = self.deployment is not None and self.deployment.cert is not None
+        url = f"{'https' if tls else 'http'}://127.0.0.1:{self.port}/health"
+        context = ssl.create_default_context(cafile=str(self.deployment.ca_cert)) if tls else None
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"flower-superlink exited with {self.proc.returncode}; see {self.log_path}")
             try:
-                with urllib.request.urlopen(url, timeout=1) as resp:
+                with urllib.request.urlopen(url, timeout=1, context=context) as resp:
                     if resp.status == 200:
                         return
             except OSError:
@@ -140,10 +178,10 @@ class LocalSuperLink:
             capture_output=capture, timeout=timeout, check=False,
         )
 
-    def submit(self, app_dir: Path, run_config_toml: Path, federation_config: str) -> int:
-        """Submit the app; return the run id."""
-        res = self.flwr("run", str(app_dir), "--format", "json", "--run-config", str(run_config_toml),
-                        "--federation-config", federation_config, timeout=300)
+    def submit(self, app_dir: Path, run_config_toml: Path, federation_config: str | None) -> int:
+        """Submit the app; return the run id (``federation_config`` only in simulation)."""
+        fed = ["--federation-config", federation_config] if federation_config is not None else []
+        res = self.flwr("run", str(app_dir), "--format", "json", "--run-config", str(run_config_toml), *fed, timeout=300)
         try:
             return int(json.loads(res.stdout)["run-id"])
         except (ValueError, KeyError) as err:
@@ -186,22 +224,33 @@ class LocalSuperLink:
         """Stop the SuperLink and every process it started (by pid), then close the log."""
         if self.proc is None:
             return
-        tree = descendants(self.proc.pid)
-        for pid in [self.proc.pid, *tree]:
-            _signal(pid, signal.SIGTERM)
-        try:
-            self.proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            pass
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline and any(_alive(p) for p in tree):
-            time.sleep(0.2)
-        for pid in [self.proc.pid, *tree]:
-            if _alive(pid):
-                _signal(pid, signal.SIGKILL)
-        self.proc.wait()
+        stop_tree(self.proc)
         self.proc = None
         self._log.close()
+
+
+def stop_tree(proc: subprocess.Popen, grace_s: float = 15.0) -> None:
+    """SIGTERM a process and all its descendants (by pid), then SIGKILL what is left after ``grace_s``."""
+    tree = descendants(proc.pid)
+    for pid in [proc.pid, *tree]:
+        _signal(pid, signal.SIGTERM)
+    try:
+        proc.wait(timeout=grace_s)
+    except subprocess.TimeoutExpired:
+        pass
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and any(_alive(p) for p in tree):
+        time.sleep(0.2)
+    for pid in [proc.pid, *tree]:
+        if _alive(pid):
+            _signal(pid, signal.SIGKILL)
+    proc.wait()
+
+
+def kill_tree(pid: int) -> None:
+    """SIGKILL a process and all its descendants at once (a crash, not a shutdown)."""
+    for p in [pid, *descendants(pid)]:
+        _signal(p, signal.SIGKILL)
 
 
 def _signal(pid: int, sig: int) -> None:

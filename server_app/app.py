@@ -5,14 +5,14 @@ from __future__ import annotations
 import time
 from logging import INFO
 
-from flwr.app import ArrayRecord, Context, MessageType, MetricRecord
+from flwr.app import ArrayRecord, Context, MetricRecord
 from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
 
+from server_app.grid import RoundGrid
 from server_app.preflight import parse_run_config
 from server_app.results import RunResults, resolve_out_dir
 from strategies.large_batch import LargeBatchStrategy
-from strategies.nodes import STARTUP_WAIT_S
 from strategies.teacher_registry import build_teacher
 from workloads.data import load_splits
 from workloads.models import build_model
@@ -72,32 +72,10 @@ def main(grid: Grid, context: Context) -> None:
         return MetricRecord({k: float(v) for k, v in row.items() if k.endswith(("loss", "accuracy"))})
 
     if done < cfg.num_server_rounds:
-        strategy.start(grid=StartupGrace(grid), initial_arrays=ArrayRecord(strategy.state),
+        strategy.start(grid=RoundGrid(grid), initial_arrays=ArrayRecord(strategy.state),
                        num_rounds=cfg.num_server_rounds - done, timeout=cfg.round_timeout_s, evaluate_fn=evaluate_fn)
     path = results.save_model(strategy.state)
     log(INFO, "final model: %s", path)
-
-
-class StartupGrace:
-    """The Grid, except that the first round's replies get at least ``STARTUP_WAIT_S`` seconds.
-
-    Round 1 (and the first round after a resume) includes every client's start-up: loading and
-    decoding the data, building the model and its memory estimator. ``round-timeout-s`` is
-    meant for the steady state, so the first send-and-receive waits ``max(round-timeout-s,
-    STARTUP_WAIT_S)``; it still ends as soon as every reply is in.
-    """
-
-    def __init__(self, grid: Grid) -> None:
-        self._grid, self._first = grid, True
-
-    def send_and_receive(self, messages, *, timeout: float | None = None):  # noqa: D102 - Grid API
-        messages = list(messages)
-        if self._first and timeout is not None and any(m.metadata.message_type == MessageType.TRAIN for m in messages):
-            self._first, timeout = False, max(timeout, STARTUP_WAIT_S)
-        return self._grid.send_and_receive(messages, timeout=timeout)
-
-    def __getattr__(self, name: str):
-        return getattr(self._grid, name)
 
 
 def _f(value: float | str | None) -> str:

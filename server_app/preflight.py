@@ -65,6 +65,8 @@ def preflight(cfg: RunConfig, num_nodes: int, client_threads: int = 1) -> list[s
     check_out_dir(Path(cfg.out_dir), cfg.resume)
     splits = load_splits(cfg.dataset, cfg.data_dir, cfg.val_fraction, cfg.train_limit)
     batches = split_global_batch(cfg.global_batch_size, k)
+    if len(splits.y_train) == 0:  # node-local data (data-dir holds eval.npz only): each node checks its own
+        return []
     enough = num_nodes * max(batches)
     if num_nodes > len(splits.y_train):
         raise ConfigError(

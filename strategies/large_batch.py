@@ -146,10 +146,12 @@ class LargeBatchStrategy(FedAvg):
         usable = self.nodes.refresh(grid, connected, self.cfg.round_timeout_s)
         k = self.cfg.clients_per_round or len(usable)
         if not usable or k > len(usable):
+            why = "; ".join(f"node {n}: {r}" for n, r in self.nodes.errors.items() if n in connected)
             raise ConfigError(
                 f"run-config key 'clients-per-round' = {self.cfg.clients_per_round}: only {len(usable)} of "
-                f"{len(connected)} connected nodes identified themselves with distinct partition ids."
+                f"{len(connected)} connected nodes identified themselves with distinct partition ids. {why}"
             )
+        self._grid = grid  # its ``destinations`` (server_app/grid.py) attribute replies the SuperLink sent for a node
         sampled = sample_nodes(usable, k, self.rng)
         plan, probe_virtual_s, replanned = self.policy.plan(rnd, usable, grid, self.cfg.round_timeout_s)
         self.virtual_total += probe_virtual_s  # the probe costs the devices time too
@@ -246,7 +248,8 @@ class LargeBatchStrategy(FedAvg):
              "micro_batch": int(r.metrics["micro-batch-size"]), "train_loss": r.metrics["train-loss"],
              "grad_norm": r.norm, "compute_s": r.metrics["compute-s"], "virtual_s": v,
              "budget_mb": r.metrics["budget-mb"], "predicted_peak_mb": r.metrics["predicted-peak-mb"],
-             "peak_mem_mb": r.metrics["peak-mem-mb"], "max_batch": int(r.metrics["max-batch"])}
+             "peak_mem_mb": r.metrics["peak-mem-mb"], "max_batch": int(r.metrics["max-batch"]),
+             "startup_s": r.metrics.get("startup-s", math.nan), "setup_s": r.metrics.get("setup-s", math.nan)}
             for r, v in zip(valid, virtual)
         ]
         self.sink.train(row, clients)
@@ -260,8 +263,10 @@ class LargeBatchStrategy(FedAvg):
         guard then runs over the clients that passed everything else.
         """
         by_node: dict[int, list[Message]] = {}
+        destinations = getattr(getattr(self, "_grid", None), "destinations", {})
         for m in replies:
-            by_node.setdefault(m.metadata.src_node_id, []).append(m)
+            node = destinations.get(m.metadata.reply_to_message_id, m.metadata.src_node_id)
+            by_node.setdefault(node, []).append(m)
         candidates, failures = [], []
 
         def fail(node: int, reason: str) -> None:
@@ -284,6 +289,7 @@ class LargeBatchStrategy(FedAvg):
         for node in self.assigned:
             if node not in by_node:
                 fail(node, f"no reply within round-timeout-s = {self.cfg.round_timeout_s:g} s")
+                self.nodes.quarantine(node)
         outliers = norm_outliers([r.norm for r in candidates], self.cfg.max_norm_ratio)
         for r, out in zip(candidates, outliers):
             if out:
@@ -312,7 +318,8 @@ class LargeBatchStrategy(FedAvg):
         if reason:
             return reason
         ordered = [grads[n] for n in self.param_names]
-        return ValidReply(node, pid, b, ordered, buffers, {k: float(v) for k, v in metrics.items()}, grad_norm(ordered))
+        numbers = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+        return ValidReply(node, pid, b, ordered, buffers, numbers, grad_norm(ordered))
 
     def _finite_step(self, rnd: int, params: list[torch.Tensor], grad: list[torch.Tensor], lr: float) -> None:
         """Apply the optimizer; undo it and raise ``DivergenceError`` if a weight became non-finite."""

@@ -9,6 +9,7 @@ partition id (a ``query.identify`` message) and orders, samples and assigns by p
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from logging import INFO, WARNING
@@ -20,6 +21,9 @@ from flwr.serverapp import Grid
 
 IDENTIFY = "query.identify"  # message type; the ClientApp answers with partition-id and num-partitions
 STARTUP_WAIT_S = 120.0  # the first identify waits at least this long: it starts the Ray actors / client processes
+QUARANTINE_S = 60.0  # a node that missed a round's deadline sits out this long: Flower 1.41 lists a dead node
+# as connected until it misses two 30-s heartbeats (flwr.common.constant HEARTBEAT_*), so without this every
+# round of that minute would wait round-timeout-s for it again
 
 
 @dataclass
@@ -28,6 +32,8 @@ class NodeDirectory:
 
     partitions: dict[int, int] = field(default_factory=dict)
     num_partitions: dict[int, int] = field(default_factory=dict)
+    errors: dict[int, str] = field(default_factory=dict)  # node id -> why it did not identify (last attempt)
+    quarantined: dict[int, float] = field(default_factory=dict)  # node id -> time.monotonic() it may return
     _reported: set = field(default_factory=set)  # warnings already given (duplicates, gaps)
 
     def refresh(self, grid: Grid, connected: Sequence[int], timeout_s: float) -> dict[int, int]:
@@ -48,20 +54,26 @@ class NodeDirectory:
             silent = sorted(set(new) - {r.metadata.src_node_id for r in replies})
             if silent:
                 log(WARNING, "nodes %s did not identify themselves within %.0f s; asked again next round", silent, wait)
+            self.errors |= {n: f"no identify reply within {wait:.0f} s" for n in silent}
             for reply in replies:
                 node = reply.metadata.src_node_id
                 if reply.has_error():
+                    self.errors[node] = reply.error.reason
                     log(WARNING, "node %d did not identify itself: %s", node, reply.error.reason)
                     continue
                 try:
                     m = reply.content["metrics"]
                     pid, nparts = int(m["partition-id"]), int(m["num-partitions"])
                 except (KeyError, TypeError, ValueError) as err:
+                    self.errors[node] = f"unreadable identify reply ({err})"
                     log(WARNING, "node %d sent an unreadable identify reply (%s)", node, err)
                     continue
                 self.partitions[node], self.num_partitions[node] = pid, nparts
+                self.errors.pop(node, None)
+        now = time.monotonic()
+        self.quarantined = {n: t for n, t in self.quarantined.items() if t > now}
         usable: dict[int, int] = {}
-        for node in sorted(n for n in connected if n in self.partitions):
+        for node in sorted(n for n in connected if n in self.partitions and n not in self.quarantined):
             pid = self.partitions[node]
             owner = next((n for n, p in usable.items() if p == pid), None)
             if owner is None:
@@ -73,6 +85,12 @@ class NodeDirectory:
         self._report_gaps(usable)
         return dict(sorted(usable.items(), key=lambda kv: (kv[1], kv[0])))
 
+    def quarantine(self, node: int) -> None:
+        """Leave ``node`` out for ``QUARANTINE_S`` seconds (it missed a deadline: dead, or stalled)."""
+        self.quarantined[node] = time.monotonic() + QUARANTINE_S
+        log(WARNING, "node %d missed the round's deadline: left out for %.0f s unless Flower drops it sooner",
+            node, QUARANTINE_S)
+
     def _report_gaps(self, usable: dict[int, int]) -> None:
         counts = {self.num_partitions[n] for n in usable}
         if not counts:
@@ -80,7 +98,7 @@ class NodeDirectory:
         gaps = tuple(sorted(set(range(max(counts))) - set(usable.values())))
         if gaps and ("gaps", gaps) not in self._reported:
             self._reported.add(("gaps", gaps))
-            log(INFO, "partitions without a connected node: %s", list(gaps))
+            log(WARNING, "partitions without a connected node: %s (their examples are left out)", list(gaps))
         if len(counts) > 1 and ("counts", tuple(counts)) not in self._reported:
             self._reported.add(("counts", tuple(counts)))
             log(WARNING, "nodes disagree on num-partitions: %s", sorted(counts))

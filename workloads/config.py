@@ -61,7 +61,7 @@ class RunConfig:
     device_profiles: str = ""  # simulated devices: name:memory_mb[:speed[:mbps[:ms]]], ...
     memory_budget_mb: float = 0.0  # client memory budget when no profile/node config; 0 = none
     memory_margin: float = 0.1  # share of a budget held back from the estimator's prediction
-    memory_check_every: int = 1  # CPU clients measure the step's peak (profiled replay) every this many rounds; 0 = never
+    memory_check_every: int = 0  # CPU clients measure the step's peak (profiled replay): 0 = first and last round, N = also every N-th, -1 = never
     batch_policy: str = "fixed"  # fixed (global-batch-size, even split), memory-max, optimal
     batch_objective: str = "time"  # optimal: least time to a target, or least compute cost ("cost")
     calibration_rounds: int = 2  # optimal: rounds at global-batch-size that measure the noise scale
@@ -124,7 +124,9 @@ class RunConfig:
         _choice("schedule", self.schedule, SCHEDULES)
         _choice("device", self.device, DEVICES)
         _choice("batch-policy", self.batch_policy, BATCH_POLICIES)
-        _positive("memory-check-every", self.memory_check_every, allow_zero=True)
+        if self.memory_check_every < -1:
+            raise ConfigError(f"run-config key 'memory-check-every' = {self.memory_check_every}: must be >= -1 "
+                              "(-1 never, 0 the first and last round, N also every N-th).")
         _choice("batch-objective", self.batch_objective, ("time", "cost"))
         _positive("calibration-rounds", self.calibration_rounds)
         _positive("dirichlet-alpha", self.dirichlet_alpha)

@@ -27,6 +27,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from workloads.cache import cached_arrays
 from workloads.errors import ConfigError
 from workloads.files import atomic_write_bytes
 
@@ -101,17 +102,25 @@ def cache_dir() -> Path:
     return Path(root) / "flower-large-batch"
 
 
-def load_raw(name: str, data_dir: str = "") -> RawData:
-    """Load a dataset's official train and test splits (see the module docstring)."""
-    if name == "digits":
-        return _load_digits()
+def find_archives(name: str, data_dir: str = "") -> tuple[Path | None, list[str]]:
+    """The folder holding ``name``'s archives (data dir, then the download cache), and where it looked."""
     folder = resolve_data_dir(data_dir)
     searched = []
     for root in ([folder] if folder else []) + [cache_dir()]:
         for candidate in (root / name, root):
             if _has_archives(name, candidate):
-                return _load_npz(name, candidate)
+                return candidate, searched
             searched.append(str(candidate))
+    return None, searched
+
+
+def load_raw(name: str, data_dir: str = "") -> RawData:
+    """Load a dataset's official train and test splits (see the module docstring)."""
+    if name == "digits":
+        return _load_digits()
+    folder, searched = find_archives(name, data_dir)
+    if folder is not None:
+        return _load_npz(name, folder)
     try:
         raw = _download(name)
     except Exception as err:  # noqa: BLE001 - any failure means "offline": explain what to do
@@ -126,6 +135,19 @@ def load_raw(name: str, data_dir: str = "") -> RawData:
     return raw
 
 
+def source_key(name: str, data_dir: str = "") -> dict | None:
+    """What a dataset's decoded arrays depend on: the archives' names, sizes and times (None: not on disk)."""
+    if name == "digits":
+        from importlib.metadata import version
+
+        return {"sklearn": version("scikit-learn")}
+    folder, _ = find_archives(name, data_dir)
+    if folder is None:
+        return None
+    files = sorted(p for p in folder.glob("*.npz") if p.is_file())
+    return {"files": [[str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns] for p in files]}
+
+
 @functools.lru_cache(maxsize=4)
 def load_splits(name: str, data_dir: str = "", val_fraction: float = 0.1, train_limit: int = 0) -> Splits:
     """Load a dataset once per process and split a validation set off its training split.
@@ -134,26 +156,46 @@ def load_splits(name: str, data_dir: str = "", val_fraction: float = 0.1, train_
     does not depend on the run seed and tuning on it is comparable across seeds. With
     ``train_limit`` > 0, a fixed random subset of that many training examples is kept (the
     validation and test splits are unchanged).
+
+    The decoded splits are cached on disk (workloads/cache.py) and memory-mapped by every
+    later process: a fresh ClientApp process or Ray actor loads them in milliseconds. A
+    ``data-dir`` holding only ``<name>/eval.npz`` (``python -m deploy.split_data``: node-local
+    data) gives the server's evaluation splits with an empty training split.
     """
-    raw = load_raw(name, data_dir)
+    from workloads.node_data import eval_only_arrays
+
+    if (eval_arrays := eval_only_arrays(name, data_dir, val_fraction, train_limit)) is not None:
+        return splits_from_arrays(eval_arrays)
+    key = source_key(name, data_dir)
+    if key is None:  # not on disk yet: download (into the cache folder), then key it
+        load_raw(name, data_dir)
+        key = source_key(name, data_dir)
+    arrays = cached_arrays("splits", {"dataset": name, "source": key, "val_fraction": val_fraction,
+                                      "train_limit": train_limit},
+                           lambda: split_arrays(load_raw(name, data_dir), val_fraction, train_limit))
+    return splits_from_arrays(arrays)
+
+
+def split_arrays(raw: RawData, val_fraction: float, train_limit: int) -> dict[str, np.ndarray]:
+    """The train/validation/test arrays and normalisation constants of ``load_splits``."""
     order = np.random.default_rng(VAL_SPLIT_SEED).permutation(len(raw.y_train))
     n_val = max(1, round(val_fraction * len(order)))
     val, train = np.sort(order[:n_val]), np.sort(order[n_val:])
     if 0 < train_limit < len(train):
         train = np.sort(np.random.default_rng(VAL_SPLIT_SEED + 2).permutation(train)[:train_limit])
-    x_train = torch.from_numpy(np.ascontiguousarray(raw.x_train[train]))
-    mean, std = _channel_stats(x_train, raw.max_value)
-    return Splits(
-        x_train=x_train,
-        y_train=torch.from_numpy(raw.y_train[train].astype(np.int64)),
-        x_val=torch.from_numpy(np.ascontiguousarray(raw.x_train[val])),
-        y_val=torch.from_numpy(raw.y_train[val].astype(np.int64)),
-        x_test=torch.from_numpy(np.ascontiguousarray(raw.x_test)),
-        y_test=torch.from_numpy(raw.y_test.astype(np.int64)),
-        mean=mean,
-        std=std,
-        max_value=raw.max_value,
-    )
+    x_train = np.ascontiguousarray(raw.x_train[train])
+    mean, std = _channel_stats(torch.from_numpy(x_train), raw.max_value)
+    return {"x_train": x_train, "y_train": raw.y_train[train].astype(np.int64),
+            "x_val": np.ascontiguousarray(raw.x_train[val]), "y_val": raw.y_train[val].astype(np.int64),
+            "x_test": np.ascontiguousarray(raw.x_test), "y_test": raw.y_test.astype(np.int64),
+            "mean": mean.numpy(), "std": std.numpy(), "max_value": np.asarray(raw.max_value)}
+
+
+def splits_from_arrays(a: dict[str, np.ndarray]) -> Splits:
+    """Wrap arrays (memory-mapped or not) as a ``Splits`` without copying."""
+    t = {k: torch.from_numpy(np.asarray(v)) for k, v in a.items() if k != "max_value"}
+    return Splits(t["x_train"], t["y_train"], t["x_val"], t["y_val"], t["x_test"], t["y_test"],
+                  t["mean"], t["std"], float(a["max_value"]))
 
 
 def augment_crop_flip(x: torch.Tensor, generator: torch.Generator, pad: int = 4) -> torch.Tensor:
