@@ -48,7 +48,7 @@ from strategies.records import MemorySink, RoundSink
 from strategies.reply_check import Expected, check_buffers, check_metrics, check_tensors, grad_norm, norm_outliers
 from strategies.server_opt import ServerSGD, lr_at
 from strategies.teacher_registry import load_teacher_state, teacher_state
-from strategies.teachers import TeacherInput, TeacherOutput
+from strategies.teachers import RoundPlan, TeacherInput, TeacherOutput
 from workloads.config import RunConfig, split_global_batch
 from workloads.devices import parse_profiles, profile_for
 from workloads.errors import ConfigError
@@ -124,6 +124,7 @@ class LargeBatchStrategy(FedAvg):
         self.round_offset = 0  # rounds completed before this process (resume)
         self.round_lr = 0.0
         self.assigned: dict[int, tuple[int, int]] = {}  # this round: node id -> (partition id, b_i)
+        self.round_plan, self.round_steps = RoundPlan(), cfg.local_steps  # this round's teacher plan, local steps H
 
     def summary(self) -> None:
         """Log the strategy's settings."""
@@ -161,6 +162,9 @@ class LargeBatchStrategy(FedAvg):
                    else split_global_batch(self.cfg.global_batch_size, k))
         self.assigned = {n: (usable[n], b) for n, b in zip(sampled, batches)}
         self.round_lr = lr_at(rnd, self.cfg.num_server_rounds, self.cfg.lr, self.cfg.warmup_rounds, self.cfg.schedule)
+        plan_fn = getattr(self.teacher, "plan", None)
+        self.round_plan = plan_fn(rnd) if plan_fn is not None else RoundPlan()
+        self.round_steps = self.round_plan.local_steps or self.cfg.local_steps
         self._t_sent = time.perf_counter()
         messages = []
         for node_id, (pid, b) in self.assigned.items():
@@ -168,7 +172,7 @@ class LargeBatchStrategy(FedAvg):
                 "server-round": rnd,
                 "local-batch-size": b,
                 "micro-batch-size": self.cfg.micro_batch_size or b,
-                "local-steps": self.cfg.local_steps,
+                "local-steps": self.round_steps,
                 "lr": self.round_lr,
                 "drawn-examples": self.drawn.get(pid, 0),
             })
@@ -218,15 +222,17 @@ class LargeBatchStrategy(FedAvg):
         ))
         teacher_s = time.perf_counter() - t_teacher
         lr = self.round_lr * taught.lr_scale
+        momentum = self.round_plan.server_momentum
+        self.optimizer.momentum = self.cfg.momentum if momentum is None else momentum
         self._finite_step(rnd, params, taught.grad, lr)
         if self.buffer_names:
             self.state.update(aggregate_buffers([r.buffers for r in valid], batches))
         server_s = time.perf_counter() - t0
 
         for r in valid:
-            self.drawn[r.partition_id] = self.drawn.get(r.partition_id, 0) + r.batch * self.cfg.local_steps
+            self.drawn[r.partition_id] = self.drawn.get(r.partition_id, 0) + r.batch * self.round_steps
         global_batch = sum(batches)
-        self.samples_seen += global_batch * self.cfg.local_steps
+        self.samples_seen += global_batch * self.round_steps
         loss = sum(r.batch * r.metrics["train-loss"] for r in valid) / global_batch
         virtual = [client_virtual_seconds(r.metrics["compute-s"], profile_for(self.profiles, r.partition_id),
                                           self.model_bytes) for r in valid]
@@ -312,7 +318,7 @@ class LargeBatchStrategy(FedAvg):
         except Exception as err:  # noqa: BLE001 - whatever a client sent, it must not crash the server
             return f"unreadable reply ({type(err).__name__}: {err})"
         expected = Expected(self.param_shapes, {k: self.state[k] for k in self.buffer_names}, b,
-                            self.cfg.local_steps, pid)
+                            self.round_steps, pid)
         reason = (check_metrics(metrics, expected) or check_tensors("gradient", grads, self.param_shapes)
                   or check_buffers(buffers, expected))
         if reason:

@@ -48,18 +48,22 @@ class ServerSGD:
     velocity: list[torch.Tensor] | None = field(default=None, repr=False)
 
     def step(self, params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor], lr: float) -> None:
-        """Apply one update ``w <- w - lr * v`` to ``params`` (in place)."""
-        first = self.velocity is None
-        if first:
-            self.velocity = [torch.empty_like(p) for p in params] if self.momentum else []
+        """Apply one update ``w <- w - lr * v`` to ``params`` (in place).
+
+        ``momentum`` may change between steps (a teacher's phase switch): the velocity starts
+        (``v = d``) at the first step with a non-zero momentum, and is kept while it is 0.
+        """
         with torch.no_grad():
+            fresh = bool(self.momentum) and not self.velocity
+            if fresh:
+                self.velocity = [torch.empty_like(p) for p in params]
             for i, (p, g) in enumerate(zip(params, grads)):
                 d = g.to(p.dtype)
                 if self.weight_decay:
                     d = d.add(p, alpha=self.weight_decay)
                 if self.momentum:
                     v = self.velocity[i]
-                    if first:
+                    if fresh:
                         v.copy_(d)
                     else:
                         v.mul_(self.momentum).add_(d)

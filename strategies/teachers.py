@@ -5,7 +5,9 @@ batch so that training keeps the generalisation of small batches; the paper eval
 step-function stand-in. The strategy calls the teacher once per round, after aggregation and
 before the server optimizer, with a ``TeacherInput``; it applies the returned gradient with
 the scheduled learning rate times ``lr_scale`` and logs ``metrics`` as ``teacher_<name>``
-columns of rounds.csv. A teacher keeps its own state on itself.
+columns of rounds.csv. A teacher keeps its own state on itself (``state_dict`` and
+``load_state_dict`` put it into checkpoints), and may set the next round's local steps and server
+momentum through ``plan(server_round) -> RoundPlan``.
 
 This module holds the interface and the teachers that need no noise statistics:
 
@@ -45,6 +47,20 @@ class TeacherInput:
     params: Sequence[torch.Tensor] = ()  # current global parameters w (before the step)
     weight_decay: float = 0.0  # the server optimizer's L2 coefficient
     stats: NoiseStats | None = None  # tr(Sigma), |mu|^2, B_simple of this round
+
+
+@dataclass(frozen=True)
+class RoundPlan:
+    """What a teacher may set before a round is sent (``plan(server_round)``; optional method).
+
+    A teacher that switches phases (post-local SGD, SWAP: large-batch steps first, then local
+    SGD on the clients) returns the round's local steps H and the server momentum here; the
+    strategy sends H to the clients and applies the pseudo-gradient (w_0 - w_H) / lr with that
+    momentum. ``None`` keeps the run config's value.
+    """
+
+    local_steps: int | None = None
+    server_momentum: float | None = None
 
 
 @dataclass

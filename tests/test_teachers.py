@@ -140,3 +140,30 @@ def test_lars_update_is_trust_times_regularised_gradient():
     ServerSGD(momentum=0.0, weight_decay=wd).step(w, out.grad, lr)
     torch.testing.assert_close(w[0], before[0] - lr * trust * (g[0] + wd * before[0]))
     torch.testing.assert_close(w[1], before[1] - lr * (g[1] + wd * before[1]))  # bias: plain SGD
+
+
+def test_a_teacher_plan_sets_local_steps_and_server_momentum():
+    """Phase-switching teachers (post-local SGD, SWAP) set H and the server momentum per round."""
+    from flwr.app import ConfigRecord
+
+    from client_app.app import app as client_app
+    from strategies.large_batch import LargeBatchStrategy
+    from strategies.teachers import IdentityTeacher, RoundPlan
+    from tests.conftest import FakeGrid, client_context, reply_via_client, state_arrays
+    from workloads.models import build_model
+
+    class Switch(IdentityTeacher):
+        def plan(self, server_round: int) -> RoundPlan:
+            return RoundPlan(local_steps=3, server_momentum=0.0) if server_round > 1 else RoundPlan()
+
+    run_config = {"global-batch-size": 30, "momentum": 0.9}
+    cfg = RunConfig.from_mapping(run_config)
+    model = build_model("mlp", (1, 8, 8), 10, 0)
+    strategy = LargeBatchStrategy(cfg, model.state_dict(), [n for n, _ in model.named_parameters()], Switch())
+    steps = []
+    for rnd in (1, 2):
+        (msg,) = list(strategy.configure_train(rnd, state_arrays(strategy.state), ConfigRecord(), FakeGrid([9])))
+        steps.append(msg.content["config"]["local-steps"])
+        strategy.aggregate_train(rnd, [reply_via_client(client_app, msg, client_context(9, 0, 1, run_config))])
+        assert strategy.optimizer.momentum == (0.9 if rnd == 1 else 0.0)
+    assert steps == [1, 3] and strategy.samples_seen == 30 + 3 * 30 and strategy.drawn == {0: 120}
