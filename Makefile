@@ -11,10 +11,11 @@ NODES ?= 3
 
 .PHONY: install run test bench deploy-local clean
 
-$(STAMP): requirements.txt
+$(STAMP): requirements.txt pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --disable-pip-version-check -r requirements.txt 2>&1 | grep -v "is ignored: it is neither a file nor a directory" || true
-	$(BIN)/python -c "import torch, torchvision, flwr, flwr_datasets, ray, sklearn, pandas, matplotlib, pytest"
+	$(BIN)/pip install --quiet --disable-pip-version-check --no-deps -e . 2>&1 | grep -v "is ignored: it is neither a file nor a directory" || true
+	cd /tmp && $(abspath $(BIN))/python -c "import flb, torch, torchvision, flwr, flwr_datasets, ray, sklearn, pandas, matplotlib, nbclient, ipykernel, pytest"
 	rm -f $(VENV)/.installed-* && touch $(STAMP)
 
 install: $(STAMP)

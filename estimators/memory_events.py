@@ -8,6 +8,7 @@ of one step.
 from __future__ import annotations
 
 import contextlib
+import functools
 import gc
 import os
 from collections.abc import Callable, Sequence
@@ -106,6 +107,21 @@ def _cpu_events(prof) -> tuple[np.ndarray, np.ndarray, list[str], dict[str, tupl
     parents = [p.split(":")[-1] if p.startswith(STEP_MARK) else p for p in parents]
     keys = [f"{p}{'+' if e.extra_fields.alloc_size > 0 else '-'}" for p, e in zip(parents, allocs)]
     return times, live, keys, ranges
+
+
+@functools.lru_cache(maxsize=1)
+def start_profiler_here() -> None:
+    """Start PyTorch's profiler once in the calling thread.
+
+    Its backend (kineto) registers in the first thread that profiles; when a later profile runs
+    in another thread it prints "External init callback must run in same thread as
+    registerClient". The in-process runtime calls this from the main thread before client calls
+    run in worker threads.
+    """
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]):
+        pass
 
 
 def cpu_live_bytes(prof) -> np.ndarray:

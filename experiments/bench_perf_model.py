@@ -7,7 +7,7 @@
    from 4 of them (geometric from 1 to the maximum: 1, 8, 64, 512) and predict all. Reported per model: the mean
    absolute percentage error (MAPE) of our knee model and of the linear Pollux/FedScale model
    fitted to the same 4 points.
-2. **Round time.** A real in-process simulation (experiments/inprocess.py) of the CPU CNN on
+2. **Round time.** A real in-process simulation (flb/inprocess.py) of the CPU CNN on
    CIFAR-10 (digits with ``--quick``) with heterogeneous device profiles: per round, the
    predicted synchronous round time (each client's fitted step time at its ``b_i`` / speed +
    its link, the slowest client, plus the server's measured aggregation time) against the
@@ -71,7 +71,7 @@ def iteration_benchmark(cases, device: str = "cpu", scale: int = 1) -> list[dict
 
 def round_benchmark(dataset: str, model_name: str, data_dir: str, rounds: int) -> list[dict]:
     """Predicted vs measured virtual round time in an in-process simulation."""
-    from experiments.inprocess import run_inprocess
+    from flb.inprocess import run_inprocess
     import pandas as pd
 
     w = WORKLOADS[dataset]

@@ -31,7 +31,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from experiments.inprocess import run_inprocess
+import flb
 from experiments.run_log import RunLog
 from workloads.files import atomic_write_text
 
@@ -56,7 +56,7 @@ class Runs:
             return done
         start = time.perf_counter()
         shutil.rmtree(self.out / "runs" / name, ignore_errors=True)  # not in the log: an interrupted run's folder
-        rounds = run_inprocess(config | {"out-dir": str(self.out / "runs" / name)}, num_clients=CLIENTS)
+        rounds = flb.run(config, clients=CLIENTS, out=self.out / "runs" / name, progress=False, force=True).rounds
         rounds = rounds[rounds["round"] > 0]
         row = {"key": key, "name": name, "wall_s": time.perf_counter() - start,
                "round": rounds["round"].tolist(), "global_batch": rounds["global_batch"].tolist(),

@@ -26,14 +26,16 @@ import os
 import tempfile
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Error, Message, Metadata, MetricRecord, RecordDict
 from torch import nn
 
 from experiments.faults import Fault, FaultyClientApp, corrupt, random_dropouts
-from experiments.inprocess import InProcessGrid, _set_task_identity, run_inprocess
+from flb.inprocess import InProcessGrid, delivered, run_inprocess, set_task_identity
 from strategies.large_batch import LargeBatchStrategy
+from strategies.reply_check import NORM_WINDOW
 from strategies.teacher_registry import build_teacher
 from workloads.config import RunConfig
 from workloads.files import atomic_write_text
@@ -73,11 +75,7 @@ def _client_reply(msg: Message, pid: int, state: dict) -> Message:
                                  "predicted-peak-mb": 1.0, "budget-mb": 0.0, "max-batch": 0, "micro-batch-size": b,
                                  "partition-id": pid}),
     })
-    md = msg.metadata
-    delivered = Message(content=msg.content, metadata=Metadata(
-        run_id=1, message_id=f"m{md.dst_node_id}", src_node_id=0, dst_node_id=md.dst_node_id, reply_to_message_id="",
-        group_id="1", created_at=0.0, ttl=3600.0, message_type=md.message_type))
-    return Message(content, reply_to=delivered)
+    return Message(content, reply_to=delivered(msg))
 
 
 def _one_round(cfg: RunConfig, replies_of) -> tuple[LargeBatchStrategy, list[dict]]:
@@ -103,7 +101,7 @@ def bad_reply_table() -> pd.DataFrame:
     The run config is the default but for B = 32 over 4 clients, lr 0.5 without warm-up and
     ``min-batch-fraction`` 0.7 (so a round without one client proceeds).
     """
-    _set_task_identity()
+    set_task_identity()
     cfg = RunConfig(global_batch_size=32, lr=0.5, warmup_rounds=0, min_batch_fraction=0.7)
     ref, _ = _one_round(cfg, lambda msgs, honest: honest[1:])  # client 0 left out
     rows = []
@@ -115,7 +113,7 @@ def bad_reply_table() -> pd.DataFrame:
             if fault == "stranger":
                 return [Message(bad.content, metadata=_with_src(bad.metadata, 424242)), *honest[1:]]
             if fault == "error":
-                return [Message(Error(code=2, reason="injected crash"), reply_to=_request(msgs[0])), *honest[1:]]
+                return [Message(Error(code=2, reason="injected crash"), reply_to=delivered(msgs[0])), *honest[1:]]
             if fault == "silent":
                 return honest[1:]
             return [corrupt(bad, fault), *honest[1:]]
@@ -135,40 +133,37 @@ def _with_src(md: Metadata, src: int) -> Metadata:
                     ttl=md.ttl, message_type=md.message_type)
 
 
-def _request(msg: Message) -> Message:
-    md = msg.metadata
-    return Message(content=msg.content, metadata=Metadata(
-        run_id=1, message_id="m-err", src_node_id=0, dst_node_id=md.dst_node_id, reply_to_message_id="",
-        group_id="1", created_at=0.0, ttl=3600.0, message_type=md.message_type))
-
-
 def norm_spreads(rounds: int, data_dir: str, seeds: int) -> pd.DataFrame:
     """Honest spreads of client gradient norms per setting (norm guard off).
 
-    Two ratios per round: the largest norm over the median norm, and the largest over the
-    second largest (the guard's statistic: a client against the largest of the others).
+    Three ratios per round, maximised over the rounds: the largest norm over the median, over
+    the second largest, and over the guard's reference (the larger of the second largest and
+    the largest norm of the previous ``NORM_WINDOW`` rounds, ``strategies.reply_check``).
     """
-    settings = [("digits", "mlp", "iid", 0.5, k, seed) for k in (3, 8) for seed in range(1, seeds + 1)]
-    settings += [("digits", "mlp", "dirichlet", 0.1, k, seed) for k in (3, 8) for seed in range(1, seeds + 1)]
+    small = int(np.ceil(10 * 1294 / 32))  # 10 epochs of digits at B = 32 (b_i = 4 with 8 clients)
+    settings = [("digits", "mlp", "iid", 0.5, k, 256, rounds, seed) for k in (3, 8) for seed in range(1, seeds + 1)]
+    settings += [("digits", "mlp", "dirichlet", 0.1, k, 10 * k, rounds, seed) for k in (3, 8) for seed in range(1, seeds + 1)]
+    settings += [("digits", "mlp", p, a, 8, 32, small, seed) for p, a in (("iid", 0.5), ("dirichlet", 0.1))
+                 for seed in range(1, seeds + 1)]
     if data_dir:
-        settings += [("mnist", "cnn", p, a, 8, 1) for p, a in (("iid", 0.5), ("dirichlet", 0.1))]
+        settings += [("mnist", "cnn", p, a, 8, 256 if p == "iid" else 80, rounds, 1) for p, a in (("iid", 0.5), ("dirichlet", 0.1))]
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        for dataset, model, partitioner, alpha, k, seed in settings:
-            out = Path(tmp) / f"{dataset}-{partitioner}-{k}-{seed}"
+        for dataset, model, partitioner, alpha, k, batch, n_rounds, seed in settings:
+            out = Path(tmp) / f"{dataset}-{partitioner}-{k}-{batch}-{seed}"
             config = {"dataset": dataset, "model": model, "partitioner": partitioner, "dirichlet-alpha": alpha,
-                      "num-server-rounds": rounds, "eval-every": rounds, "max-norm-ratio": 0.0, "out-dir": str(out),
+                      "num-server-rounds": n_rounds, "eval-every": n_rounds, "max-norm-ratio": 0.0, "out-dir": str(out),
                       "data-dir": data_dir if dataset != "digits" else "", "train-limit": 10000 if dataset == "mnist" else 0,
-                      "global-batch-size": 10 * k if partitioner == "dirichlet" else 256, "seed": seed,
-                      "lr": 0.3 if dataset == "digits" else 0.05}
+                      "global-batch-size": batch, "seed": seed, "lr": 0.3 if dataset == "digits" else 0.05}
             run_inprocess(config, num_clients=k)
-            c = pd.read_csv(out / "clients.csv")
-            by_round = c.groupby("round")["grad_norm"]
-            median = by_round.apply(lambda g: float(g.max() / g.median()))
-            second = by_round.apply(lambda g: float(g.nlargest(2).iloc[0] / g.nlargest(2).iloc[1]))
+            norms = pd.read_csv(out / "clients.csv").groupby("round")["grad_norm"]
+            top = norms.max()
+            second = norms.apply(lambda g: float(g.nlargest(2).iloc[-1]))
+            recent = top.shift(1).rolling(NORM_WINDOW, min_periods=1).max().fillna(0.0)
             rows.append({"dataset": dataset, "partitioner": partitioner, "alpha": alpha if partitioner == "dirichlet" else "",
-                         "clients": k, "seed": seed, "rounds": rounds, "max_over_median": float(median.max()),
-                         "max_over_second": float(second.max()), "p99_over_second": float(second.quantile(0.99))})
+                         "clients": k, "local_batch": batch // k, "seed": seed, "rounds": n_rounds,
+                         "max_over_median": float((top / norms.median()).max()), "max_over_second": float((top / second).max()),
+                         "max_over_guard_reference": float((top / np.maximum(second, recent)).max())})
             print(rows[-1], flush=True)
     return pd.DataFrame(rows)
 
@@ -186,7 +181,7 @@ def dropouts(seeds: int, rounds: int) -> pd.DataFrame:
                           "min-batch-fraction": 0.7 if faulty else 1.0}
                 dropped = random_dropouts(0.2, seed)
                 wrapper = FaultyClientApp(app, lambda r, p: Fault("crash") if dropped(r, p, 8) else None)
-                df = run_inprocess(config, num_clients=8, client_app=wrapper if faulty else None)
+                df = pd.read_csv(run_inprocess(config, num_clients=8, client_app=wrapper if faulty else None) / "rounds.csv")
                 last = df.iloc[-1]
                 rows.append({"seed": seed, "dropouts": "20%" if faulty else "none", "rounds_completed": int(last["round"]),
                              "failed_client_rounds": int(df["failed_clients"].fillna(0).sum()),
@@ -204,8 +199,9 @@ def straggler(timeouts: tuple[float, ...]) -> pd.DataFrame:
     with tempfile.TemporaryDirectory() as tmp:
         for timeout in timeouts:
             hung = FaultyClientApp(app, lambda r, p: Fault("hang", 600.0) if (r, p) == (2, 1) else None)
-            df = run_inprocess({"num-server-rounds": 3, "eval-every": 3, "round-timeout-s": timeout, "min-batch-fraction": 0.7,
-                                "out-dir": str(Path(tmp) / f"t{timeout:g}")}, num_clients=4, client_app=hung).set_index("round")
+            df = pd.read_csv(run_inprocess({"num-server-rounds": 3, "eval-every": 3, "round-timeout-s": timeout,
+                                            "min-batch-fraction": 0.7, "out-dir": str(Path(tmp) / f"t{timeout:g}")},
+                                           num_clients=4, client_app=hung) / "rounds.csv").set_index("round")
             rows.append({"round_timeout_s": timeout, "hung_round_s": float(df.loc[2, "round_trip_s"]),
                          "over_timeout_s": float(df.loc[2, "round_trip_s"]) - timeout,
                          "clean_round_s": float(df.loc[3, "round_trip_s"]), "failed_clients": int(df.loc[2, "failed_clients"])})

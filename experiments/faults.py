@@ -3,7 +3,7 @@
 ``FaultyClientApp(app, schedule)`` answers train messages like ``app``, except where
 ``schedule(server_round, partition_id)`` returns a ``Fault``: the client then crashes, hangs,
 or replies with a corrupted message (``corrupt``). Use it as the ``client_app`` of the
-in-process grid (experiments/inprocess.py).
+in-process grid (flb/inprocess.py).
 
 Fault kinds (``Fault.kind``; ``value`` where it takes one):
 

@@ -20,7 +20,7 @@ under two budgets:
 Protocol: each method's learning rate is chosen on the validation split from a grid of the
 same size for every method (seed 0), then each method runs with ``--seeds`` fresh seeds
 (1, 2, 3, ...) and test accuracy is reported as mean and standard deviation. Runs use the real
-ServerApp and ClientApp in one process (experiments/inprocess.py). Every finished run is
+ServerApp and ClientApp in one process (flb/inprocess.py). Every finished run is
 appended to ``<out>/paper_claim_runs.jsonl``, so an interrupted experiment resumes.
 
 Outputs: ``paper_claim.csv`` (one row per budget, method and seed), ``paper_claim_tuning.csv``,
@@ -38,7 +38,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from experiments.inprocess import run_inprocess
+import flb
 from experiments.run_log import RunLog
 from workloads.files import atomic_write_text
 
@@ -94,7 +94,7 @@ class Runner:
         run_dir = self.out / "runs" / f"{method}-r{rounds}-lr{lr:g}-s{seed}"
         shutil.rmtree(run_dir, ignore_errors=True)  # not in the log: an interrupted run's folder
         t0 = time.perf_counter()
-        df = run_inprocess(overrides | {"out-dir": str(run_dir)}, CLIENTS)
+        df = flb.run(overrides, clients=CLIENTS, out=run_dir, progress=False, force=True).rounds
         last = df.iloc[-1]
         round_s = df["wall_s"].diff().iloc[2:-1].median() if len(df) > 4 else float("nan")
         rec = {

@@ -20,6 +20,7 @@ import sys
 import time
 import tomllib
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import tomli_w
@@ -127,8 +128,13 @@ def prepare(run_config: str, federation_config: str, out: str,
     return cfg, fed, Path(cfg.out_dir), warnings
 
 
-def launch(cfg: RunConfig, fed: dict[str, Any], out_dir: Path, quiet: bool = False) -> int:
-    """Run the app on a private SuperLink; return 0 when the run completed."""
+def launch(cfg: RunConfig, fed: dict[str, Any], out_dir: Path, quiet: bool = False,
+           on_line: Callable[[str], None] | None = None) -> int:
+    """Run the app on a private SuperLink; return 0 when the run completed.
+
+    ``quiet`` keeps the run's log out of stdout (it still goes to ``run.log``); ``on_line`` sees
+    every log line (``flb.run`` advances its progress bar with it).
+    """
     out_dir.mkdir(parents=True, exist_ok=True)
     toml_path = out_dir / "run_config.toml"
     atomic_write_text(toml_path, tomli_w.dumps(cfg.to_mapping()))
@@ -138,7 +144,7 @@ def launch(cfg: RunConfig, fed: dict[str, Any], out_dir: Path, quiet: bool = Fal
         run_id = link.submit(REPO_ROOT, toml_path, federation_string(fed))
         print(f"run {run_id} {'resumed' if cfg.resume else 'submitted'}: {cfg.dataset}, B={cfg.global_batch_size}, "
               f"{cfg.num_server_rounds} rounds, {federation_string(fed)}", flush=True)
-        link.stream_logs(run_id, out_dir / "run.log", echo=not quiet)
+        link.stream_logs(run_id, out_dir / "run.log", echo=not quiet, on_line=on_line)
         outcome = link.outcome(run_id)
     print(f"run {run_id}: {outcome.status} {outcome.details}".rstrip(), flush=True)
     return 0 if outcome.ok else 1

@@ -187,7 +187,7 @@ class LocalSuperLink:
         except (ValueError, KeyError) as err:
             raise RuntimeError(f"flwr run did not return a run id:\n{res.stdout}\n{res.stderr}") from err
 
-    def stream_logs(self, run_id: int, log_path: Path, echo: bool = True) -> None:
+    def stream_logs(self, run_id: int, log_path: Path, echo: bool = True, on_line=None) -> None:
         """Copy the run's log (ServerApp and simulation) to ``log_path`` and stdout until it ends."""
         proc = subprocess.Popen(
             [bin_path("flwr"), "log", str(run_id), "--stream"], cwd=REPO_ROOT, env=self.env,
@@ -197,6 +197,8 @@ class LocalSuperLink:
             for line in proc.stdout:
                 log_file.write(ANSI_ESCAPE.sub("", line))
                 log_file.flush()  # line by line: a killed run leaves its log up to the last line
+                if on_line is not None:
+                    on_line(line)
                 if echo:
                     sys.stdout.write(line)
                     sys.stdout.flush()

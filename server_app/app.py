@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import time
 from logging import INFO
 
@@ -72,10 +73,25 @@ def main(grid: Grid, context: Context) -> None:
         return MetricRecord({k: float(v) for k, v in row.items() if k.endswith(("loss", "accuracy"))})
 
     if done < cfg.num_server_rounds:
-        strategy.start(grid=RoundGrid(grid), initial_arrays=ArrayRecord(strategy.state),
-                       num_rounds=cfg.num_server_rounds - done, timeout=cfg.round_timeout_s, evaluate_fn=evaluate_fn)
+        chatter = FlowerStrategyChatter()
+        logging.getLogger("flwr").addFilter(chatter)
+        try:
+            strategy.start(grid=RoundGrid(grid), initial_arrays=ArrayRecord(strategy.state),
+                           num_rounds=cfg.num_server_rounds - done, timeout=cfg.round_timeout_s, evaluate_fn=evaluate_fn)
+        finally:
+            logging.getLogger("flwr").removeFilter(chatter)
     path = results.save_model(strategy.state)
     log(INFO, "final model: %s", path)
+
+
+class FlowerStrategyChatter(logging.Filter):
+    """Drops the log lines of Flower's ``Strategy.start`` (6 a round, about 190 after the last).
+
+    Our own line per round (above) says what matters; warnings and errors always pass.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:  # noqa: D102
+        return record.levelno >= logging.WARNING or "serverapp/strategy" not in record.pathname.replace("\\", "/")
 
 
 def _f(value: float | str | None) -> str:

@@ -38,7 +38,7 @@ class RoundGrid:
         messages = list(messages)
         if self._first and timeout is not None and any(m.metadata.message_type == MessageType.TRAIN for m in messages):
             self._first, timeout = False, max(timeout, STARTUP_WAIT_S)
-        if getattr(self._grid, "in_process", False) or not messages:  # experiments/inprocess.py runs clients itself
+        if getattr(self._grid, "in_process", False) or not messages:  # flb/inprocess.py runs clients itself
             return list(self._grid.send_and_receive(messages, timeout=timeout))
         ids = list(self._grid.push_messages(messages))
         # A reply can come from the SuperLink instead of the node ("Node Unavailable", source node 1):

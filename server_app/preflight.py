@@ -4,7 +4,7 @@
 ranges, a leaf module) plus the names that registries own (dataset, model, teacher, teacher
 steps, device profiles). ``preflight`` adds what needs the data and the federation's size:
 partitions, local batches, memory budgets, the device and the results folder. The launcher
-(experiments/run.py) and the in-process runner (experiments/inprocess.py) call both; the
+(experiments/run.py) and the in-process runner (flb/inprocess.py) call both; the
 ServerApp calls ``parse_run_config``. Every error names the key, the value and what is allowed.
 """
 

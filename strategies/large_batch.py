@@ -45,7 +45,9 @@ from strategies.batch_policy import PolicyState
 from strategies.noise_scale import noise_stats
 from strategies.nodes import NodeDirectory, sample_nodes
 from strategies.records import MemorySink, RoundSink
-from strategies.reply_check import Expected, check_buffers, check_metrics, check_tensors, grad_norm, norm_outliers
+from strategies.reply_check import (
+    NORM_WINDOW, Expected, check_buffers, check_metrics, check_tensors, grad_norm, norm_outliers,
+)
 from strategies.server_opt import ServerSGD, lr_at
 from strategies.teacher_registry import load_teacher_state, teacher_state
 from strategies.teachers import RoundPlan, TeacherInput, TeacherOutput
@@ -125,6 +127,7 @@ class LargeBatchStrategy(FedAvg):
         self.round_lr = 0.0
         self.assigned: dict[int, tuple[int, int]] = {}  # this round: node id -> (partition id, b_i)
         self.round_plan, self.round_steps = RoundPlan(), cfg.local_steps  # this round's teacher plan, local steps H
+        self.norm_history: list[float] = []  # the largest accepted |g_i| of each of the last NORM_WINDOW rounds
 
     def summary(self) -> None:
         """Log the strategy's settings."""
@@ -231,6 +234,7 @@ class LargeBatchStrategy(FedAvg):
 
         for r in valid:
             self.drawn[r.partition_id] = self.drawn.get(r.partition_id, 0) + r.batch * self.round_steps
+        self.norm_history = (self.norm_history + [max(r.norm for r in valid)])[-NORM_WINDOW:]
         global_batch = sum(batches)
         self.samples_seen += global_batch * self.round_steps
         loss = sum(r.batch * r.metrics["train-loss"] for r in valid) / global_batch
@@ -296,12 +300,14 @@ class LargeBatchStrategy(FedAvg):
             if node not in by_node:
                 fail(node, f"no reply within round-timeout-s = {self.cfg.round_timeout_s:g} s")
                 self.nodes.quarantine(node)
-        outliers = norm_outliers([r.norm for r in candidates], self.cfg.max_norm_ratio)
+        recent = max(self.norm_history, default=0.0)
+        outliers = norm_outliers([r.norm for r in candidates], self.cfg.max_norm_ratio, recent)
         for r, out in zip(candidates, outliers):
             if out:
-                second = max(c.norm for c in candidates if c is not r)
-                fail(r.node_id, f"gradient norm {r.norm:.4g} is {r.norm / second:.3g} times the largest other "
-                     f"client's {second:.4g} (max-norm-ratio = {self.cfg.max_norm_ratio:g})")
+                reference = max(max(c.norm for c in candidates if c is not r), recent)
+                fail(r.node_id, f"gradient norm {r.norm:.4g} is {r.norm / reference:.3g} times the reference "
+                     f"{reference:.4g} (the largest other client's, or of the last {NORM_WINDOW} rounds; "
+                     f"max-norm-ratio = {self.cfg.max_norm_ratio:g})")
         valid = sorted((r for r, out in zip(candidates, outliers) if not out), key=lambda r: r.partition_id)
         return valid, sorted(failures, key=lambda f: (f["partition_id"], f["node_id"]))
 
@@ -356,6 +362,7 @@ class LargeBatchStrategy(FedAvg):
             "samples_seen": self.samples_seen,
             "virtual_total": self.virtual_total,
             "drawn": dict(self.drawn),
+            "norm_history": list(self.norm_history),
             "policy": self.policy.state_dict(),
         }
 
@@ -367,6 +374,7 @@ class LargeBatchStrategy(FedAvg):
         self.rng.bit_generator.state = state["rng"]
         self.samples_seen, self.virtual_total = int(state["samples_seen"]), float(state["virtual_total"])
         self.drawn = {int(k): int(v) for k, v in state["drawn"].items()}
+        self.norm_history = [float(n) for n in state.get("norm_history", [])]
         self.policy.load_state_dict(state["policy"])
         self.round_offset = completed_rounds
 

@@ -120,15 +120,20 @@ def grad_norm(tensors: Sequence[torch.Tensor]) -> float:
     return math.sqrt(sum(float(t.double().pow(2).sum()) for t in tensors))
 
 
-def norm_outliers(norms: Sequence[float], max_ratio: float) -> list[bool]:
-    """Flag a client whose gradient norm exceeds ``max_ratio`` times the largest norm of the others.
+NORM_WINDOW = 10  # rounds of accepted norms the guard remembers
 
-    The reference is the largest other norm, not the median: with non-IID partitions late in
-    training most clients have fit their few classes and their norms collapse, so an honest
-    client on a harder partition measured up to 125x the round's median (digits, Dirichlet
-    alpha = 0.1), while it stays within a few times the next-largest norm. The guard therefore
-    catches one gross outlier per round (a scaled, corrupted or exploding gradient); several
-    colluding clients need a Byzantine-robust rule, which this is not.
+
+def norm_outliers(norms: Sequence[float], max_ratio: float, recent_max: float = 0.0) -> list[bool]:
+    """Flag a client whose gradient norm exceeds ``max_ratio`` times a reference of honest norms.
+
+    The reference is the larger of the largest norm of the round's other clients and
+    ``recent_max``, the largest norm accepted in the last ``NORM_WINDOW`` rounds. Not the
+    median: with non-IID partitions, or local batches of a few examples, late in training most
+    clients have fit their examples and their gradients nearly vanish, while a client with a
+    hard example keeps a normal gradient; it measured up to 125x the round's median and 61x
+    the next-largest norm (digits, b_i = 4), but stays within a few times the norms of recent
+    rounds. The guard catches one gross outlier per round (a scaled, corrupted or exploding
+    gradient); several colluding clients need a Byzantine-robust rule, which this is not.
 
     Parameters
     ----------
@@ -136,6 +141,8 @@ def norm_outliers(norms: Sequence[float], max_ratio: float) -> list[bool]:
         |g_i| of the round's otherwise valid clients.
     max_ratio : float
         R; 0 turns the guard off.
+    recent_max : float
+        The largest accepted |g_i| of the last rounds (0 in round 1).
 
     Returns
     -------
@@ -146,5 +153,5 @@ def norm_outliers(norms: Sequence[float], max_ratio: float) -> list[bool]:
     if max_ratio <= 0 or len(norms) < 3:
         return [False] * len(norms)
     order = sorted(range(len(norms)), key=lambda i: norms[i], reverse=True)
-    top, second = norms[order[0]], norms[order[1]]
-    return [i == order[0] and top > max_ratio * second for i in range(len(norms))]
+    top, reference = norms[order[0]], max(norms[order[1]], recent_max)
+    return [i == order[0] and top > max_ratio * reference for i in range(len(norms))]

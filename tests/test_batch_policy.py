@@ -9,7 +9,7 @@ import pytest
 
 from client_app.job import get_job
 from estimators.performance import KneeModel, choose_batch
-from experiments.inprocess import run_inprocess
+from flb.inprocess import run_inprocess
 from strategies.batch_policy import ClientCapacity, memory_max_plan, optimal_plan
 from workloads.config import ConfigError, RunConfig
 
@@ -22,7 +22,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 def _run(tmp_path, **extra):
     out = tmp_path / extra["batch-policy"]
-    rounds = run_inprocess(BASE | extra | {"out-dir": str(out)}, num_clients=3)
+    rounds = pd.read_csv(run_inprocess(BASE | extra | {"out-dir": str(out)}, num_clients=3) / "rounds.csv")
     return rounds, pd.read_csv(out / "clients.csv"), json.loads((out / "batch_plan.json").read_text())
 
 

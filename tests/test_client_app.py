@@ -9,7 +9,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Error, Message, RecordDict
 from client_app.app import app as client_app
 from strategies.large_batch import LargeBatchStrategy, RoundFailure
 from strategies.teacher_registry import build_teacher
-from tests.conftest import FakeGrid, client_context, delivered, reply_via_client, state_arrays
+from flb.inprocess import FakeGrid, client_context, delivered, reply_via_client, state_arrays
 from workloads.config import ConfigError, RunConfig
 from workloads.models import build_model
 from workloads.training import draw_batch

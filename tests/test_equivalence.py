@@ -19,7 +19,7 @@ from client_app.job import get_job
 from strategies.large_batch import LargeBatchStrategy
 from strategies.server_opt import lr_at
 from strategies.teacher_registry import build_teacher
-from tests.conftest import FakeGrid, client_context, reply_via_client, state_arrays
+from flb.inprocess import FakeGrid, client_context, reply_via_client, state_arrays
 from workloads.config import RunConfig
 from workloads.models import build_model
 from workloads.registry import WORKLOADS

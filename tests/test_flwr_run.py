@@ -11,10 +11,11 @@ import subprocess
 import sys
 import time
 
+import pandas as pd
 import pytest
 import torch
 
-from experiments.inprocess import run_inprocess
+from flb.inprocess import run_inprocess
 from experiments.run import launch, prepare
 from tests.conftest import REPO_ROOT
 
@@ -60,8 +61,8 @@ def test_launcher_runs_flwr_and_writes_results(tmp_path):
     assert "[round 3/3]" in (out / "run.log").read_text()
 
     # The same config in one process (no Ray) gives the same numbers: only transport differs.
-    local = run_inprocess({"num-server-rounds": 3, "eval-every": 1, "global-batch-size": 64,
-                           "warmup-rounds": 0, "out-dir": str(tmp_path / "local")}, num_clients=4)
+    local = pd.read_csv(run_inprocess({"num-server-rounds": 3, "eval-every": 1, "global-batch-size": 64,
+                                       "warmup-rounds": 0, "out-dir": str(tmp_path / "local")}, num_clients=4) / "rounds.csv")
     for col in ("train_loss", "test_loss", "test_accuracy"):
         ray_values = [float(r[col]) for r in rows[1:]]
         assert local[col].iloc[1:].tolist() == pytest.approx(ray_values, rel=1e-4), col

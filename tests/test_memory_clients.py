@@ -1,6 +1,6 @@
 """Memory-aware clients: budgets from device profiles, micro-batches that fit, an unchanged step.
 
-A real in-process simulation (experiments/inprocess.py: the ServerApp, strategy and ClientApp
+A real in-process simulation (flb/inprocess.py: the ServerApp, strategy and ClientApp
 as in ``flwr run``) of the CNN on digits, 3 clients with b_i = 100 each.
 """
 
@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 import torch
 
-from experiments.inprocess import run_inprocess
+from flb.inprocess import run_inprocess
 from workloads.devices import memory_budget_mb, parse_profiles
 from workloads.errors import ConfigError
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from deploy.split_data import main as split_data
-from experiments.inprocess import run_inprocess
+from flb.inprocess import run_inprocess
 from workloads.errors import ConfigError
 
 BASE = {"num-server-rounds": 4, "eval-every": 2, "global-batch-size": 96, "clients-per-round": 2}

@@ -6,7 +6,7 @@ import numpy as np
 from flwr.app import Error, Message, MetricRecord, RecordDict
 
 from strategies.nodes import NodeDirectory, sample_nodes
-from tests.conftest import delivered
+from flb.inprocess import delivered
 
 
 class ClaimsGrid:

@@ -149,7 +149,7 @@ def test_a_teacher_plan_sets_local_steps_and_server_momentum():
     from client_app.app import app as client_app
     from strategies.large_batch import LargeBatchStrategy
     from strategies.teachers import IdentityTeacher, RoundPlan
-    from tests.conftest import FakeGrid, client_context, reply_via_client, state_arrays
+    from flb.inprocess import FakeGrid, client_context, reply_via_client, state_arrays
     from workloads.models import build_model
 
     class Switch(IdentityTeacher):

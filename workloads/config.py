@@ -67,7 +67,7 @@ class RunConfig:
     calibration_rounds: int = 2  # optimal: rounds at global-batch-size that measure the noise scale
     min_batch_fraction: float = 1.0  # a round needs valid replies covering this share of the planned batch
     round_timeout_s: float = 600.0  # seconds a round waits for replies; later ones count as failures
-    max_norm_ratio: float = 50.0  # reject a client whose |g_i| exceeds this times the largest other |g_j|; 0 = off
+    max_norm_ratio: float = 50.0  # reject |g_i| above this times the largest other / recent |g_j| (docs/faults.md); 0 = off
     checkpoint_every: int = 10  # write checkpoint.pt every this many rounds (and at the end); 0 = at the end
     resume: bool = False  # continue the run in out-dir from its checkpoint.pt
 

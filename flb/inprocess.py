@@ -1,35 +1,35 @@
-"""Run the real ServerApp and ClientApp in one process, without Ray: for experiments and notebooks.
+"""Flower without Flower's runtime: the real ServerApp and ClientApp in one process, and test doubles.
 
 ``run_inprocess(run_config, num_clients)`` calls ``server_app.app.app`` with a Grid that
 delivers each message to ``client_app.app.app`` directly, one client after another, with a
-persistent ``Context`` per node (as a SuperNode keeps one). The strategy, the client code and
-the results folder are exactly those of ``flwr run``; only the transport differs. A client
-exception becomes an error reply, as in Flower's runtimes.
+``Context`` per node. The strategy, the client code and the results folder are exactly those
+of ``flwr run``; only the transport differs (with one torch thread, the final model is
+bit-identical to a Ray run's). A client exception becomes an error reply, as in Flower's
+runtimes. ``flb.run`` and ``flb.sweep`` are built on it.
 
-Use it for sweeps of many short runs (experiments/paper_claim.py) and from notebooks:
-
->>> from experiments.inprocess import run_inprocess
->>> rounds = run_inprocess({"num-server-rounds": 20, "teacher": "noise"}, num_clients=8)
+The test doubles (``FakeGrid``, ``delivered``, ``client_context``, ``reply_via_client``) live
+here too, so tests, experiments and notebooks share one copy.
 
 It relies on one private Flower API: ``flwr.supercore.task_identity.TaskIdentity`` must be set
-to build messages outside a Flower runtime.
+to build messages outside a Flower runtime (``set_task_identity``).
 """
 
 from __future__ import annotations
 
 import itertools
+import logging
 import threading
 import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
-import pandas as pd
-from flwr.app import Context, Error, Message, Metadata, RecordDict
+from flwr.app import ArrayRecord, Context, Error, Message, MessageType, Metadata, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 
 
-def _set_task_identity() -> None:
+def set_task_identity() -> None:
+    """Let this process build Flower messages outside a Flower runtime (a private Flower API)."""
     from flwr.supercore.task_identity import TaskIdentity
 
     TaskIdentity.run_id = TaskIdentity.node_id = TaskIdentity.task_id = 1
@@ -42,6 +42,9 @@ class InProcessGrid(Grid):
 
     def __init__(self, client_app, num_nodes: int, run_config: dict[str, Any],
                  node_configs: list[dict[str, Any]] | None = None) -> None:
+        from estimators.memory_events import start_profiler_here
+
+        start_profiler_here()  # clients profile their step in worker threads (timeouts): init it here, once
         self.client_app = client_app
         self.contexts = {
             1000 + i: Context(run_id=1, node_id=1000 + i, state=RecordDict(), run_config=dict(run_config),
@@ -109,30 +112,28 @@ def _call(client_app, msg: Message, context: Context, timeout: float | None) -> 
     return box[0] if box else None
 
 
-def run_inprocess(run_config: dict[str, Any], num_clients: int, quiet: bool = True,
+def run_inprocess(run_config: dict[str, Any], num_clients: int,
                   client_app: Callable[[Message, Context], Message] | None = None,
-                  node_configs: list[dict[str, Any]] | None = None) -> pd.DataFrame:
-    """Run the app in this process; return rounds.csv as a DataFrame.
+                  node_configs: list[dict[str, Any]] | None = None) -> Path:
+    """Run the app in this process; return the results folder.
 
     Parameters
     ----------
     run_config : dict
         Kebab-case run-config overrides (missing keys take the pyproject defaults). Give
-        ``out-dir`` to keep the results folder; otherwise it goes to ./results/<stamp>-inprocess-<dataset>-s<seed>.
+        ``out-dir`` to choose the results folder (default ./results/<stamp>-inprocess-<dataset>-s<seed>).
         The launcher's pre-flight checks run first (server_app/preflight.py).
     num_clients : int
         Number of virtual nodes (num-supernodes); node i has partition-id i.
-    quiet : bool
-        Silence Flower's per-round INFO logging.
     client_app : callable, optional
         What answers the messages instead of the real ClientApp, e.g. an
         ``experiments.faults.FaultyClientApp`` around it.
     node_configs : list of dict, optional
         Node i's ``node_config`` (default: partition-id i of ``num_clients``), as a SuperNode's
         ``--node-config`` would give it, e.g. ``{"data-dir": ...}`` for node-local data.
-    """
-    import logging
 
+    Logging is left as it is; ``flb.run`` quiets Flower and shows a progress bar.
+    """
     import torch
 
     from client_app.app import app as real_client_app
@@ -140,23 +141,69 @@ def run_inprocess(run_config: dict[str, Any], num_clients: int, quiet: bool = Tr
     from server_app.app import app as server_app
     from server_app.preflight import parse_run_config, preflight
 
-    _set_task_identity()
+    set_task_identity()
     cfg = parse_run_config(project_defaults() | run_config)
     if not cfg.out_dir:
         stamp = time.strftime("%Y%m%d-%H%M%S")
         cfg = cfg.replace(out_dir=str(Path("results") / f"{stamp}-inprocess-{cfg.dataset}-s{cfg.seed}"))
     cfg = cfg.replace(out_dir=str(Path(cfg.out_dir).expanduser().resolve()))
     for warning in preflight(cfg, num_clients, torch.get_num_threads()):
-        if not quiet:
-            print(f"warning: {warning}")
+        logging.getLogger("flwr").warning(warning)
     full = cfg.to_mapping()
     grid = InProcessGrid(client_app or real_client_app, num_clients, full, node_configs)
-    logger = logging.getLogger("flwr")
-    level = logger.level
-    if quiet:
-        logger.setLevel(logging.WARNING)
-    try:
-        server_app(grid=grid, context=Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config=full))
-    finally:
-        logger.setLevel(level)
-    return pd.read_csv(Path(cfg.out_dir) / "rounds.csv")
+    server_app(grid=grid, context=Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config=full))
+    return Path(cfg.out_dir)
+
+
+# ----------------------------------------------------------------------------- test doubles
+class FakeGrid:
+    """The part of a Flower Grid the strategy uses outside a round: node ids and the identify query.
+
+    Node ``node_ids[i]`` holds partition i of ``len(node_ids)``.
+    """
+
+    def __init__(self, node_ids: list[int]) -> None:
+        self.node_ids = node_ids
+
+    def get_node_ids(self) -> list[int]:  # noqa: D102 - Grid API
+        return list(self.node_ids)
+
+    def send_and_receive(self, messages, *, timeout=None):  # noqa: D102 - Grid API
+        replies = []
+        for m in messages:
+            assert m.metadata.message_type == "query.identify", m.metadata.message_type
+            pid = self.node_ids.index(m.metadata.dst_node_id)
+            content = RecordDict({"metrics": MetricRecord({"partition-id": pid, "num-partitions": len(self.node_ids)})})
+            replies.append(Message(content, reply_to=delivered(m)))
+        return replies
+
+
+def delivered(msg: Message) -> Message:
+    """``msg`` as a ClientApp receives it: with the metadata the SuperLink would add."""
+    md = msg.metadata
+    return Message(
+        content=msg.content,
+        metadata=Metadata(
+            run_id=1, message_id=f"m{md.dst_node_id}-{time.time_ns()}", src_node_id=1,
+            dst_node_id=md.dst_node_id, reply_to_message_id="", group_id=md.group_id or "1",
+            created_at=time.time(), ttl=3600.0, message_type=md.message_type or MessageType.TRAIN,
+        ),
+    )
+
+
+def reply_via_client(client_app, msg: Message, ctx: Context) -> Message:
+    """Deliver ``msg`` to the ClientApp the way a SuperNode does and return the reply."""
+    return client_app(delivered(msg), ctx)
+
+
+def client_context(node_id: int, partition_id: int, num_partitions: int, run_config: dict) -> Context:
+    """A fresh ClientApp context as simulation builds it."""
+    return Context(
+        run_id=1, node_id=node_id, state=RecordDict(), run_config=dict(run_config),
+        node_config={"partition-id": partition_id, "num-partitions": num_partitions},
+    )
+
+
+def state_arrays(state) -> ArrayRecord:
+    """A copy of a state dict as the ArrayRecord the strategy sends."""
+    return ArrayRecord({k: v.clone() for k, v in state.items()})

@@ -1,0 +1,106 @@
+"""Scale of the simulation: ``python -m experiments.bench_scale --clients N --per-round K [--rounds R]``.
+
+A real ``flwr run`` of the app through the launcher (Ray engine, ``client-resources-num-cpus=1``):
+``N`` virtual clients, ``K`` sampled per round, MNIST (``--dataset``, default; needs
+``FLB_DATA_DIR``) or digits, the default model and a global batch of ``--batch`` (default 20 per
+sampled client). While it runs, the memory of the whole process tree (the launcher, the
+SuperLink, the simulation, Ray's processes and actors) is sampled every 0.5 s from ``/proc``.
+
+Reported: ``startup_s`` (from the launch to the end of round 1, less one steady round: SuperLink,
+Ray, actors, the identify query and the clients' first data load), ``s_per_round`` (the median
+wall time of rounds 2..R), ``peak_rss_mb`` (the largest sum of the tree's resident set sizes;
+shared pages count once per process) and ``peak_pss_mb`` (the same with shared pages divided
+among their processes: the memory really used). The last line is
+``clients=<N> per_round=<K> s_per_round=<x> startup_s=<y> peak_rss_mb=<z>``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import threading
+import time
+from pathlib import Path
+
+import pandas as pd
+
+from experiments.run import launch, prepare
+from experiments.superlink import descendants
+
+
+def _tree_memory_mb(root: int) -> tuple[float, float]:
+    """(sum of RSS, sum of PSS) of ``root`` and its descendants, MiB."""
+    rss = pss = 0
+    for pid in [root, *descendants(root)]:
+        try:
+            for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+                if line.startswith("Rss:"):
+                    rss += int(line.split()[1])
+                elif line.startswith("Pss:"):
+                    pss += int(line.split()[1])
+        except OSError:
+            continue
+    return rss / 1024, pss / 1024
+
+
+class MemorySampler(threading.Thread):
+    """Samples the process tree's memory every ``interval_s`` until stopped; keeps the peaks."""
+
+    def __init__(self, root: int, interval_s: float = 0.5) -> None:
+        super().__init__(daemon=True)
+        self.root, self.interval_s = root, interval_s
+        self.peak_rss = self.peak_pss = 0.0
+        self._stop = threading.Event()
+
+    def run(self) -> None:  # noqa: D102 - Thread API
+        while not self._stop.is_set():
+            rss, pss = _tree_memory_mb(self.root)
+            self.peak_rss, self.peak_pss = max(self.peak_rss, rss), max(self.peak_pss, pss)
+            self._stop.wait(self.interval_s)
+
+    def stop(self) -> None:
+        """Stop sampling."""
+        self._stop.set()
+        self.join()
+
+
+def main(argv: list[str] | None = None) -> dict:
+    """Run the benchmark and print its figures."""
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--clients", type=int, required=True)
+    p.add_argument("--per-round", type=int, required=True)
+    p.add_argument("--rounds", type=int, default=10)
+    p.add_argument("--dataset", default="mnist", choices=("mnist", "digits"))
+    p.add_argument("--batch", type=int, default=0, help="global batch (default 20 per sampled client)")
+    p.add_argument("--out", default="", help="results folder (default: results/scale-<N>-<K>)")
+    p.add_argument("--run-config", default="", help="more run-config overrides")
+    args = p.parse_args(argv)
+    batch = args.batch or 20 * args.per_round
+    data = f"data-dir='{os.environ['FLB_DATA_DIR']}'" if args.dataset == "mnist" and os.environ.get("FLB_DATA_DIR") else ""
+    out = args.out or f"results/scale-{args.clients}-{args.per_round}-{time.strftime('%Y%m%d-%H%M%S')}"
+    cfg, fed, out_dir, _ = prepare(
+        f"dataset={args.dataset} {data} num-server-rounds={args.rounds} eval-every={args.rounds} "
+        f"clients-per-round={args.per_round} global-batch-size={batch} {args.run_config}",
+        f"num-supernodes={args.clients}", out)
+    sampler = MemorySampler(os.getpid())
+    sampler.start()
+    start = time.perf_counter()
+    code = launch(cfg, fed, out_dir, quiet=True)
+    wall = time.perf_counter() - start
+    sampler.stop()
+    if code != 0:
+        raise SystemExit(f"the run failed; see {out_dir}/run.log")
+    rounds = pd.read_csv(out_dir / "rounds.csv").set_index("round")
+    per_round = float(rounds["wall_s"].diff().loc[2:].median())
+    startup = float(rounds.loc[1, "wall_s"]) + (wall - float(rounds["wall_s"].iloc[-1])) - per_round
+    result = {"clients": args.clients, "per_round": args.per_round, "s_per_round": per_round, "startup_s": startup,
+              "peak_rss_mb": sampler.peak_rss, "peak_pss_mb": sampler.peak_pss, "wall_s": wall}
+    print(f"{args.clients} clients, {args.per_round} per round, B={batch}, {args.rounds} rounds, {args.dataset}: "
+          f"wall {wall:.1f} s, round 1 ended at {rounds.loc[1, 'wall_s']:.1f} s of the ServerApp, "
+          f"peak PSS {sampler.peak_pss:.0f} MiB")
+    print(" ".join(f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}" for k, v in result.items() if k != "wall_s"))
+    return result
+
+
+if __name__ == "__main__":
+    main()
