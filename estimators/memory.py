@@ -4,23 +4,44 @@ Each federated client picks its local batch ``b_i`` (and micro-batch) from this 
 instead of probing for out-of-memory errors (PyTorch Lightning's ``BatchSizeFinder`` doubles
 the batch until it crashes, then binary-searches).
 
+**Two gradient modes** (``set_to_none``). How a step clears the previous step's gradients
+decides where they are live:
+
+- ``set_to_none=True``, the default: PyTorch's own loop (``optimizer.zero_grad()`` and
+  ``model.zero_grad()`` default to it). The ``.grad`` tensors are freed at the step start, the
+  forward pass runs without them, and backward allocates them again (``AccumulateGrad`` keeps
+  each incoming gradient buffer as ``.grad``).
+- ``set_to_none=False``: the step of the flower-large-batch clients
+  (``workloads.training.batch_gradient`` calls ``zero_grad(set_to_none=False)``;
+  ``client_app.job.step_estimator`` passes ``set_to_none=False``). Gradients stay allocated
+  through the whole step and are zeroed in place; each backward adds into them and frees its
+  incoming buffers, so forward and backward run one gradient copy higher.
+
+Gradients are live at the start of either step (left by the previous one) and again from
+backward on, so ``state`` counts them in both. With micro-batches only the first pass
+differs: every later pass finds the gradients allocated, in both modes.
+
 **Model.** Record the allocator's live bytes after every allocation and free of a real
-training step (``estimators/memory_trace.py``: the client's step, once gradients and optimizer
+training step (``estimators/memory_trace.py``, in the chosen mode, once gradients and optimizer
 state exist, as in its second step) at a ladder of small batch sizes (3, 6, 12, 24).
 Within one op sequence every tensor's size is affine in the batch (activations, their
 gradients and the input scale with b; parameters, gradients and optimizer state do not), so
 the live bytes after event t are affine too. With ``m`` the micro-batch (``m = b`` without
-micro-batching) and ``r`` the size of the last micro-batch::
+micro-batching), ``k = ceil(b / m)`` passes and ``r`` the size of the last micro-batch::
 
     base(b)     = state + input * b                      (live when the step starts)
-    live_t(m)   = fixed_t + slope_t * m                  (minus base, after event t)
-    peak(b, m)  = base(b) + max(0, max_t live_t(m), max_t live_t(r))      bytes
+    live_t(m)   = fixed_t + slope_t * m                  (minus base, after event t of the first pass)
+    later_t(m)  = fixed'_t + slope'_t * m                (the same, for a pass with gradients allocated)
+    peak(b, m)  = base(b) + max(0, max_t live_t(m), max_t later_t(m) if k > 2,
+                                max_t later_t(r) if k > 1)                 bytes
 
-``state`` = parameters + buffers + gradients + optimizer state (SGD momentum; Adam exp_avg,
-exp_avg_sq, step), ``input`` = bytes of one example plus its int64 label. The input batch stays
-resident for the whole step, while activations, the transient peak inside backward (gradient
-buffers of each op before ``AccumulateGrad`` adds them in place) and the optimizer's
-temporaries follow the micro-batch: micro-batches are processed one after another.
+With ``set_to_none=False`` ``later_t = live_t``; with True each ladder size is traced twice,
+the step and one more pass with the gradients kept. ``state`` = parameters + buffers +
+gradients + optimizer state (SGD momentum; Adam exp_avg, exp_avg_sq, step), ``input`` = bytes
+of one example plus its int64 label. The input batch stays resident for the whole step, while
+activations, the transient peak inside backward (gradient buffers of each op before
+``AccumulateGrad`` adds them in place, or keeps them) and the optimizer's temporaries follow
+the micro-batch: micro-batches are processed one after another.
 
 **Kernel switches.** The op sequence is not the same at every batch: PyTorch picks kernels by
 shape (on the CPU, ``ConvParams::use_mkldnn`` runs 1x1 convolutions natively below batch 16
@@ -47,8 +68,8 @@ is within -9.3% .. +8.0% on the forward alone; PyTorch's MemTracker on FakeTenso
 publishes no error. A real trace sees op-internal workspaces (oneDNN scratchpads and reorders,
 cuDNN/cuBLAS workspaces), allocator rounding and in-place reuse, which those must model. The
 cost: two optimizer steps (one materialises the state from zero gradients, one is recorded)
-and forward/backward passes at the ladder sizes (45 examples in all), never a step at a
-predicted size. Unlike the probe (Lightning),
+and forward/backward passes at the ladder sizes (45 examples in all; 90 with ``set_to_none``),
+never a step at a predicted size. Unlike the probe (Lightning),
 nothing is run near the memory limit.
 """
 
@@ -99,6 +120,13 @@ class StepMemoryModel:
     same_ops : tuple of bool
         Per piece, whether both ends ran the same op sequence. If not, a kernel switches
         between them and the piece only bounds the regime of its upper end.
+    set_to_none : bool
+        How the step clears gradients: freed by ``zero_grad(set_to_none=True)`` (PyTorch's
+        default) or kept and zeroed in place (False, the clients).
+    later_fixed, later_slope, later_same_ops : tuple
+        As ``fixed``, ``slope``, ``same_ops``, for every micro-batch after the first of an
+        accumulated step, which runs with the gradients allocated. Empty: such passes run as
+        the first (``set_to_none=False``).
     """
 
     state_bytes: float
@@ -107,42 +135,71 @@ class StepMemoryModel:
     fixed: tuple[np.ndarray, ...]
     slope: tuple[np.ndarray, ...]
     same_ops: tuple[bool, ...]
+    set_to_none: bool = False
+    later_fixed: tuple[np.ndarray, ...] = ()
+    later_slope: tuple[np.ndarray, ...] = ()
+    later_same_ops: tuple[bool, ...] = ()
 
-    def _pieces_for(self, m: int) -> list[int]:
-        """Pieces whose regime may hold at m: its own, plus nearest clean ones if it straddles a switch."""
-        i = int(np.clip(np.searchsorted(self.knots, m, side="right") - 1, 0, len(self.same_ops) - 1))
-        if self.same_ops[i]:
-            return [i]
-        below = [j for j in range(i) if self.same_ops[j]][-1:]
-        above = [j for j in range(i + 1, len(self.same_ops)) if self.same_ops[j]][:1]
-        return [i, *below, *above]
+    def transient_bytes(self, micro_batch: int, later: bool = False) -> float:
+        """Largest live bytes above the step start for one (micro-)batch of ``micro_batch``, bytes.
 
-    def transient_bytes(self, micro_batch: int) -> float:
-        """Largest live bytes above the step start for one (micro-)batch of ``micro_batch``, bytes."""
-        peaks = [(self.fixed[i] + self.slope[i] * micro_batch).max(initial=0.0) for i in self._pieces_for(micro_batch)]
-        return max(0.0, float(max(peaks)))
+        ``later``: a micro-batch after the first of an accumulated step (gradients allocated).
+        """
+        if later and self.later_same_ops:
+            return piece_max(self.knots, self.later_fixed, self.later_slope, self.later_same_ops, micro_batch)
+        return piece_max(self.knots, self.fixed, self.slope, self.same_ops, micro_batch)
 
     def to_arrays(self) -> dict[str, np.ndarray]:
         """The model as plain arrays (for the on-disk cache, workloads/cache.py)."""
-        out = {"scalars": np.asarray([self.state_bytes, self.input_bytes_per_example]),
-               "knots": np.asarray(self.knots, dtype=np.int64), "same_ops": np.asarray(self.same_ops, dtype=bool)}
+        out = {"scalars": np.asarray([self.state_bytes, self.input_bytes_per_example, float(self.set_to_none)]),
+               "knots": np.asarray(self.knots, dtype=np.int64), "same_ops": np.asarray(self.same_ops, dtype=bool),
+               "later_same_ops": np.asarray(self.later_same_ops, dtype=bool)}
         for i, (f, s) in enumerate(zip(self.fixed, self.slope)):
             out[f"fixed_{i}"], out[f"slope_{i}"] = f, s
+        for i, (f, s) in enumerate(zip(self.later_fixed, self.later_slope)):
+            out[f"later_fixed_{i}"], out[f"later_slope_{i}"] = f, s
         return out
 
     @classmethod
     def from_arrays(cls, a: dict[str, np.ndarray]) -> StepMemoryModel:
         """Inverse of ``to_arrays``."""
-        n = len(a["same_ops"])
+        n, n_later = len(a["same_ops"]), len(a.get("later_same_ops", ()))
         return cls(float(a["scalars"][0]), float(a["scalars"][1]), tuple(int(k) for k in a["knots"]),
                    tuple(np.asarray(a[f"fixed_{i}"]) for i in range(n)), tuple(np.asarray(a[f"slope_{i}"]) for i in range(n)),
-                   tuple(bool(b) for b in a["same_ops"]))
+                   tuple(bool(b) for b in a["same_ops"]), len(a["scalars"]) > 2 and bool(a["scalars"][2]),
+                   tuple(np.asarray(a[f"later_fixed_{i}"]) for i in range(n_later)),
+                   tuple(np.asarray(a[f"later_slope_{i}"]) for i in range(n_later)),
+                   tuple(bool(b) for b in a.get("later_same_ops", ())))
 
     def peak_bytes(self, batch_size: int, micro_batch: int) -> float:
-        """Peak live bytes of a step over ``batch_size`` examples in micro-batches, bytes."""
-        last = batch_size - (math.ceil(batch_size / micro_batch) - 1) * micro_batch
-        transient = max(self.transient_bytes(micro_batch), self.transient_bytes(last))
+        """Peak live bytes of a step over ``batch_size`` examples in micro-batches, bytes.
+
+        The first pass runs ``transient_bytes(m)``; the middle ones and the last (``r``
+        examples) run with the gradients allocated (``later=True``).
+        """
+        m = min(micro_batch, batch_size)
+        passes = math.ceil(batch_size / m)
+        transient = self.transient_bytes(m)
+        if passes > 1:
+            last = batch_size - (passes - 1) * m
+            transient = max(transient, self.transient_bytes(last, later=True))
+        if passes > 2:
+            transient = max(transient, self.transient_bytes(m, later=True))
         return self.state_bytes + self.input_bytes_per_example * batch_size + transient
+
+
+def piece_max(knots: tuple[int, ...], fixed: tuple[np.ndarray, ...], slope: tuple[np.ndarray, ...],
+              same_ops: tuple[bool, ...], m: int) -> float:
+    """Largest ``max(0, fixed[i] + slope[i] * m)`` over the pieces whose regime may hold at ``m``, bytes.
+
+    That is m's own piece, plus the nearest clean pieces below and above if it straddles a
+    kernel switch (see the module docstring).
+    """
+    i = int(np.clip(np.searchsorted(knots, m, side="right") - 1, 0, len(same_ops) - 1))
+    pieces = [i]
+    if not same_ops[i]:
+        pieces += [j for j in range(i) if same_ops[j]][-1:] + [j for j in range(i + 1, len(same_ops)) if same_ops[j]][:1]
+    return max(0.0, max(float((fixed[j] + slope[j] * m).max(initial=0.0)) for j in pieces))
 
 
 def _align(lo: StepTrace, hi: StepTrace) -> np.ndarray:
@@ -198,6 +255,7 @@ def fit_step_model(traces: list[StepTrace]) -> StepMemoryModel:
     ----------
     traces : list of StepTrace
         From :func:`estimators.memory_trace.trace_steps`; the first has the optimizer events.
+        Steps that free the gradients (``set_to_none``) need their ``later`` passes too.
 
     Returns
     -------
@@ -206,20 +264,31 @@ def fit_step_model(traces: list[StepTrace]) -> StepMemoryModel:
     sizes = [t.batch_size for t in traces]
     if len(traces) < 2 or any(a >= b for a, b in zip(sizes, sizes[1:])):
         raise ValueError(f"trace batch sizes {sizes} are not allowed; need two or more, strictly ascending")
-    full = [with_optimizer(t, traces[0]) for t in traces]
-    pieces = [fit_piece(lo, hi) for lo, hi in zip(full, full[1:])]
+    set_to_none = traces[0].set_to_none
+    if any(t.set_to_none != set_to_none or (set_to_none and t.later is None) for t in traces):
+        raise ValueError("traces are not allowed: all must share set_to_none, and set_to_none traces need their later "
+                         "passes (trace_steps(..., later_passes=True))")
+    first = _fit_pieces([with_optimizer(t, traces[0]) for t in traces])
+    later = _fit_pieces([with_optimizer(t.later, traces[0]) for t in traces]) if set_to_none else ((), (), ())
     return StepMemoryModel(
         state_bytes=float(max(t.live_before - t.input_bytes for t in traces)),
         input_bytes_per_example=float(max(t.input_bytes / t.batch_size for t in traces)),
         knots=tuple(sizes),
-        fixed=tuple(f for f, _ in pieces),
-        slope=tuple(sl for _, sl in pieces),
-        same_ops=tuple(lo.keys == hi.keys for lo, hi in zip(full, full[1:])),
+        fixed=first[0], slope=first[1], same_ops=first[2],
+        set_to_none=set_to_none,
+        later_fixed=later[0], later_slope=later[1], later_same_ops=later[2],
     )
 
 
+def _fit_pieces(full: list[StepTrace]) -> tuple[tuple[np.ndarray, ...], tuple[np.ndarray, ...], tuple[bool, ...]]:
+    """(fixed, slope, same_ops) of the pieces between adjacent traces (with optimizer events)."""
+    pieces = [fit_piece(lo, hi) for lo, hi in zip(full, full[1:])]
+    return (tuple(f for f, _ in pieces), tuple(sl for _, sl in pieces),
+            tuple(lo.keys == hi.keys for lo, hi in zip(full, full[1:])))
+
+
 class MemoryEstimator:
-    """Predict the peak memory of the clients' training step for any batch size.
+    """Predict the peak memory of a training step for any batch size.
 
     Parameters
     ----------
@@ -249,7 +318,7 @@ class MemoryEstimator:
     trace_batch_sizes : tuple of int, default (3, 6, 12, 24)
         The small batches that are traced (two or more; >= 2 for BatchNorm nets whose last
         map is 1x1). Estimation runs forward/backward passes only at these sizes (45 examples
-        in all) plus two optimizer steps.
+        in all, twice with ``set_to_none``) plus two optimizer steps.
     refine : bool, optional
         Extend the ladder by doubling (48, 96, ...) up to half the batch a query asks about,
         tracing each new size once. Default: on for CUDA, off for the CPU. cuDNN and cuBLAS
@@ -261,6 +330,12 @@ class MemoryEstimator:
     fitted : StepMemoryModel, optional
         A fit of this exact step made before (``StepMemoryModel.from_arrays`` of a cached
         ``to_arrays``): used as is, nothing is traced. Ignored with ``refine``.
+    set_to_none : bool, default True
+        How the step clears gradients before its forward pass. True: PyTorch's default loop
+        (``optimizer.zero_grad()`` / ``model.zero_grad()`` free the ``.grad`` tensors, the first
+        backward allocates them again). False: kept and zeroed in place, as the flower-large-batch
+        clients do (``workloads.training.batch_gradient``; ``client_app.job.step_estimator``
+        passes False). With True, tracing also runs one accumulating pass per ladder size.
 
     Notes
     -----
@@ -289,8 +364,13 @@ class MemoryEstimator:
         trace_batch_sizes: tuple[int, ...] = TRACE_BATCH_SIZES,
         refine: bool | None = None,
         fitted: StepMemoryModel | None = None,
+        set_to_none: bool = True,
     ) -> None:
         self.optimizer = check_optimizer(optimizer)
+        self.set_to_none = bool(set_to_none)
+        if fitted is not None and fitted.set_to_none != self.set_to_none:
+            raise ValueError(f"fitted is a fit with set_to_none={fitted.set_to_none}, not allowed with "
+                             f"set_to_none={self.set_to_none}; allowed: a fit of the same mode, or none")
         self.num_classes = check_positive("num_classes", num_classes)
         if not isinstance(input_dtype, torch.dtype):
             raise ValueError(f"input_dtype={input_dtype!r} is not allowed; pass a torch.dtype such as torch.float32 or torch.long")
@@ -318,7 +398,7 @@ class MemoryEstimator:
         """Trace ``sizes`` and refit; adds their wall time to ``estimate_seconds``."""
         start = time.perf_counter()
         new = trace_steps(self._model, self.optimizer, self.make_input, self.num_classes, sizes, 0, self.device,
-                          optimizer_once=True, warmup="state", transform=self.transform)
+                          optimizer_once=True, warmup="state", transform=self.transform, set_to_none=self.set_to_none)
         self._traces = sorted(self._traces + new, key=lambda t: t.batch_size)
         self.step_model = fit_step_model(self._traces)
         self.estimate_seconds += time.perf_counter() - start
