@@ -1,6 +1,6 @@
 """Instrumentation for the memory estimator: run a training step and record its live bytes.
 
-The step is the client's (``workloads.training.batch_gradient`` then ``optimizer.step()``):
+The step runs the client's ``workloads.training.batch_gradient`` then ``optimizer.step()``:
 forward, ``CrossEntropyLoss(reduction="sum") / n``, backward accumulated over micro-batches, one
 optimizer step. It clears the gradients first in one of two ways (``set_to_none``):
 
@@ -32,7 +32,9 @@ clears them, so the step of record is the *second* one: it starts with gradients
 modes (with ``set_to_none`` it frees them at once). The ground truth warms up with a full
 step at the same size. The estimator records several sizes after one cheaper warm-up (zero
 gradients and one optimizer step); on the benchmark models both give identical event streams,
-because the warm-up only materialises state that does not depend on the batch.
+because the warm-up only materialises state that does not depend on the batch (with
+``set_to_none`` the recorded step frees those zero gradients as it would free backward's:
+both have the parameters' sizes and layouts).
 
 References: PyTorch MemTracker / FakeTensor (pytorch/pytorch PR #124685) for the idea of an
 allocator-faithful step trace; DNNMem (Gao et al., ESEC/FSE 2020) for the error sources
