@@ -35,13 +35,13 @@ micro-batching), ``k = ceil(b / m)`` passes and ``r`` the size of the last micro
     peak(b, m)  = base(b) + max(0, max_t live_t(m), max_t later_t(m) if k > 2,
                                 max_t later_t(r) if k > 1)                 bytes
 
-With ``set_to_none=False`` ``later_t = live_t``; with True each ladder size is traced twice,
-the step and one more pass with the gradients kept. ``state`` = parameters + buffers +
-gradients + optimizer state (SGD momentum; Adam exp_avg, exp_avg_sq, step), ``input`` = bytes
-of one example plus its int64 label. The input batch stays resident for the whole step, while
-activations, the transient peak inside backward (gradient buffers of each op before
-``AccumulateGrad`` adds them in place, or keeps them) and the optimizer's temporaries follow
-the micro-batch: micro-batches are processed one after another. The fit
+With ``set_to_none=False`` ``later_t = live_t``; with True ``later_t`` is ``live_t`` of a False
+step, traced at the ladder sizes when a query first uses micro-batches (k > 1). ``state`` =
+parameters + buffers + gradients + optimizer state (SGD momentum; Adam exp_avg, exp_avg_sq,
+step), ``input`` = bytes of one example plus its int64 label. The input batch stays resident
+for the whole step, while activations, the transient peak inside backward (gradient buffers of
+each op before ``AccumulateGrad`` adds them in place, or keeps them) and the optimizer's
+temporaries follow the micro-batch: micro-batches are processed one after another. The fit
 (``StepMemoryModel``, ``fit_step_model``) is in estimators/memory_fit.py.
 
 **Kernel switches.** The op sequence is not the same at every batch: PyTorch picks kernels by
@@ -69,9 +69,9 @@ is within -9.3% .. +8.0% on the forward alone; PyTorch's MemTracker on FakeTenso
 publishes no error. A real trace sees op-internal workspaces (oneDNN scratchpads and reorders,
 cuDNN/cuBLAS workspaces), allocator rounding and in-place reuse, which those must model. The
 cost: two optimizer steps (one materialises the state from zero gradients, one is recorded)
-and forward/backward passes at the ladder sizes (45 examples in all; 90 with ``set_to_none``),
-never a step at a predicted size. Unlike the probe (Lightning),
-nothing is run near the memory limit.
+and forward/backward passes at the ladder sizes (45 examples in all; twice that for a
+micro-batched ``set_to_none`` query), never a step at a predicted size. Unlike the probe
+(Lightning), nothing is run near the memory limit.
 """
 
 from __future__ import annotations
@@ -131,7 +131,8 @@ class MemoryEstimator:
     trace_batch_sizes : tuple of int, default (3, 6, 12, 24)
         The small batches that are traced (two or more; >= 2 for BatchNorm nets whose last
         map is 1x1). Estimation runs forward/backward passes only at these sizes (45 examples
-        in all, twice with ``set_to_none``) plus two optimizer steps.
+        in all; again with the gradients kept once a ``set_to_none`` query uses micro-batches)
+        plus two optimizer steps.
     refine : bool, optional
         Extend the ladder by doubling (48, 96, ...) up to half the batch a query asks about,
         tracing each new size once. Default: on for CUDA, off for the CPU. cuDNN and cuBLAS
@@ -148,7 +149,8 @@ class MemoryEstimator:
         (``optimizer.zero_grad()`` / ``model.zero_grad()`` free the ``.grad`` tensors, the first
         backward allocates them again). False: kept and zeroed in place, as the flower-large-batch
         clients do (``workloads.training.batch_gradient``; ``client_app.job.step_estimator``
-        passes False). With True, tracing also runs one accumulating pass per ladder size.
+        passes False). With True, the first query with micro-batches also traces the ladder
+        with the gradients kept, as every micro-batch after the first runs.
 
     Notes
     -----
@@ -160,7 +162,7 @@ class MemoryEstimator:
     step_model : StepMemoryModel
         The fitted model (bytes).
     estimate_seconds : float
-        Wall time the two traces and the fit took, s.
+        Wall time of all tracing and fitting so far, s.
     """
 
     def __init__(
@@ -201,20 +203,40 @@ class MemoryEstimator:
         self.refine = self.device.type == "cuda" if refine is None else bool(refine)
         self._model = model
         self._traces: list[StepTrace] = []
+        self._later: list[StepTrace] | None = None  # set_to_none: gradients-kept steps, traced when first needed
         self.estimate_seconds = 0.0
         if fitted is not None and not self.refine:  # a fit of the same step, from the cache: no tracing
             self.step_model = fitted
         else:
             self._trace(sizes)
 
-    def _trace(self, sizes: list[int]) -> None:
-        """Trace ``sizes`` and refit; adds their wall time to ``estimate_seconds``."""
+    def _trace(self, sizes: list[int], later: bool = False) -> None:
+        """Trace ``sizes`` and refit; adds their wall time to ``estimate_seconds``.
+
+        With ``set_to_none``, the later passes (steps with gradients kept) are traced at every
+        knot that lacks one once ``later`` is asked for, and from then on with every new size.
+        """
         start = time.perf_counter()
-        new = trace_steps(self._model, self.optimizer, self.make_input, self.num_classes, sizes, 0, self.device,
-                          optimizer_once=True, warmup="state", transform=self.transform, set_to_none=self.set_to_none)
-        self._traces = sorted(self._traces + new, key=lambda t: t.batch_size)
-        self.step_model = fit_step_model(self._traces)
+
+        def run(at: list[int], set_to_none: bool) -> list[StepTrace]:
+            return trace_steps(self._model, self.optimizer, self.make_input, self.num_classes, at, 0, self.device,
+                               optimizer_once=True, warmup="state", transform=self.transform, set_to_none=set_to_none)
+
+        if sizes:
+            self._traces = sorted(self._traces + run(sizes, self.set_to_none), key=lambda t: t.batch_size)
+        if self.set_to_none and (later or self._later is not None):
+            have = {t.batch_size for t in self._later or []}
+            missing = [t.batch_size for t in self._traces if t.batch_size not in have]
+            self._later = sorted((self._later or []) + (run(missing, False) if missing else []), key=lambda t: t.batch_size)
+        self.step_model = fit_step_model(self._traces, self._later)
         self.estimate_seconds += time.perf_counter() - start
+
+    def _with_later_passes(self) -> StepMemoryModel:
+        """``step_model``, first fitting the passes after the first micro-batch if it lacks them (``set_to_none``)."""
+        if self.set_to_none and not self.step_model.later_same_ops:
+            # a cached fit has no traces: trace its knots again
+            self._trace([] if self._traces else list(self.step_model.knots), later=True)
+        return self.step_model
 
     def _refined(self, search: Callable[[], int]) -> int:
         """Run ``search`` (a batch size); with ``refine``, add doubling knots below it and search again."""
@@ -251,7 +273,8 @@ class MemoryEstimator:
         """
         b = check_positive("batch_size", batch_size)
         m = b if micro_batch_size is None else min(b, check_positive("micro_batch_size", micro_batch_size))
-        return int(math.ceil(self.step_model.peak_bytes(b, m)))
+        model = self._with_later_passes() if m < b else self.step_model
+        return int(math.ceil(model.peak_bytes(b, m)))
 
     def _check_budget(self, budget_bytes: int) -> int:
         if isinstance(budget_bytes, bool) or not float(budget_bytes) >= self.state_bytes:

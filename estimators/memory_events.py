@@ -11,13 +11,13 @@ import contextlib
 import gc
 import os
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 os.environ.setdefault("KINETO_LOG_LEVEL", "6")  # read at the first profiling session: no per-trace log lines
-STEP_MARK = "memory_estimator::step"  # profiler ranges "<mark>:<step>:fb|opt|later" around recorded phases
+STEP_MARK = "memory_estimator::step"  # profiler ranges "<mark>:<step>:fb|opt" around recorded phases
 
 
 @dataclass(frozen=True)
@@ -47,10 +47,6 @@ class StepTrace:
     set_to_none : bool
         How the step cleared the gradients: ``zero_grad(set_to_none=True)`` (freed; backward
         allocates them again) or False (kept, zeroed in place).
-    later : StepTrace or None
-        With ``set_to_none``: one more forward/backward pass over the same batch with the
-        gradients kept, as every micro-batch after the first of an accumulated step runs
-        (no optimizer events). None when not recorded.
     """
 
     batch_size: int
@@ -61,7 +57,6 @@ class StepTrace:
     optimizer_start: int
     has_optimizer: bool = True
     set_to_none: bool = False
-    later: StepTrace | None = None
 
     @property
     def peak_bytes(self) -> int:
@@ -85,7 +80,7 @@ def no_gc():
             gc.enable()
 
 
-Phase = Callable[[int, str], contextlib.AbstractContextManager]  # (step index, "fb"|"opt"|"later") -> recorder
+Phase = Callable[[int, str], contextlib.AbstractContextManager]  # (step index, "fb"|"opt") -> recorder
 
 
 def _cpu_events(prof) -> tuple[np.ndarray, np.ndarray, list[str], dict[str, tuple[int, int]]]:
@@ -122,28 +117,7 @@ def cpu_live_bytes(prof) -> np.ndarray:
     return _cpu_events(prof)[1]
 
 
-def _cpu_pass(times, live, keys, ranges, b: int, input_bytes: int, first: str, opt: str, set_to_none: bool) -> StepTrace:
-    """The events from the start of range ``first`` to the end of range ``opt`` (or of ``first`` if absent)."""
-    t0, t_fb = ranges[first]
-    t_opt, t1 = ranges.get(opt, (t_fb, t_fb))
-    before = live[times < t0]
-    live_before = int(before[-1]) if len(before) else 0
-    inside = (times >= t0) & (times <= t1)
-    return StepTrace(
-        batch_size=b, live_before=live_before, input_bytes=input_bytes,
-        deltas=live[inside] - live_before, keys=tuple(k for k, keep in zip(keys, inside) if keep),
-        optimizer_start=int(((times >= t0) & (times < t_opt)).sum()),
-        has_optimizer=opt in ranges, set_to_none=set_to_none,
-    )
-
-
 def trace_cpu(run: Callable[[Phase], list[int]], batch_sizes: Sequence[int], set_to_none: bool = False) -> list[StepTrace]:
-    """One :class:`StepTrace` per size from the CPU profiler's allocator events of ``run``.
-
-    ``run(phase)`` records step i inside ``phase(i, "fb")`` and ``phase(i, "opt")``, and
-    optionally a later pass inside ``phase(i, "later")`` (then ``StepTrace.later``); it returns
-    the input bytes of each step.
-    """
     from torch.profiler import ProfilerActivity, profile, record_function
 
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
@@ -151,27 +125,30 @@ def trace_cpu(run: Callable[[Phase], list[int]], batch_sizes: Sequence[int], set
     times, live, keys, ranges = _cpu_events(prof)
     traces = []
     for i, b in enumerate(batch_sizes):
-        mark = f"{STEP_MARK}:{i}"
-        step = _cpu_pass(times, live, keys, ranges, b, input_bytes[i], f"{mark}:fb", f"{mark}:opt", set_to_none)
-        if f"{mark}:later" in ranges:
-            later = _cpu_pass(times, live, keys, ranges, b, input_bytes[i], f"{mark}:later", "", set_to_none)
-            step = replace(step, later=later)
-        traces.append(step)
+        t0, t_fb = ranges[f"{STEP_MARK}:{i}:fb"]
+        t_opt, t1 = ranges.get(f"{STEP_MARK}:{i}:opt", (t_fb, t_fb))
+        before = live[times < t0]
+        live_before = int(before[-1]) if len(before) else 0
+        inside = (times >= t0) & (times <= t1)
+        traces.append(StepTrace(
+            batch_size=b, live_before=live_before, input_bytes=input_bytes[i],
+            deltas=live[inside] - live_before, keys=tuple(k for k, keep in zip(keys, inside) if keep),
+            optimizer_start=int(((times >= t0) & (times < t_opt)).sum()),
+            has_optimizer=f"{STEP_MARK}:{i}:opt" in ranges, set_to_none=set_to_none,
+        ))
     return traces
 
 
 def trace_cuda(run: Callable[[Phase], list[int]], batch_sizes: Sequence[int], device: torch.device,
                set_to_none: bool = False) -> list[StepTrace]:
-    """As :func:`trace_cpu`, from CUDA's memory history (caching-allocator blocks) on ``device``."""
     from torch.cuda import memory as cuda_memory
 
-    passes: dict[tuple[int, str], dict] = {}  # (step index, "step" | "later") -> recorded sizes
+    steps: dict[int, dict] = {}
 
     @contextlib.contextmanager
     def phase(i: int, name: str):
         torch.cuda.synchronize(device)
-        kind = "later" if name == "later" else "step"
-        rec = passes.setdefault((i, kind), {"live_before": torch.cuda.memory_allocated(device), "sizes": [], "split": None})
+        step = steps.setdefault(i, {"live_before": torch.cuda.memory_allocated(device), "sizes": [], "split": None})
         cuda_memory._record_memory_history(enabled="all", context=None, stacks="python", device=device, clear_history=True)
         try:
             yield
@@ -180,26 +157,21 @@ def trace_cuda(run: Callable[[Phase], list[int]], batch_sizes: Sequence[int], de
             trace = cuda_memory._snapshot(device)["device_traces"][device.index or 0]
             cuda_memory._record_memory_history(enabled=None, device=device)
             if name == "opt":
-                rec["split"] = len(rec["sizes"])
+                step["split"] = len(step["sizes"])
             # allocated_bytes (what max_memory_allocated tracks) rises at "alloc" and falls when
             # the block is really released ("free_completed", after any cross-stream use ends).
-            rec["sizes"] += [int(e["size"]) if e["action"] == "alloc" else -int(e["size"])
-                             for e in trace if e["action"] in ("alloc", "free_completed")]
-
-    def to_trace(rec: dict, b: int, input_bytes: int) -> StepTrace:
-        sizes = np.array(rec["sizes"], dtype=np.int64)
-        return StepTrace(
-            batch_size=b, live_before=int(rec["live_before"]), input_bytes=input_bytes,
-            deltas=np.cumsum(sizes), keys=tuple("+" if v > 0 else "-" for v in sizes),
-            optimizer_start=len(sizes) if rec["split"] is None else rec["split"],
-            has_optimizer=rec["split"] is not None, set_to_none=set_to_none,
-        )
+            step["sizes"] += [int(e["size"]) if e["action"] == "alloc" else -int(e["size"])
+                              for e in trace if e["action"] in ("alloc", "free_completed")]
 
     input_bytes = run(phase)
     traces = []
     for i, b in enumerate(batch_sizes):
-        step = to_trace(passes[i, "step"], b, input_bytes[i])
-        if (i, "later") in passes:
-            step = replace(step, later=to_trace(passes[i, "later"], b, input_bytes[i]))
-        traces.append(step)
+        step = steps[i]
+        sizes = np.array(step["sizes"], dtype=np.int64)
+        traces.append(StepTrace(
+            batch_size=b, live_before=int(step["live_before"]), input_bytes=input_bytes[i],
+            deltas=np.cumsum(sizes), keys=tuple("+" if v > 0 else "-" for v in sizes),
+            optimizer_start=len(sizes) if step["split"] is None else step["split"],
+            has_optimizer=step["split"] is not None, set_to_none=set_to_none,
+        ))
     return traces

@@ -42,8 +42,9 @@ class StepMemoryModel:
         default) or kept and zeroed in place (False, the clients).
     later_fixed, later_slope, later_same_ops : tuple
         As ``fixed``, ``slope``, ``same_ops``, for every micro-batch after the first of an
-        accumulated step, which runs with the gradients allocated. Empty: such passes run as
-        the first (``set_to_none=False``).
+        accumulated step, which runs with the gradients allocated, as a ``set_to_none=False``
+        step's forward/backward. Empty: not fitted; with ``set_to_none=False`` such passes run
+        as the first, with True a micro-batched step cannot be predicted.
     """
 
     state_bytes: float
@@ -61,9 +62,17 @@ class StepMemoryModel:
         """Largest live bytes above the step start for one (micro-)batch of ``micro_batch``, bytes.
 
         ``later``: a micro-batch after the first of an accumulated step (gradients allocated).
+
+        Raises
+        ------
+        ValueError
+            For ``later`` with ``set_to_none`` when the later passes were not fitted.
         """
         if later and self.later_same_ops:
             return piece_max(self.knots, self.later_fixed, self.later_slope, self.later_same_ops, micro_batch)
+        if later and self.set_to_none:
+            raise ValueError("later=True is not allowed for this set_to_none fit: its later passes were not fitted; "
+                             "allowed: a fit_step_model(traces, later=...) with traces of set_to_none=False steps")
         return piece_max(self.knots, self.fixed, self.slope, self.same_ops, micro_batch)
 
     def to_arrays(self) -> dict[str, np.ndarray]:
@@ -165,14 +174,17 @@ def with_optimizer(trace: StepTrace, ref: StepTrace) -> StepTrace:
     )
 
 
-def fit_step_model(traces: list[StepTrace]) -> StepMemoryModel:
+def fit_step_model(traces: list[StepTrace], later: list[StepTrace] | None = None) -> StepMemoryModel:
     """Fit :class:`StepMemoryModel` to traces at two or more ascending batch sizes.
 
     Parameters
     ----------
     traces : list of StepTrace
         From :func:`estimators.memory_trace.trace_steps`; the first has the optimizer events.
-        Steps that free the gradients (``set_to_none``) need their ``later`` passes too.
+    later : list of StepTrace, optional
+        Only for ``set_to_none`` traces: traces of ``set_to_none=False`` steps at the same
+        sizes. Every micro-batch after the first runs as their forward/backward does (the
+        gradients are allocated by then); without them the fit predicts single-pass steps only.
 
     Returns
     -------
@@ -182,18 +194,20 @@ def fit_step_model(traces: list[StepTrace]) -> StepMemoryModel:
     if len(traces) < 2 or any(a >= b for a, b in zip(sizes, sizes[1:])):
         raise ValueError(f"trace batch sizes {sizes} are not allowed; need two or more, strictly ascending")
     set_to_none = traces[0].set_to_none
-    if any(t.set_to_none != set_to_none or (set_to_none and t.later is None) for t in traces):
-        raise ValueError("traces are not allowed: all must share set_to_none, and set_to_none traces need their later "
-                         "passes (trace_steps(..., later_passes=True))")
+    if any(t.set_to_none != set_to_none for t in traces):
+        raise ValueError("traces with mixed set_to_none are not allowed; allowed: traces of one mode")
+    if later is not None and (not set_to_none or [t.batch_size for t in later] != sizes or any(t.set_to_none for t in later)):
+        raise ValueError(f"later={[(t.batch_size, t.set_to_none) for t in later]} is not allowed; allowed: with "
+                         f"set_to_none traces, set_to_none=False traces at the same sizes {sizes}")
     first = _fit_pieces([with_optimizer(t, traces[0]) for t in traces])
-    later = _fit_pieces([with_optimizer(t.later, traces[0]) for t in traces]) if set_to_none else ((), (), ())
+    rest = _fit_pieces([with_optimizer(t, later[0]) for t in later]) if later else ((), (), ())
     return StepMemoryModel(
         state_bytes=float(max(t.live_before - t.input_bytes for t in traces)),
         input_bytes_per_example=float(max(t.input_bytes / t.batch_size for t in traces)),
         knots=tuple(sizes),
         fixed=first[0], slope=first[1], same_ops=first[2],
         set_to_none=set_to_none,
-        later_fixed=later[0], later_slope=later[1], later_same_ops=later[2],
+        later_fixed=rest[0], later_slope=rest[1], later_same_ops=rest[2],
     )
 
 

@@ -148,7 +148,7 @@ def _input_bytes(x: torch.Tensor, y: torch.Tensor, device: torch.device) -> int:
 def _run_steps(
     model: nn.Module, optimizer: str, make_input: MakeInput, num_classes: int, batch_sizes: Sequence[int],
     micro_batch: int, device: torch.device, optimizer_once: bool, warmup: str, phase: Phase,
-    transform: Transform | None = None, set_to_none: bool = True, later_passes: bool = False,
+    transform: Transform | None = None, set_to_none: bool = True,
 ) -> list[int]:
     """Copy the model, warm it up, then record one step per size.
 
@@ -158,9 +158,7 @@ def _run_steps(
 
     Each recorded step runs zero_grad/forward/backward inside ``phase(i, "fb")`` and
     ``optimizer.step()`` inside ``phase(i, "opt")`` (only for i = 0 if ``optimizer_once``: the
-    optimizer's allocations do not depend on the batch); with ``later_passes``, one more
-    forward/backward with the gradients kept follows inside ``phase(i, "later")``. Returns the
-    input bytes per step.
+    optimizer's allocations do not depend on the batch). Returns the input bytes per step.
     """
     clone = copy.deepcopy(model).to(device)
     clone.train()
@@ -185,9 +183,6 @@ def _run_steps(
         if i == 0 or not optimizer_once:
             with phase(i, "opt"):
                 opt.step()
-        if later_passes:  # the gradients exist now: a pass as every micro-batch after the first runs
-            with phase(i, "later"):
-                batch_gradient(clone, loss_fn, transform or _identity, x, y, micro_batch)
     return input_bytes
 
 
@@ -203,7 +198,6 @@ def trace_steps(
     warmup: str = "step",
     transform: Transform | None = None,
     set_to_none: bool = True,
-    later_passes: bool | None = None,
 ) -> list[StepTrace]:
     """Record the live bytes of training steps of a copy of ``model``, one per batch size.
 
@@ -240,23 +234,19 @@ def trace_steps(
     set_to_none : bool
         How each step clears the gradients first: True frees them (PyTorch's default
         ``optimizer.zero_grad()``), False keeps them and zeroes them in place (the clients).
-    later_passes : bool, optional
-        Also record, after each step, a forward/backward pass with the gradients kept
-        (``StepTrace.later``: a later micro-batch of an accumulated step). Default: with
-        ``set_to_none``, where that pass differs from the step's own forward/backward.
+        Every micro-batch after the first runs as a False step's forward/backward does.
 
     Returns
     -------
     list of StepTrace
     """
     optimizer = check_optimizer(optimizer)
-    later_passes = set_to_none if later_passes is None else bool(later_passes)
     sizes = [check_positive("batch_size", b) for b in batch_sizes]
     device = torch.device(device)
 
     def run(phase: Phase) -> list[int]:
         return _run_steps(model, optimizer, make_input, num_classes, sizes, micro_batch, device, optimizer_once, warmup,
-                          phase, transform, set_to_none, later_passes)
+                          phase, transform, set_to_none)
 
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), no_gc():
         torch.manual_seed(0)
@@ -322,7 +312,7 @@ def measure_peak_bytes(
     device = torch.device(device)
     if device.type != "cuda":
         return trace_steps(model, optimizer, make_input, num_classes, [batch_size], micro, device,
-                           transform=transform, set_to_none=set_to_none, later_passes=False)[0].peak_bytes
+                           transform=transform, set_to_none=set_to_none)[0].peak_bytes
     if not torch.cuda.is_available():
         raise ValueError(f"device={str(device)!r} is not available here; allowed: 'cpu' or a visible CUDA device")
     batch_size = check_positive("batch_size", batch_size)

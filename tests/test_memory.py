@@ -223,14 +223,13 @@ def test_piece_across_a_kernel_switch_takes_the_larger_regime():
 
 
 def test_later_passes_set_the_peak_from_the_second_micro_batch_on():
-    # Hand-made set_to_none traces, gradients of 100 B. First pass: free the gradients, +40 B/example
-    # activation, backward keeps its 100 B gradient buffer, free the activation. Later pass:
-    # activation, a 100 B incoming buffer added into the gradients and freed, free the activation.
-    def step(b: int) -> StepTrace:
-        later = _trace(b, [40 * b, 40 * b + 100, 40 * b, 0], "++--")
-        first = _trace(b, [-100, 40 * b - 100, 40 * b, 0, 500, 0], "-++-+-", opt_events=2)
-        return replace(first, set_to_none=True, later=later)
-    model = fit_step_model([step(3), step(6)])
+    # Hand-made traces, gradients of 100 B. set_to_none step: free the gradients, +40 B/example
+    # activation, backward keeps its 100 B gradient buffer, free the activation, optimizer.
+    # Gradients kept (every later micro-batch): activation, a 100 B incoming buffer added into
+    # the gradients and freed, free the activation.
+    freed = lambda b: replace(_trace(b, [-100, 40 * b - 100, 40 * b, 0, 500, 0], "-++-+-", 2), set_to_none=True)  # noqa: E731
+    kept = lambda b: _trace(b, [40 * b, 40 * b + 100, 40 * b, 0, 500, 0], "++--+-", 2)  # noqa: E731
+    model = fit_step_model([freed(3), freed(6)], later=[kept(3), kept(6)])
     assert model.set_to_none and model.transient_bytes(20) == 800 and model.transient_bytes(20, later=True) == 900
     base = lambda b: 1000 + 10 * b  # noqa: E731  (state + input)
     assert model.peak_bytes(20, 20) == base(20) + 800  # one pass: activation + gradients, no incoming buffer
@@ -238,8 +237,26 @@ def test_later_passes_set_the_peak_from_the_second_micro_batch_on():
     assert model.peak_bytes(60, 20) == base(60) + 900  # a middle pass of 20 with its 100 B buffer (not 800)
     round_trip = StepMemoryModel.from_arrays(model.to_arrays())
     assert round_trip.set_to_none and round_trip.peak_bytes(60, 20) == model.peak_bytes(60, 20)
-    with pytest.raises(ValueError, match=r"set_to_none traces need their later passes"):
-        fit_step_model([replace(step(3), later=None), step(6)])
+    single_pass = fit_step_model([freed(3), freed(6)])  # no later passes: whole batches only
+    assert single_pass.peak_bytes(20, 20) == base(20) + 800
+    with pytest.raises(ValueError, match=r"later=True is not allowed for this set_to_none fit"):
+        single_pass.peak_bytes(60, 20)
+    with pytest.raises(ValueError, match=r"later=\[\(3, True\), \(6, True\)\] is not allowed"):
+        fit_step_model([freed(3), freed(6)], later=[freed(3), freed(6)])
+
+
+def test_later_passes_are_traced_only_for_a_micro_batched_query(estimators):
+    # set_to_none: the ladder is traced once; the first query with micro-batches adds the same
+    # ladder with gradients kept. A cached fit without them traces both again.
+    model = estimators["cnn", "none"][0]
+    est = MemoryEstimator(model, SHAPES["cnn"], 10, "none")
+    single_pass = est.step_model
+    whole = est.peak_bytes(64)
+    assert est.step_model is single_pass and single_pass.later_same_ops == ()
+    assert est.peak_bytes(64, 16) < whole and len(est.step_model.later_same_ops) == 3
+    cached = MemoryEstimator(model, SHAPES["cnn"], 10, "none", fitted=single_pass)
+    assert cached.estimate_seconds == 0 and cached.peak_bytes(64, 16) == est.peak_bytes(64, 16)
+    assert cached.estimate_seconds > 0
 
 
 # Bad input -------------------------------------------------------------------------------------------
