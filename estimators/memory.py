@@ -19,7 +19,11 @@ decides where they are live:
 
 Gradients are live at the start of either step (left by the previous one) and again from
 backward on, so ``state`` counts them in both. With micro-batches only the first pass
-differs: every later pass finds the gradients allocated, in both modes.
+differs: every later pass finds the gradients allocated, in both modes. On
+experiments/bench_memory.py (CPU, 170 cases per mode) freeing the gradients lowers the measured
+peak by 5.0% (median; up to 21%), so an estimate of the clients' step is 5.5% high for
+PyTorch's loop (median; p95 15.7%, max 26.7%); each mode's own estimate has a median error of
+0 and p95 0.17% (True) / 0.21% (False).
 
 **Model.** Record the allocator's live bytes after every allocation and free of a real
 training step (``estimators/memory_trace.py``, in the chosen mode, once gradients and optimizer
