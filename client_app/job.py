@@ -30,6 +30,7 @@ from workloads.training import draw_batch, pick_device
 
 MIB = 2**20
 _ESTIMATORS: dict[tuple, MemoryEstimator] = {}  # see ClientJob.estimator
+SET_TO_NONE = False  # the client step keeps gradients: batch_gradient's zero_grad(set_to_none=False)
 
 
 @dataclass(frozen=True)
@@ -127,6 +128,10 @@ def make_inputs(splits: Splits, device: torch.device, augment: bool, generator: 
 def step_estimator(cfg: RunConfig, splits: Splits, model: nn.Module, device: torch.device) -> MemoryEstimator:
     """Memory estimator of a client's exact step: stored uint8 batch, inputs per micro-batch, no optimizer.
 
+    The step keeps its gradients between rounds (``batch_gradient``'s ``zero_grad(set_to_none=False)``),
+    so the estimator is built with ``set_to_none=False`` (``SET_TO_NONE``), not its default (PyTorch's
+    loop, which frees them); the mode is part of the on-disk cache key.
+
     It depends on the architecture, input pipeline, device and thread count (kernel choice),
     not on the weights, seed or partition: a process builds one per such key. The launcher's
     pre-flight check builds the same one to refuse a budget that cannot hold a batch.
@@ -141,12 +146,12 @@ def step_estimator(cfg: RunConfig, splits: Splits, model: nn.Module, device: tor
                 model, shape, WORKLOADS[cfg.dataset].num_classes, "none",
                 make_input=lambda b: torch.zeros((b, *shape), dtype=dtype),
                 transform=make_inputs(splits, device, augment, torch.Generator().manual_seed(0)), device=device,
-                fitted=fitted,
+                fitted=fitted, set_to_none=SET_TO_NONE,
             )
 
         if device.type == "cpu":  # a CPU fit is fixed: keep it on disk for the next process (a SuperNode's next message)
             disk_key = {"step": list(key), "shape": list(shape), "torch": torch.__version__, "machine": platform.machine(),
-                        "model_arch": str(model), "version": 1}
+                        "model_arch": str(model), "set_to_none": SET_TO_NONE, "version": 2}
             fitted = StepMemoryModel.from_arrays(cached_arrays("memory-fits", disk_key, lambda: build().step_model.to_arrays()))
             _ESTIMATORS[key] = build(fitted)
         else:

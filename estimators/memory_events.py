@@ -45,6 +45,9 @@ class StepTrace:
         forward and backward.
     has_optimizer : bool
         False when only zero_grad, forward and backward were recorded.
+    set_to_none : bool
+        How the step cleared the gradients: ``zero_grad(set_to_none=True)`` (freed; backward
+        allocates them again) or False (kept, zeroed in place).
     """
 
     batch_size: int
@@ -54,6 +57,7 @@ class StepTrace:
     keys: tuple[str, ...]
     optimizer_start: int
     has_optimizer: bool = True
+    set_to_none: bool = False
 
     @property
     def peak_bytes(self) -> int:
@@ -129,7 +133,7 @@ def cpu_live_bytes(prof) -> np.ndarray:
     return _cpu_events(prof)[1]
 
 
-def trace_cpu(run: Callable[[Phase], list[int]], batch_sizes: Sequence[int]) -> list[StepTrace]:
+def trace_cpu(run: Callable[[Phase], list[int]], batch_sizes: Sequence[int], set_to_none: bool = False) -> list[StepTrace]:
     from torch.profiler import ProfilerActivity, profile, record_function
 
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
@@ -146,12 +150,13 @@ def trace_cpu(run: Callable[[Phase], list[int]], batch_sizes: Sequence[int]) -> 
             batch_size=b, live_before=live_before, input_bytes=input_bytes[i],
             deltas=live[inside] - live_before, keys=tuple(k for k, keep in zip(keys, inside) if keep),
             optimizer_start=int(((times >= t0) & (times < t_opt)).sum()),
-            has_optimizer=f"{STEP_MARK}:{i}:opt" in ranges,
+            has_optimizer=f"{STEP_MARK}:{i}:opt" in ranges, set_to_none=set_to_none,
         ))
     return traces
 
 
-def trace_cuda(run: Callable[[Phase], list[int]], batch_sizes: Sequence[int], device: torch.device) -> list[StepTrace]:
+def trace_cuda(run: Callable[[Phase], list[int]], batch_sizes: Sequence[int], device: torch.device,
+               set_to_none: bool = False) -> list[StepTrace]:
     from torch.cuda import memory as cuda_memory
 
     steps: dict[int, dict] = {}
@@ -183,6 +188,6 @@ def trace_cuda(run: Callable[[Phase], list[int]], batch_sizes: Sequence[int], de
             batch_size=b, live_before=int(step["live_before"]), input_bytes=input_bytes[i],
             deltas=np.cumsum(sizes), keys=tuple("+" if v > 0 else "-" for v in sizes),
             optimizer_start=len(sizes) if step["split"] is None else step["split"],
-            has_optimizer=step["split"] is not None,
+            has_optimizer=step["split"] is not None, set_to_none=set_to_none,
         ))
     return traces

@@ -1,8 +1,15 @@
 """Instrumentation for the memory estimator: run a training step and record its live bytes.
 
-The step is exactly the client's (``workloads.training.batch_gradient`` then
-``optimizer.step()``): ``zero_grad(set_to_none=False)``, forward, ``CrossEntropyLoss(
-reduction="sum") / n``, backward accumulated over micro-batches, one optimizer step.
+The step runs the client's ``workloads.training.batch_gradient`` then ``optimizer.step()``:
+forward, ``CrossEntropyLoss(reduction="sum") / n``, backward accumulated over micro-batches, one
+optimizer step. It clears the gradients first in one of two ways (``set_to_none``):
+
+- ``True``, PyTorch's default (``optimizer.zero_grad()``, ``model.zero_grad()``): the ``.grad``
+  tensors are freed, and the first backward allocates them again (``AccumulateGrad`` keeps the
+  incoming gradient buffer); later micro-batches add to them in place.
+- ``False``, the flower-large-batch client (``batch_gradient``'s ``zero_grad(set_to_none=False)``):
+  the gradients stay allocated and are zeroed in place; every backward adds into them and
+  frees its incoming buffers.
 
 **What is recorded.** One allocator-level stream of (allocation, free) events per step:
 
@@ -20,11 +27,14 @@ reduction="sum") / n``, backward accumulated over micro-batches, one optimizer s
   ``torch.cuda.memory_allocated()``, so all state already on the device counts.
 
 **Which step.** Optimizer state exists only after the first step (SGD momentum buffers, Adam
-``exp_avg``/``exp_avg_sq``), and ``zero_grad(set_to_none=False)`` keeps gradients allocated
-after it, so the step of record is the *second* one. The ground truth warms up with a full
+``exp_avg``/``exp_avg_sq``), and gradients exist from the first backward until the next step
+clears them, so the step of record is the *second* one: it starts with gradients live in both
+modes (with ``set_to_none`` it frees them at once). The ground truth warms up with a full
 step at the same size. The estimator records several sizes after one cheaper warm-up (zero
 gradients and one optimizer step); on the benchmark models both give identical event streams,
-because the warm-up only materialises state that does not depend on the batch.
+because the warm-up only materialises state that does not depend on the batch (with
+``set_to_none`` the recorded step frees those zero gradients as it would free backward's:
+both have the parameters' sizes and layouts).
 
 References: PyTorch MemTracker / FakeTensor (pytorch/pytorch PR #124685) for the idea of an
 allocator-faithful step trace; DNNMem (Gao et al., ESEC/FSE 2020) for the error sources
@@ -100,11 +110,23 @@ def default_make_input(input_shape: tuple[int, ...], input_dtype: torch.dtype) -
 
 def training_step(
     model: nn.Module, opt: torch.optim.Optimizer | GradientsOnly, x: torch.Tensor, y: torch.Tensor,
-    micro_batch: int = 0, transform: Transform | None = None,
+    micro_batch: int = 0, transform: Transform | None = None, set_to_none: bool = True,
 ) -> None:
-    """One client step: ``batch_gradient`` (micro-batches are views of ``x``) then ``opt.step()``."""
+    """One step: clear gradients, ``batch_gradient`` (micro-batches are views of ``x``), ``opt.step()``.
+
+    ``set_to_none=True`` frees the gradients first (PyTorch's ``optimizer.zero_grad()``), and
+    ``batch_gradient``'s own ``zero_grad(set_to_none=False)`` then finds none to zero; False is
+    the client step as it is.
+    """
+    clear_gradients(model, set_to_none)
     batch_gradient(model, nn.CrossEntropyLoss(reduction="sum"), transform or _identity, x, y, micro_batch)
     opt.step()
+
+
+def clear_gradients(model: nn.Module, set_to_none: bool) -> None:
+    """Free every ``.grad`` (``set_to_none``), else nothing: ``batch_gradient`` zeroes them in place."""
+    if set_to_none:
+        model.zero_grad(set_to_none=True)
 
 
 def _identity(t: torch.Tensor) -> torch.Tensor:
@@ -126,7 +148,7 @@ def _input_bytes(x: torch.Tensor, y: torch.Tensor, device: torch.device) -> int:
 def _run_steps(
     model: nn.Module, optimizer: str, make_input: MakeInput, num_classes: int, batch_sizes: Sequence[int],
     micro_batch: int, device: torch.device, optimizer_once: bool, warmup: str, phase: Phase,
-    transform: Transform | None = None,
+    transform: Transform | None = None, set_to_none: bool = True,
 ) -> list[int]:
     """Copy the model, warm it up, then record one step per size.
 
@@ -148,14 +170,15 @@ def _run_steps(
         del x, y  # free the previous batch before the next is made: one batch is resident
         x, y = _batch(make_input, num_classes, b, device, transform)
         input_bytes.append(_input_bytes(x, y, device))
-        if i == 0 and warmup == "step":  # gradients (kept by zero_grad(set_to_none=False)), optimizer state
-            training_step(clone, opt, x, y, micro_batch, transform)
+        if i == 0 and warmup == "step":  # gradients (live until the next step clears them), optimizer state
+            training_step(clone, opt, x, y, micro_batch, transform, set_to_none)
         elif i == 0:
             for p in clone.parameters():
                 if p.requires_grad:
                     p.grad = torch.zeros_like(p)
             opt.step()
         with phase(i, "fb"):
+            clear_gradients(clone, set_to_none)
             batch_gradient(clone, loss_fn, transform or _identity, x, y, micro_batch)
         if i == 0 or not optimizer_once:
             with phase(i, "opt"):
@@ -174,6 +197,7 @@ def trace_steps(
     optimizer_once: bool = False,
     warmup: str = "step",
     transform: Transform | None = None,
+    set_to_none: bool = True,
 ) -> list[StepTrace]:
     """Record the live bytes of training steps of a copy of ``model``, one per batch size.
 
@@ -207,6 +231,10 @@ def trace_steps(
         Applied to each (micro-)batch inside the step, as the clients' ``inputs`` function
         (uint8 -> normalised float, augmentation, move to the device); the batch then stays
         as ``make_input`` made it, on the host.
+    set_to_none : bool
+        How each step clears the gradients first: True frees them (PyTorch's default
+        ``optimizer.zero_grad()``), False keeps them and zeroes them in place (the clients).
+        Every micro-batch after the first runs as a False step's forward/backward does.
 
     Returns
     -------
@@ -218,13 +246,13 @@ def trace_steps(
 
     def run(phase: Phase) -> list[int]:
         return _run_steps(model, optimizer, make_input, num_classes, sizes, micro_batch, device, optimizer_once, warmup,
-                          phase, transform)
+                          phase, transform, set_to_none)
 
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), no_gc():
         torch.manual_seed(0)
         if device.type == "cuda":
-            return trace_cuda(run, sizes, device)
-        return trace_cpu(run, sizes)
+            return trace_cuda(run, sizes, device, set_to_none)
+        return trace_cpu(run, sizes, set_to_none)
 
 
 def measure_peak_bytes(
@@ -238,6 +266,7 @@ def measure_peak_bytes(
     input_dtype: torch.dtype = torch.float32,
     make_input: MakeInput | None = None,
     transform: Transform | None = None,
+    set_to_none: bool = True,
 ) -> int:
     """Ground truth: peak of all live bytes during a real second training step, in bytes.
 
@@ -269,6 +298,9 @@ def measure_peak_bytes(
         ``make_input(b)`` -> input batch; overrides ``input_shape``/``input_dtype``.
     transform : callable, optional
         Per-(micro-)batch input function inside the step (see :func:`trace_steps`).
+    set_to_none : bool
+        Both steps free the gradients first (True: PyTorch's default ``optimizer.zero_grad()``)
+        or keep them and zero them in place (False: the flower-large-batch client step).
 
     Returns
     -------
@@ -280,7 +312,7 @@ def measure_peak_bytes(
     device = torch.device(device)
     if device.type != "cuda":
         return trace_steps(model, optimizer, make_input, num_classes, [batch_size], micro, device,
-                           transform=transform)[0].peak_bytes
+                           transform=transform, set_to_none=set_to_none)[0].peak_bytes
     if not torch.cuda.is_available():
         raise ValueError(f"device={str(device)!r} is not available here; allowed: 'cpu' or a visible CUDA device")
     batch_size = check_positive("batch_size", batch_size)
@@ -290,7 +322,7 @@ def measure_peak_bytes(
     with torch.random.fork_rng(devices=[device]):
         torch.manual_seed(0)
         x, y = _batch(make_input, num_classes, batch_size, device, transform)
-        training_step(clone, opt, x, y, micro, transform)  # warm-up: gradients and optimizer state now exist
+        training_step(clone, opt, x, y, micro, transform, set_to_none)  # warm-up: gradients and optimizer state exist
         with step_peak(device) as peak:
-            training_step(clone, opt, x, y, micro, transform)
+            training_step(clone, opt, x, y, micro, transform, set_to_none)
     return peak.bytes

@@ -1,13 +1,18 @@
-"""Benchmark of the memory estimator: predicted vs measured peak bytes of the clients' step.
+"""Benchmark of the memory estimator: predicted vs measured peak bytes of a training step, in both gradient modes.
 
-Run ``python -m experiments.bench_memory [--quick] [--threads N]``. For each model, optimizer
-and batch size it prints the estimator's prediction (estimators/memory.py, traced at batch
-sizes 3, 6, 12 and 24, never at a benchmarked size) and the ground truth (a real second
-training step at that size, peak of live allocator bytes, estimators/memory_trace.py), then the
-probe comparison (PyTorch Lightning's ``BatchSizeFinder`` in ``binsearch`` mode, emulated: a
-trial whose measured peak exceeds the budget counts as an out-of-memory error), and last the
-line ``median_err=<x> p95_err=<y> max_under=<z>`` (relative errors as fractions; an
-under-estimate is measured > predicted). The table goes to experiments/results/bench_memory.csv.
+Run ``python -m experiments.bench_memory [--quick] [--threads N]``. For each model, optimizer,
+gradient mode and batch size it prints the estimator's prediction (estimators/memory.py, traced
+at batch sizes 3, 6, 12 and 24, never at a benchmarked size) and the ground truth (a real
+second training step at that size in the same mode, peak of live allocator bytes,
+estimators/memory_trace.py). The modes (column ``set_to_none``): True is PyTorch's default loop
+(``optimizer.zero_grad()`` frees the gradients), False the flower-large-batch client step
+(gradients kept, zeroed in place). Then the probe comparison (PyTorch Lightning's
+``BatchSizeFinder`` in ``binsearch`` mode, emulated, in PyTorch's default mode, which
+Lightning's loop uses: a trial whose measured peak exceeds the budget counts as an
+out-of-memory error), and last one line per mode,
+``set_to_none=<mode> median_err=<x> p95_err=<y> max_under=<z> cases=<n>`` (relative errors as
+fractions; an under-estimate is measured > predicted). The table goes to
+experiments/results/bench_memory.csv.
 The full run also checks the ground truth against the process's resident set (VmHWM) on two
 cases, in subprocesses, with glibc's default malloc and with a fixed mmap threshold.
 
@@ -128,33 +133,43 @@ def bench_models(quick: bool) -> list[BenchModel]:
     ]
 
 
-def run_cases(models: list[BenchModel], optimizers: tuple[str, ...], device: str = "cpu") -> tuple[pd.DataFrame, pd.DataFrame]:
-    """Predict and measure every case; print each row as it is done. Returns (cases, timings)."""
+MODES = (True, False)  # set_to_none: PyTorch's default loop, then the clients' step
+
+
+def run_cases(models: list[BenchModel], optimizers: tuple[str, ...], device: str = "cpu",
+              modes: tuple[bool, ...] = MODES) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Predict and measure every case in every gradient mode; print each row as it is done. Returns (cases, timings)."""
     rows, timings = [], []
-    print(f"{'model':<20} {'opt':<5} {'batch':>5} {'micro':>5} {'predicted_MiB':>14} {'measured_MiB':>13} {'rel_err':>9}")
+    print(f"{'model':<20} {'opt':<5} {'set_to_none':>11} {'batch':>5} {'micro':>5} {'predicted_MiB':>14} "
+          f"{'measured_MiB':>13} {'rel_err':>9}")
     for spec in models:
         model = spec.build()
         params = sum(p.numel() for p in model.parameters())
         for optimizer in optimizers:
-            est = MemoryEstimator(model, spec.input_shape, NUM_CLASSES, optimizer, input_dtype=spec.input_dtype, device=device)
-            knots, same = est.step_model.knots, est.step_model.same_ops
-            switches = ",".join(f"{a}-{b}" for a, b, ok in zip(knots, knots[1:], same) if not ok) or "-"
-            timings.append(dict(model=spec.name, optimizer=optimizer, params=params, state_MiB=est.state_bytes / MIB,
-                                estimate_s=est.estimate_seconds, kernel_switch_in=switches))
-            cases = [(b, None) for b in spec.batch_sizes] + list(spec.micro)
-            for batch, micro in cases:
-                start = time.perf_counter()
-                measured = measure_peak_bytes(model, spec.input_shape, NUM_CLASSES, optimizer, batch,
-                                              device=device, micro_batch_size=micro, input_dtype=spec.input_dtype)
-                measure_s = time.perf_counter() - start
-                est.refine_to(micro or batch)  # CUDA: knots up to >= b/2 (never at b); no-op on the CPU
-                predicted = est.peak_bytes(batch, micro)
-                signed = (predicted - measured) / measured
-                rows.append(dict(device=device, model=spec.name, optimizer=optimizer, batch=batch, micro_batch=micro or batch,
-                                 predicted_bytes=predicted, measured_bytes=measured, rel_err=abs(signed),
-                                 signed_err=signed, estimate_s=est.estimate_seconds, measure_s=measure_s))
-                print(f"{spec.name:<20} {optimizer:<5} {batch:>5} {micro or batch:>5} {predicted / MIB:>14.3f} "
-                      f"{measured / MIB:>13.3f} {signed:>+9.5f}", flush=True)
+            for set_to_none in modes:
+                est = MemoryEstimator(model, spec.input_shape, NUM_CLASSES, optimizer, input_dtype=spec.input_dtype,
+                                      device=device, set_to_none=set_to_none)
+                knots, same = est.step_model.knots, est.step_model.same_ops
+                switches = ",".join(f"{a}-{b}" for a, b, ok in zip(knots, knots[1:], same) if not ok) or "-"
+                timing = dict(model=spec.name, optimizer=optimizer, set_to_none=set_to_none, params=params,
+                              state_MiB=est.state_bytes / MIB, estimate_s=est.estimate_seconds, kernel_switch_in=switches)
+                cases = [(b, None) for b in spec.batch_sizes] + list(spec.micro)
+                for batch, micro in cases:
+                    start = time.perf_counter()
+                    measured = measure_peak_bytes(model, spec.input_shape, NUM_CLASSES, optimizer, batch, device=device,
+                                                  micro_batch_size=micro, input_dtype=spec.input_dtype,
+                                                  set_to_none=set_to_none)
+                    measure_s = time.perf_counter() - start
+                    est.refine_to(micro or batch)  # CUDA: knots up to >= b/2 (never at b); no-op on the CPU
+                    predicted = est.peak_bytes(batch, micro)
+                    signed = (predicted - measured) / measured
+                    rows.append(dict(device=device, model=spec.name, optimizer=optimizer, set_to_none=set_to_none,
+                                     batch=batch, micro_batch=micro or batch, predicted_bytes=predicted,
+                                     measured_bytes=measured, rel_err=abs(signed), signed_err=signed,
+                                     estimate_s=est.estimate_seconds, measure_s=measure_s))
+                    print(f"{spec.name:<20} {optimizer:<5} {set_to_none!s:>11} {batch:>5} {micro or batch:>5} "
+                          f"{predicted / MIB:>14.3f} {measured / MIB:>13.3f} {signed:>+9.5f}", flush=True)
+                timings.append(timing | dict(with_micro_s=est.estimate_seconds))  # + later passes, if a case micro-batches
     return pd.DataFrame(rows), pd.DataFrame(timings)
 
 
@@ -178,15 +193,16 @@ def capped_check(models: list[BenchModel], cases: pd.DataFrame, device: str, sla
         torch.cuda.set_per_process_memory_fraction(min(1.0, cap / total), index)
         try:
             peak = measure_peak_bytes(spec.build(), spec.input_shape, NUM_CLASSES, case.optimizer, case.batch, device,
-                                      micro_batch_size=case.micro_batch, input_dtype=spec.input_dtype)
+                                      micro_batch_size=case.micro_batch, input_dtype=spec.input_dtype,
+                                      set_to_none=bool(case.set_to_none))
             ok = True
         except torch.cuda.OutOfMemoryError:
             peak, ok = float("nan"), False
         finally:
             torch.cuda.set_per_process_memory_fraction(1.0, index)
             torch.cuda.empty_cache()
-        rows.append(dict(model=case.model, optimizer=case.optimizer, batch=case.batch, micro_batch=case.micro_batch,
-                         predicted_MiB=case.predicted_bytes / MIB, uncapped_MiB=case.measured_bytes / MIB,
+        rows.append(dict(model=case.model, optimizer=case.optimizer, set_to_none=case.set_to_none, batch=case.batch,
+                         micro_batch=case.micro_batch, predicted_MiB=case.predicted_bytes / MIB, uncapped_MiB=case.measured_bytes / MIB,
                          cap_MiB=cap / MIB, completed_under_cap=ok, capped_peak_MiB=peak / MIB))
     return pd.DataFrame(rows)
 
@@ -211,8 +227,9 @@ def lightning_binsearch(fits: Callable[[int], bool], init_val: int = 2, max_tria
     return low, trials
 
 
-def probe_comparison(models: list[BenchModel], budgets: dict[str, int], optimizer: str, device: str = "cpu") -> list[dict]:
-    """The estimator's ``max_batch_size`` vs the emulated probe, in result and wall time."""
+def probe_comparison(models: list[BenchModel], budgets: dict[str, int], optimizer: str, device: str = "cpu",
+                     set_to_none: bool = True) -> list[dict]:
+    """The estimator's ``max_batch_size`` vs the emulated probe, in result and wall time, in one gradient mode."""
     results = []
     for spec in models:
         if spec.name not in budgets:
@@ -221,19 +238,21 @@ def probe_comparison(models: list[BenchModel], budgets: dict[str, int], optimize
         peaks: dict[int, int] = {}
 
         def fits(b: int) -> bool:  # one trial = a warm-up and a measured real step at batch b
-            peaks[b] = measure_peak_bytes(model, spec.input_shape, NUM_CLASSES, optimizer, b, device, input_dtype=spec.input_dtype)
+            peaks[b] = measure_peak_bytes(model, spec.input_shape, NUM_CLASSES, optimizer, b, device,
+                                          input_dtype=spec.input_dtype, set_to_none=set_to_none)
             return peaks[b] <= budget
 
         start = time.perf_counter()
         probe_b, trials = lightning_binsearch(fits)
         probe_s = time.perf_counter() - start
         start = time.perf_counter()
-        est = MemoryEstimator(model, spec.input_shape, NUM_CLASSES, optimizer, input_dtype=spec.input_dtype, device=device)
+        est = MemoryEstimator(model, spec.input_shape, NUM_CLASSES, optimizer, input_dtype=spec.input_dtype, device=device,
+                              set_to_none=set_to_none)
         est_b = est.max_batch_size(budget)
         est_s = time.perf_counter() - start
         check = peaks.get(est_b) or measure_peak_bytes(model, spec.input_shape, NUM_CLASSES, optimizer, est_b, device,
-                                                       input_dtype=spec.input_dtype)
-        results.append(dict(model=spec.name, optimizer=optimizer, budget_MiB=budget / MIB, probe_batch=probe_b,
+                                                       input_dtype=spec.input_dtype, set_to_none=set_to_none)
+        results.append(dict(model=spec.name, optimizer=optimizer, set_to_none=set_to_none, budget_MiB=budget / MIB, probe_batch=probe_b,
                             probe_trials=trials, probe_examples=sum(peaks), probe_s=probe_s, estimator_batch=est_b,
                             estimator_s=est_s, measured_MiB_at_estimator_batch=check / MIB))
     return results
@@ -242,7 +261,7 @@ def probe_comparison(models: list[BenchModel], budgets: dict[str, int], optimize
 def _rss_case(name: str, optimizer: str, batch: int) -> dict:
     """In this process: the profiler's transient (peak - live at step start) and the growth of
     the resident set's high-water mark (VmHWM, reset via /proc/self/clear_refs) over a real
-    second step, both in bytes."""
+    second step of the clients' mode (gradients kept), both in bytes."""
     import copy
     import ctypes
     import gc
@@ -255,16 +274,16 @@ def _rss_case(name: str, optimizer: str, batch: int) -> dict:
     spec = next(m for m in bench_models(quick=False) if m.name == name)
     model = spec.build()
     make = lambda b: torch.randn((b, *spec.input_shape))  # noqa: E731  (image models only)
-    (trace,) = trace_steps(model, optimizer, make, NUM_CLASSES, [batch])
+    (trace,) = trace_steps(model, optimizer, make, NUM_CLASSES, [batch], set_to_none=False)
     clone, x, y = copy.deepcopy(model), make(batch), torch.arange(batch) % NUM_CLASSES
     opt = make_optimizer(clone.parameters(), optimizer)
-    training_step(clone, opt, x, y)
+    training_step(clone, opt, x, y, set_to_none=False)
     gc.collect()
     ctypes.CDLL("libc.so.6").malloc_trim(0)  # hand free heap pages back first
     rss_before = status("VmRSS:")
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")  # VmHWM := VmRSS
-    training_step(clone, opt, x, y)
+    training_step(clone, opt, x, y, set_to_none=False)
     return dict(profiler_transient=trace.peak_bytes - trace.live_before, rss_growth=status("VmHWM:") - rss_before)
 
 
@@ -310,6 +329,29 @@ def summary_line(signed_err: np.ndarray) -> str:
     return f"median_err={np.median(abs_err):.5f} p95_err={np.percentile(abs_err, 95):.5f} max_under={max_under:.5f}"
 
 
+def mode_summary(cases: pd.DataFrame) -> list[str]:
+    """One ``set_to_none=<mode> <summary_line> cases=<n>`` line per gradient mode."""
+    return [f"set_to_none={mode} {summary_line(group['signed_err'].to_numpy())} cases={len(group)}"
+            for mode, group in cases.groupby("set_to_none", sort=False)]
+
+
+def kept_fit_on_freed_step(cases: pd.DataFrame) -> str:
+    """How far the clients' estimate (gradients kept) lies from a step that frees them, per case.
+
+    The error a user of PyTorch's default loop got before the estimator had the mode:
+    (predicted with set_to_none=False - measured with True) / measured, over the cases run in both.
+    """
+    key = ["model", "optimizer", "batch", "micro_batch"]
+    both = cases[cases["set_to_none"]].merge(cases[~cases["set_to_none"]], on=key, suffixes=("_freed", "_kept"))
+    if both.empty:
+        return "(no case run in both modes)"
+    err = (both["predicted_bytes_kept"] - both["measured_bytes_freed"]) / both["measured_bytes_freed"]
+    save = (both["measured_bytes_kept"] - both["measured_bytes_freed"]) / both["measured_bytes_kept"]
+    return (f"clients' estimate (set_to_none=False) against PyTorch's default step (True): median {err.median():+.5f}, "
+            f"p95 {err.quantile(0.95):+.5f}, max {err.max():+.5f} over {len(both)} cases; freeing gradients lowers the "
+            f"measured peak by median {save.median():.5f}, max {save.max():.5f}")
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="four small models, four batch sizes (< 60 s)")
@@ -337,21 +379,25 @@ def main(argv: list[str] | None = None) -> None:
         models = [replace(m, batch_sizes=m.batch_sizes + (512,)) for m in models]
     cases, timings = run_cases(models, ("sgd", "adam"), args.device)
 
-    print("\nper-model estimation time (trace at b = 3, 6, 12, 24 and fit):")
+    print("\nper-model estimation time (estimate_s: trace at b = 3, 6, 12, 24 and fit; with_micro_s: after all cases, "
+          "with set_to_none including the gradients-kept ladder a micro-batched case traces):")
     print(timings.to_string(index=False, float_format=lambda v: f"{v:.2f}"))
-    worst = cases.groupby("model").agg(max_abs_err=("rel_err", "max"), worst_signed=("signed_err", "min"), cases=("rel_err", "size"))
+    worst = cases.groupby(["model", "set_to_none"]).agg(max_abs_err=("rel_err", "max"), worst_signed=("signed_err", "min"),
+                                                        cases=("rel_err", "size"))
     print("\nper-model error (max |rel err|, most negative signed err):")
     print(worst.to_string(float_format=lambda v: f"{v:+.5f}"))
+    print("\n" + kept_fit_on_freed_step(cases))
 
     budgets = {"cnn-cifar10": 64 * MIB} if args.quick else {"cnn-cifar10": 256 * MIB, "resnet18": 1024 * MIB}
-    probe = probe_comparison(models, budgets, "sgd", args.device)
-    print("\nprobe (Lightning binsearch, emulated: trial peak > budget = OOM) vs estimator.max_batch_size:")
+    probe = probe_comparison(models, budgets, "sgd", args.device, set_to_none=True)
+    print("\nprobe (Lightning binsearch, emulated: trial peak > budget = OOM; PyTorch's default loop, gradients "
+          "freed) vs estimator.max_batch_size:")
     print(pd.DataFrame(probe).to_string(index=False, float_format=lambda v: f"{v:.2f}"))
     print("(a probe trial = fresh copy + warm-up step + measured step, from init_val=2; Lightning runs "
           "steps_per_trial=3. An emulated OOM trial runs to completion; a real one stops at the failing allocation.)")
 
     if not args.quick and not cuda:
-        print("\nground-truth coverage: profiler transient vs resident-set high-water growth over the step:")
+        print("\nground-truth coverage: profiler transient vs resident-set high-water growth over the step (gradients kept):")
         rss = rss_cross_check([("cnn-cifar10", "sgd", 128), ("resnet18", "sgd", 64)])
         print(pd.DataFrame(rss).to_string(index=False, float_format=lambda v: f"{v:.3f}"))
 
@@ -365,7 +411,7 @@ def main(argv: list[str] | None = None) -> None:
     write_csv_atomically(cases, csv)
     print(f"\n{len(cases)} cases written to {csv}; wall time {time.perf_counter() - wall:.1f} s")
     sys.stdout.flush()
-    print(summary_line(cases["signed_err"].to_numpy()))
+    print("\n".join(mode_summary(cases)))
 
 
 if __name__ == "__main__":

@@ -1,10 +1,13 @@
 """Memory estimator (estimators/memory.py): predictions against real steps, and its properties.
 
 Small models only (MLP, CNN, a tiny Transformer and LSTM), one intra-op thread so that the
-kernels, and so the bytes, are the same on every machine. About 10 s on 2 cores.
+kernels, and so the bytes, are the same on every machine. Both gradient modes: ``set_to_none=True``
+(the default, PyTorch's loop) and False (the clients' step). About 15 s on 2 cores.
 """
 
 from __future__ import annotations
+
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -21,14 +24,25 @@ SHAPES = {"mlp": (1, 8, 8), "cnn": (3, 32, 32)}
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-@pytest.fixture(scope="module")
-def estimators(one_thread) -> dict[tuple[str, str], tuple[torch.nn.Module, MemoryEstimator]]:
+def _estimators(set_to_none: bool) -> dict[tuple[str, str], tuple[torch.nn.Module, MemoryEstimator]]:
     out = {}
     for name, shape in SHAPES.items():
         model = build_model(name, shape, 10, seed=0)
         for optimizer in ("sgd", "adam", "none"):
-            out[name, optimizer] = model, MemoryEstimator(model, shape, 10, optimizer)
+            out[name, optimizer] = model, MemoryEstimator(model, shape, 10, optimizer, set_to_none=set_to_none)
     return out
+
+
+@pytest.fixture(scope="module")
+def estimators(one_thread) -> dict[tuple[str, str], tuple[torch.nn.Module, MemoryEstimator]]:
+    """The default mode: gradients freed before each step (PyTorch's ``optimizer.zero_grad()``)."""
+    return _estimators(set_to_none=True)
+
+
+@pytest.fixture(scope="module")
+def kept(one_thread) -> dict[tuple[str, str], tuple[torch.nn.Module, MemoryEstimator]]:
+    """The clients' mode: gradients kept and zeroed in place (``zero_grad(set_to_none=False)``)."""
+    return _estimators(set_to_none=False)
 
 
 def param_bytes(model: torch.nn.Module) -> int:
@@ -38,15 +52,45 @@ def param_bytes(model: torch.nn.Module) -> int:
 # Prediction vs measurement ------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("set_to_none", [True, False])
 @pytest.mark.parametrize("name", ["mlp", "cnn"])
 @pytest.mark.parametrize("optimizer", ["sgd", "adam", "none"])
 @pytest.mark.parametrize("batch", [1, 8, 32, 100])
-def test_prediction_matches_real_step(estimators, name, optimizer, batch):
-    model, est = estimators[name, optimizer]
-    measured = measure_peak_bytes(model, SHAPES[name], 10, optimizer, batch)
+def test_prediction_matches_real_step(estimators, kept, set_to_none, name, optimizer, batch):
+    model, est = (estimators if set_to_none else kept)[name, optimizer]
+    measured = measure_peak_bytes(model, SHAPES[name], 10, optimizer, batch, set_to_none=set_to_none)
     predicted = est.peak_bytes(batch)
     assert abs(predicted - measured) / measured <= 0.01, (predicted, measured)
     assert predicted >= measured * (1 - 0.002)  # no under-estimate beyond 0.2%
+
+
+@pytest.mark.parametrize("name, optimizer, batch", [("mlp", "none", 32), ("mlp", "sgd", 100), ("cnn", "none", 8)])
+def test_freeing_gradients_lowers_the_peak_by_at_most_one_gradient_copy(estimators, kept, name, optimizer, batch):
+    # set_to_none=True runs the forward pass without gradients and lets backward keep its
+    # gradient buffers; kept gradients (the clients' step) run one gradient copy higher.
+    model = estimators[name, optimizer][0]
+    freed = measure_peak_bytes(model, SHAPES[name], 10, optimizer, batch, set_to_none=True)
+    held = measure_peak_bytes(model, SHAPES[name], 10, optimizer, batch, set_to_none=False)
+    assert 0.15 * held < held - freed <= param_bytes(model)  # mlp/none/32: 98816 of 104488 bytes (30%)
+    est_freed, est_held = estimators[name, optimizer][1].peak_bytes(batch), kept[name, optimizer][1].peak_bytes(batch)
+    assert (est_freed, est_held) == (freed, held)
+    assert estimators[name, optimizer][1].state_bytes == kept[name, optimizer][1].state_bytes  # gradients in both
+
+
+@pytest.mark.parametrize("set_to_none", [True, False])
+def test_micro_batches_in_both_modes(estimators, kept, set_to_none):
+    # With set_to_none only the first micro-batch allocates the gradients; later ones add into them.
+    model, est = (estimators if set_to_none else kept)["cnn", "none"]
+    for batch, micro in ((64, 16), (17, 16), (60, 16)):
+        measured = measure_peak_bytes(model, SHAPES["cnn"], 10, "none", batch, micro_batch_size=micro,
+                                      set_to_none=set_to_none)
+        assert est.peak_bytes(batch, micro) == measured, (batch, micro)
+    other = (kept if set_to_none else estimators)["cnn", "none"][1]
+    # 4 passes: the later passes (gradients allocated) set the peak in both modes.
+    assert est.peak_bytes(64, 16) == other.peak_bytes(64, 16)
+    # 2 passes, the second of 1 example: the first pass sets the peak, one gradient copy lower when freed.
+    freed, held = sorted([est.peak_bytes(17, 16), other.peak_bytes(17, 16)])
+    assert held - freed > 0.1 * held
 
 
 @pytest.mark.parametrize("optimizer, copies", [("none", 2), ("sgd", 3), ("adam", 4)])
@@ -178,6 +222,43 @@ def test_piece_across_a_kernel_switch_takes_the_larger_regime():
     assert model.transient_bytes(30) == 40 * 30 + 1000
 
 
+def test_later_passes_set_the_peak_from_the_second_micro_batch_on():
+    # Hand-made traces, gradients of 100 B. set_to_none step: free the gradients, +40 B/example
+    # activation, backward keeps its 100 B gradient buffer, free the activation, optimizer.
+    # Gradients kept (every later micro-batch): activation, a 100 B incoming buffer added into
+    # the gradients and freed, free the activation.
+    freed = lambda b: replace(_trace(b, [-100, 40 * b - 100, 40 * b, 0, 500, 0], "-++-+-", 2), set_to_none=True)  # noqa: E731
+    kept = lambda b: _trace(b, [40 * b, 40 * b + 100, 40 * b, 0, 500, 0], "++--+-", 2)  # noqa: E731
+    model = fit_step_model([freed(3), freed(6)], later=[kept(3), kept(6)])
+    assert model.set_to_none and model.transient_bytes(20) == 800 and model.transient_bytes(20, later=True) == 900
+    base = lambda b: 1000 + 10 * b  # noqa: E731  (state + input)
+    assert model.peak_bytes(20, 20) == base(20) + 800  # one pass: activation + gradients, no incoming buffer
+    assert model.peak_bytes(22, 20) == base(22) + 800  # the first pass (20) over the later one (2): 500, the optimizer
+    assert model.peak_bytes(60, 20) == base(60) + 900  # a middle pass of 20 with its 100 B buffer (not 800)
+    round_trip = StepMemoryModel.from_arrays(model.to_arrays())
+    assert round_trip.set_to_none and round_trip.peak_bytes(60, 20) == model.peak_bytes(60, 20)
+    single_pass = fit_step_model([freed(3), freed(6)])  # no later passes: whole batches only
+    assert single_pass.peak_bytes(20, 20) == base(20) + 800
+    with pytest.raises(ValueError, match=r"later=True is not allowed for this set_to_none fit"):
+        single_pass.peak_bytes(60, 20)
+    with pytest.raises(ValueError, match=r"later=\[\(3, True\), \(6, True\)\] is not allowed"):
+        fit_step_model([freed(3), freed(6)], later=[freed(3), freed(6)])
+
+
+def test_later_passes_are_traced_only_for_a_micro_batched_query(estimators):
+    # set_to_none: the ladder is traced once; the first query with micro-batches adds the same
+    # ladder with gradients kept. A cached fit without them traces both again.
+    model = estimators["cnn", "none"][0]
+    est = MemoryEstimator(model, SHAPES["cnn"], 10, "none")
+    single_pass = est.step_model
+    whole = est.peak_bytes(64)
+    assert est.step_model is single_pass and single_pass.later_same_ops == ()
+    assert est.peak_bytes(64, 16) < whole and len(est.step_model.later_same_ops) == 3
+    cached = MemoryEstimator(model, SHAPES["cnn"], 10, "none", fitted=single_pass)
+    assert cached.estimate_seconds == 0 and cached.peak_bytes(64, 16) == est.peak_bytes(64, 16)
+    assert cached.estimate_seconds > 0
+
+
 # Bad input -------------------------------------------------------------------------------------------
 
 
@@ -199,6 +280,8 @@ def test_bad_arguments_name_the_argument_value_and_what_is_allowed(estimators):
         MemoryEstimator(model, SHAPES["mlp"], 10, "sgd", trace_batch_sizes=(4,))
     with pytest.raises(ValueError, match=r"batch_size=0 .*integer >= 1"):
         measure_peak_bytes(model, SHAPES["mlp"], 10, "sgd", 0)
+    with pytest.raises(ValueError, match=r"fitted is a fit with set_to_none=True, not allowed with set_to_none=False"):
+        MemoryEstimator(model, SHAPES["mlp"], 10, "sgd", fitted=est.step_model, set_to_none=False)
 
 
 def test_refinement_traces_only_below_the_answer_and_keeps_it_exact(estimators):
