@@ -18,10 +18,10 @@ from __future__ import annotations
 import contextlib
 import time
 
-from client_app.startup import STARTED_AT  # noqa: I001 - first: it records when the imports began
+from client_app.startup import STARTED_AT, where  # noqa: I001 - first: it records when the imports began
 
 import torch
-from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from client_app.job import ClientJob, get_job, node_identity
@@ -102,6 +102,7 @@ def train(msg: Message, context: Context) -> Message:
     buffers = {k: v.detach().cpu() for k, v in model.named_buffers()}
     if buffers:
         content["buffers"] = ArrayRecord(buffers)
+    content["info"] = ConfigRecord(where())
     return Message(content=content, reply_to=msg)
 
 

@@ -1,8 +1,9 @@
 """Per-process client resources, built once and reused across rounds.
 
-A Ray actor (simulation) serves many rounds and many partitions. The dataset tensors,
-partition index tensors and model object are built on first use and cached here, so a round
-only copies weights in and gradients out. Nothing here is state a round depends on: a
+A Ray actor (simulation) serves many rounds and many partitions. The dataset tensors (memory-
+mapped from the on-disk cache), the partition index tensors and one model object per
+architecture are built on first use and cached here, so a round only copies weights in and
+gradients out. Nothing here is state a round depends on: a
 SuperNode starts a fresh ClientApp process per message and rebuilds it.
 """
 
@@ -190,11 +191,25 @@ def node_identity(node_config: Mapping[str, object], cfg: RunConfig) -> tuple[in
     return ids.get("partition-id", 0), ids.get("num-partitions", 1), ""
 
 
-@functools.lru_cache(maxsize=64)
-def get_job(cfg: RunConfig, partition_id: int, num_partitions: int, node_data_dir: str = "") -> ClientJob:
-    """Build (once per process and config) the data, partition and model of a client.
+@functools.lru_cache(maxsize=8)
+def shared_model(name: str, input_shape: tuple[int, ...], num_classes: int, device: str) -> nn.Module:
+    """One model object per process, architecture and device.
 
-    With ``node_data_dir`` the node holds only its own examples (workloads/node_data.py): its
+    Every round loads the global weights and buffers into it before anything else, so its
+    initial values do not matter and all the partitions a process serves can share it: a Ray
+    actor serving 1,000 partitions of ResNet-50 holds one copy, not one per partition.
+    """
+    return build_model(name, input_shape, num_classes, seed=0).to(device)
+
+
+@functools.lru_cache(maxsize=4096)
+def get_job(cfg: RunConfig, partition_id: int, num_partitions: int, node_data_dir: str = "") -> ClientJob:
+    """The data, partition and model of a client (cached per process; cheap to rebuild).
+
+    A job holds references to the process's shared dataset tensors (memory-mapped from the
+    on-disk cache) and shared model, and its own partition: an index tensor that is a view of
+    the cached partition arrays. Nothing in it grows with the model per partition. With
+    ``node_data_dir`` the node holds only its own examples (workloads/node_data.py): its
     training split is its partition, in the order a shared-data run would index it.
     """
     workload = WORKLOADS[cfg.dataset]
@@ -207,12 +222,12 @@ def get_job(cfg: RunConfig, partition_id: int, num_partitions: int, node_data_di
             splits.y_train.numpy(), partition_id, num_partitions, cfg.partitioner, cfg.dirichlet_alpha, cfg.seed
         )
     device = pick_device(cfg.device)
-    model = build_model(resolve_model(cfg.dataset, cfg.model), workload.input_shape, workload.num_classes, cfg.seed)
+    model = shared_model(resolve_model(cfg.dataset, cfg.model), workload.input_shape, workload.num_classes, str(device))
     return ClientJob(
         cfg=cfg,
         splits=splits,
         partition=torch.from_numpy(np.asarray(idx)),
-        model=model.to(device),
+        model=model,
         loss_fn=workload.loss(),
         device=device,
         augment=cfg.augment and workload.augment,

@@ -23,3 +23,15 @@ def process_started_at() -> float:
 
 STARTED_AT = process_started_at()
 IMPORTED_AT = time.time()  # when this module (imported first by client_app.app) was imported
+
+
+def where() -> dict[str, str]:
+    """Where this ClientApp runs: host name, process id and, in a Ray worker, the Ray node id."""
+    import socket
+    import sys
+
+    info = {"host": socket.gethostname(), "pid": str(os.getpid())}
+    ray = sys.modules.get("ray")
+    if ray is not None and ray.is_initialized():
+        info["ray-node"] = ray.get_runtime_context().get_node_id()[:12]
+    return info

@@ -17,6 +17,7 @@ among their processes: the memory really used). The last line is
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import threading
 import time
@@ -24,6 +25,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from experiments.ray_cluster import LocalRayCluster
 from experiments.run import launch, prepare
 from experiments.superlink import descendants
 
@@ -50,17 +52,17 @@ class MemorySampler(threading.Thread):
         super().__init__(daemon=True)
         self.root, self.interval_s = root, interval_s
         self.peak_rss = self.peak_pss = 0.0
-        self._stop = threading.Event()
+        self._halt = threading.Event()
 
     def run(self) -> None:  # noqa: D102 - Thread API
-        while not self._stop.is_set():
+        while not self._halt.is_set():
             rss, pss = _tree_memory_mb(self.root)
             self.peak_rss, self.peak_pss = max(self.peak_rss, rss), max(self.peak_pss, pss)
-            self._stop.wait(self.interval_s)
+            self._halt.wait(self.interval_s)
 
     def stop(self) -> None:
         """Stop sampling."""
-        self._stop.set()
+        self._halt.set()
         self.join()
 
 
@@ -74,6 +76,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--batch", type=int, default=0, help="global batch (default 20 per sampled client)")
     p.add_argument("--out", default="", help="results folder (default: results/scale-<N>-<K>)")
     p.add_argument("--run-config", default="", help="more run-config overrides")
+    p.add_argument("--ray-nodes", type=int, default=0,
+                   help="start a Ray cluster of this many nodes first (experiments/ray_cluster.py) and run on it")
     args = p.parse_args(argv)
     batch = args.batch or 20 * args.per_round
     data = f"data-dir='{os.environ['FLB_DATA_DIR']}'" if args.dataset == "mnist" and os.environ.get("FLB_DATA_DIR") else ""
@@ -82,17 +86,24 @@ def main(argv: list[str] | None = None) -> dict:
         f"dataset={args.dataset} {data} num-server-rounds={args.rounds} eval-every={args.rounds} "
         f"clients-per-round={args.per_round} global-batch-size={batch} {args.run_config}",
         f"num-supernodes={args.clients}", out)
-    sampler = MemorySampler(os.getpid())
-    sampler.start()
-    start = time.perf_counter()
-    code = launch(cfg, fed, out_dir, quiet=True)
-    wall = time.perf_counter() - start
-    sampler.stop()
+    cluster = LocalRayCluster(args.ray_nodes, cpus_per_node=1) if args.ray_nodes else contextlib.nullcontext()
+    with cluster:
+        sampler = MemorySampler(os.getpid())
+        sampler.start()
+        start = time.perf_counter()
+        code = launch(cfg, fed, out_dir, quiet=True)
+        wall = time.perf_counter() - start
+        sampler.stop()
     if code != 0:
         raise SystemExit(f"the run failed; see {out_dir}/run.log")
     rounds = pd.read_csv(out_dir / "rounds.csv").set_index("round")
     per_round = float(rounds["wall_s"].diff().loc[2:].median())
     startup = float(rounds.loc[1, "wall_s"]) + (wall - float(rounds["wall_s"].iloc[-1])) - per_round
+    if args.ray_nodes:
+        clients = pd.read_csv(out_dir / "clients.csv")
+        spread = clients.groupby("ray_node").agg(client_steps=("partition_id", "size"), partitions=("partition_id", "nunique"),
+                                                 workers=("worker", "nunique"))
+        print(f"Ray cluster of {args.ray_nodes} nodes: client steps per Ray node\n{spread.to_string()}")
     result = {"clients": args.clients, "per_round": args.per_round, "s_per_round": per_round, "startup_s": startup,
               "peak_rss_mb": sampler.peak_rss, "peak_pss_mb": sampler.peak_pss, "wall_s": wall}
     print(f"{args.clients} clients, {args.per_round} per round, B={batch}, {args.rounds} rounds, {args.dataset}: "

@@ -9,10 +9,14 @@ augmentation and the same number of steps, on this machine, in one invocation:
   Flower's Ray engine with ``client-resources-num-cpus=1``;
 - reference: one Python process, one ``torch.optim.SGD`` step per 512-example batch.
 
-Steady-state samples/s skip the first round (Ray actor start-up, imports) and the last
-(central evaluation). The end-to-end figure for the simulation includes everything from the
-launcher's start to its exit. The last line is ``sim_samples_per_s=<x> ref_samples_per_s=<y>
-ratio=<x/y> end_to_end_ratio=<z>``.
+The simulation runs three times: with an empty array cache (every process decodes nothing
+but the first, workloads/cache.py), with the cache filled (the default configuration), and
+with the memory measured in every round (``memory-check-every=1``: a profiled replay per
+client step). Steady-state samples/s skip the first round (Ray actor start-up, imports) and the
+last (central evaluation, and by default the memory check). The end-to-end figures include
+everything from the launcher's start to its exit. ``--overhead`` adds the per-round time of
+the Flower path against the same step in pure PyTorch for three model sizes. The last line is
+``sim_samples_per_s=<x> ref_samples_per_s=<y> ratio=<x/y> end_to_end_ratio=<z> ...``.
 """
 
 from __future__ import annotations
@@ -29,6 +33,8 @@ import torch
 from experiments.run import launch, prepare
 from workloads.data import augment_crop_flip, load_splits
 from workloads.models import build_model
+from workloads.registry import WORKLOADS
+from workloads.training import step_seconds
 
 GLOBAL_BATCH = 512
 CLIENTS = 8
@@ -53,12 +59,12 @@ def reference_samples_per_s(data_dir: str, rounds: int, seed: int = 0) -> float:
     return GLOBAL_BATCH * (rounds - 2) / (stamps[-2] - stamps[0])
 
 
-def simulation_samples_per_s(data_dir: str, rounds: int, out: Path) -> tuple[float, float]:
+def simulation_samples_per_s(data_dir: str, rounds: int, out: Path, extra: str = "") -> tuple[float, float]:
     """Run the simulation; return (steady-state samples/s, end-to-end samples/s)."""
     t0 = time.perf_counter()
-    cfg, fed, out_dir = prepare(
+    cfg, fed, out_dir, _ = prepare(
         f"dataset='cifar10' model='cnn' data-dir='{data_dir}' global-batch-size={GLOBAL_BATCH} "
-        f"num-server-rounds={rounds} eval-every={rounds} lr=0.05 warmup-rounds=0",
+        f"num-server-rounds={rounds} eval-every={rounds} lr=0.05 warmup-rounds=0 {extra}",
         f"num-supernodes={CLIENTS} client-resources-num-cpus=1",
         str(out),
     )
@@ -71,23 +77,62 @@ def simulation_samples_per_s(data_dir: str, rounds: int, out: Path) -> tuple[flo
     return steady, end_to_end
 
 
+def overhead_table(data_dir: str, rounds: int = 6, batch: int = 64) -> list[dict]:
+    """Per-round time of the Flower path (Ray, 8 clients) against the same step in pure PyTorch, per model."""
+    rows = []
+    for dataset, model in (("mnist", "mlp"), ("cifar10", "cnn"), ("cifar10", "resnet18")):
+        with tempfile.TemporaryDirectory() as tmp:
+            cfg, fed, out_dir, _ = prepare(
+                f"dataset='{dataset}' model='{model}' data-dir='{data_dir}' global-batch-size={batch} "
+                f"num-server-rounds={rounds} eval-every={rounds} warmup-rounds=0",
+                f"num-supernodes={CLIENTS} client-resources-num-cpus=1", str(Path(tmp) / "sim"))
+            if launch(cfg, fed, out_dir, quiet=True) != 0:
+                raise SystemExit(f"simulation failed; see {out_dir / 'run.log'}")
+            with open(out_dir / "rounds.csv") as f:
+                wall = [float(r["wall_s"]) for r in csv.DictReader(f)]
+        sim_s = sorted(b - a for a, b in zip(wall[2:-1], wall[3:-1]))[(rounds - 4) // 2] if rounds >= 5 else wall[-1] - wall[-2]
+        net = build_model(model, WORKLOADS[dataset].input_shape, 10, 0)
+        splits = load_splits(dataset, data_dir, 0.1)
+        inputs = lambda x, s=splits: s.inputs(x)  # noqa: E731
+        ref_s = step_seconds(net, WORKLOADS[dataset].loss(), inputs, splits.x_train[:batch], splits.y_train[:batch])
+        params = sum(p.numel() for p in net.parameters())
+        rows.append({"model": model, "params_M": params / 1e6, "message_MB": params * 4 / 1e6, "sim_round_ms": 1000 * sim_s,
+                     "pytorch_step_ms": 1000 * ref_s, "overhead_ms": 1000 * (sim_s - ref_s)})
+        print(rows[-1], flush=True)
+    return rows
+
+
 def main() -> None:
-    """Print both throughputs and their ratio, measured in this run."""
+    """Print the throughputs and their ratios, measured in this run (and, with --overhead, the table per model)."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--rounds", type=int, default=20)
     parser.add_argument("--data-dir", default=os.environ.get("FLB_DATA_DIR", ""))
+    parser.add_argument("--overhead", action="store_true", help="also the per-round overhead against model size")
     args = parser.parse_args()
     if args.rounds < 4:
         raise SystemExit("--rounds must be at least 4 (first and last rounds are excluded)")
     with tempfile.TemporaryDirectory() as tmp:
+        os.environ["FLB_CACHE_DIR"] = str(Path(tmp) / "cache")  # empty: the first run decodes CIFAR-10 once
+        cold, cold_e2e = simulation_samples_per_s(args.data_dir, args.rounds, Path(tmp) / "cold")
         sim, e2e = simulation_samples_per_s(args.data_dir, args.rounds, Path(tmp) / "sim")
+        measured, measured_e2e = simulation_samples_per_s(args.data_dir, args.rounds, Path(tmp) / "measured",
+                                                          "memory-check-every=1")
     ref = reference_samples_per_s(args.data_dir, args.rounds)
-    print(f"{'what':<44}{'samples/s':>12}")
-    print(f"{'simulation, steady state (rounds 2..R-1)':<44}{sim:>12.1f}")
-    print(f"{'simulation, end to end (incl. start-up)':<44}{e2e:>12.1f}")
-    print(f"{'pure PyTorch, one process':<44}{ref:>12.1f}")
+    print(f"{'what':<64}{'samples/s':>12}{'ratio':>8}")
+    for label, value in (("simulation, default, steady state (rounds 2..R-1)", sim),
+                         ("simulation, default, end to end (incl. start-up, cache filled)", e2e),
+                         ("simulation, default, end to end, empty cache (decodes CIFAR-10)", cold_e2e),
+                         ("simulation, memory measured every round, steady state", measured),
+                         ("pure PyTorch, one process", ref)):
+        print(f"{label:<64}{value:>12.1f}{value / ref:>8.3f}")
+    if args.overhead:
+        rows = overhead_table(args.data_dir)
+        print(f"{'model':<10}{'params M':>10}{'message MB':>12}{'sim round ms':>14}{'PyTorch step ms':>17}{'overhead ms':>13}")
+        for r in rows:
+            print(f"{r['model']:<10}{r['params_M']:>10.3f}{r['message_MB']:>12.2f}{r['sim_round_ms']:>14.1f}"
+                  f"{r['pytorch_step_ms']:>17.1f}{r['overhead_ms']:>13.1f}")
     print(f"sim_samples_per_s={sim:.1f} ref_samples_per_s={ref:.1f} ratio={sim / ref:.3f} "
-          f"end_to_end_ratio={e2e / ref:.3f}")
+          f"end_to_end_ratio={e2e / ref:.3f} measured_ratio={measured / ref:.3f} cold_end_to_end_ratio={cold_e2e / ref:.3f}")
 
 
 if __name__ == "__main__":

@@ -77,6 +77,7 @@ class ValidReply:
     buffers: dict[str, torch.Tensor] | None
     metrics: dict[str, float]
     norm: float  # |g_i|
+    info: dict[str, str]  # where it ran (host, pid, Ray node), as the client says; for clients.csv only
 
 
 class LargeBatchStrategy(FedAvg):
@@ -259,7 +260,8 @@ class LargeBatchStrategy(FedAvg):
              "grad_norm": r.norm, "compute_s": r.metrics["compute-s"], "virtual_s": v,
              "budget_mb": r.metrics["budget-mb"], "predicted_peak_mb": r.metrics["predicted-peak-mb"],
              "peak_mem_mb": r.metrics["peak-mem-mb"], "max_batch": int(r.metrics["max-batch"]),
-             "startup_s": r.metrics.get("startup-s", math.nan), "setup_s": r.metrics.get("setup-s", math.nan)}
+             "startup_s": r.metrics.get("startup-s", math.nan), "setup_s": r.metrics.get("setup-s", math.nan),
+             "worker": f"{r.info.get('host', '')}:{r.info.get('pid', '')}", "ray_node": r.info.get("ray-node", "")}
             for r, v in zip(valid, virtual)
         ]
         self.sink.train(row, clients)
@@ -321,6 +323,7 @@ class LargeBatchStrategy(FedAvg):
             grads = content["grads"].to_torch_state_dict()
             buffers = content["buffers"].to_torch_state_dict() if "buffers" in content.array_records else None
             metrics = dict(content["metrics"])
+            info = {k: str(v)[:64] for k, v in content["info"].items()} if "info" in content.config_records else {}
         except Exception as err:  # noqa: BLE001 - whatever a client sent, it must not crash the server
             return f"unreadable reply ({type(err).__name__}: {err})"
         expected = Expected(self.param_shapes, {k: self.state[k] for k in self.buffer_names}, b,
@@ -331,7 +334,7 @@ class LargeBatchStrategy(FedAvg):
             return reason
         ordered = [grads[n] for n in self.param_names]
         numbers = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
-        return ValidReply(node, pid, b, ordered, buffers, numbers, grad_norm(ordered))
+        return ValidReply(node, pid, b, ordered, buffers, numbers, grad_norm(ordered), info)
 
     def _finite_step(self, rnd: int, params: list[torch.Tensor], grad: list[torch.Tensor], lr: float) -> None:
         """Apply the optimizer; undo it and raise ``DivergenceError`` if a weight became non-finite."""
