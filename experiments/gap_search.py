@@ -190,15 +190,18 @@ def summary(path: Path) -> None:
         if not tuning:
             continue
         best = max(tuning, key=lambda r: r["val_acc"])
-        seeds = [r for r in rs if r["seed"] != 0 and r["lr"] == best["lr"]]
-        accs = np.array([r["test_acc"] for r in seeds]) * 100
-        acc = f"{accs.mean():.2f} +- {accs.std(ddof=1) if len(accs) > 1 else 0:.2f} (n={len(accs)})" if len(accs) else "-"
-        shown = seeds or [best]
         grid = " ".join(f"{r['lr']:g}:{r['val_acc'] * 100:.1f}" for r in tuning)
-        print(f"{key[0]} {key[1]} {key[2]} {key[3]} {int(key[4])} | {key[-1]} | {grid} | {best['lr']:g} | "
-              f"{best['steps']} | {np.mean([r['train_loss_last_epoch'] for r in shown]):.4f} / "
-              f"{np.mean([r['train_loss_full'] for r in shown]):.4f} | {acc} | "
-              f"{np.mean([r['wall_s'] for r in rs]):.0f}")
+        seeded = sorted({r["lr"] for r in rs if r["seed"] != 0}, key=lambda lr: lr != best["lr"])
+        for lr in seeded or [best["lr"]]:
+            seeds = [r for r in rs if r["seed"] != 0 and r["lr"] == lr]
+            accs = np.array([r["test_acc"] for r in seeds]) * 100
+            acc = f"{accs.mean():.2f} +- {accs.std(ddof=1) if len(accs) > 1 else 0:.2f} (n={len(accs)})" if len(accs) else "-"
+            shown = seeds or [best]
+            mark = "" if lr == best["lr"] else " (extra, not chosen)"
+            print(f"{key[0]} {key[1]} {key[2]} {key[3]} {int(key[4])} | {key[-1]} | {grid} | {lr:g}{mark} | "
+                  f"{shown[0]['steps']} | {np.mean([r['train_loss_last_epoch'] for r in shown]):.4f} / "
+                  f"{np.mean([r['train_loss_full'] for r in shown]):.4f} | {acc} | "
+                  f"{np.mean([r['wall_s'] for r in rs if not r['diverged']]):.0f}")
 
 
 def main() -> None:
@@ -217,6 +220,8 @@ def main() -> None:
     p.add_argument("--momentum", type=float, default=0.9)
     p.add_argument("--weight-decay", type=float, default=5e-4)
     p.add_argument("--seeds", type=int, default=3, help="fresh seeds 1..N at the chosen lr")
+    p.add_argument("--extra-large-lr", type=float, nargs="*", default=[],
+                   help="also run the seeds of the large batch at these lrs (e.g. the one whose train loss matches)")
     p.add_argument("--tune-only", action="store_true", help="stop after choosing the learning rates")
     p.add_argument("--micro-batch", type=int, default=64, help="gradient accumulation chunk (same gradient)")
     p.add_argument("--out", type=Path, default=OUT)
@@ -242,6 +247,9 @@ def main() -> None:
         for batch in (args.small, large):
             for seed in range(1, args.seeds + 1):
                 search.run(batch, chosen[batch], seed)
+        for lr in args.extra_large_lr:
+            for seed in range(1, args.seeds + 1):
+                search.run(large, lr, seed)
     summary(args.out)
 
 
