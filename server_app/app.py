@@ -80,6 +80,7 @@ def main(grid: Grid, context: Context) -> None:
                            num_rounds=cfg.num_server_rounds - done, timeout=cfg.round_timeout_s, evaluate_fn=evaluate_fn)
         finally:
             logging.getLogger("flwr").removeFilter(chatter)
+            results.flush()  # rows committed since the last write, also when a round failed
     path = results.save_model(strategy.state)
     log(INFO, "final model: %s", path)
 

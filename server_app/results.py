@@ -3,7 +3,7 @@
 Files (all written atomically: a temporary file, then a rename; mode 0644):
 
 - ``config.json``: the run config, the model name and its parameter count;
-- ``rounds.csv``: one row per round (round 0 is the initial model), rewritten after every round;
+- ``rounds.csv``: one row per round (round 0 is the initial model);
 - ``clients.csv``: one row per valid client reply;
 - ``failures.csv``: one row per failed, invalid or late client (``round, node_id,
   partition_id, local_batch, reason``);
@@ -13,6 +13,14 @@ Files (all written atomically: a temporary file, then a rename; mode 0644):
 
 ``RunResults`` is the strategy's ``RoundSink``: the strategy hands it each round's training
 record, the ServerApp adds the evaluation and commits the row.
+
+rounds.csv and clients.csv are rewritten whole, so a write costs time in proportion to the
+rows so far: rewriting them after every round would make a run of thousands of rounds
+quadratic (0.7 s a round at round 6,000 of a CIFAR-10 run with 8 clients). They are rewritten
+at every checkpoint round and after the last round (so a resumed run finds every row it keeps),
+by ``flush`` when a run stops early, and otherwise whenever the time since the last write is at
+least ``WRITE_EVERY_COST`` times what that write took: every round while the files are small,
+at most a tenth of the run's time later.
 """
 
 from __future__ import annotations
@@ -36,6 +44,7 @@ ROUND_COLUMNS = [
 CLIENT_COLUMNS = ["round", "node_id", "partition_id"]
 FAILURE_COLUMNS = ["round", "node_id", "partition_id", "local_batch", "reason"]
 CHECKPOINT_FORMAT = 1
+WRITE_EVERY_COST = 10.0  # rewrite the CSVs once the time since the last write is this many times its cost
 # Keys a resumed run may change: they decide how faults are handled and where files are, not what is computed.
 RESUMABLE_KEYS = frozenset({"resume", "min-batch-fraction", "round-timeout-s", "max-norm-ratio",
                             "checkpoint-every", "out-dir", "data-dir"})
@@ -107,6 +116,7 @@ class RunResults:
         self.clients: list[dict[str, Any]] = []
         self.failure_rows: list[dict[str, Any]] = []
         self._pending: tuple[dict[str, Any], list[dict[str, Any]]] | None = None
+        self._last_write_end, self._last_write_s = 0.0, 0.0  # perf_counter seconds
         atomic_write_json(self.out_dir / "config.json", {"run_config": cfg.to_mapping(), **(extra or {})})
 
     # RoundSink ------------------------------------------------------------------
@@ -136,10 +146,21 @@ class RunResults:
         row["wall_s"] = wall_s
         self.rounds.append(row)
         self.clients += clients
+        every = self.cfg.checkpoint_every
+        due = (rnd == self.cfg.num_server_rounds or (every and rnd % every == 0)
+               or time.perf_counter() - self._last_write_end >= WRITE_EVERY_COST * self._last_write_s)
+        if due:
+            self.flush()
+        return row
+
+    def flush(self) -> None:
+        """Rewrite rounds.csv and clients.csv with every committed row."""
+        start = time.perf_counter()
         atomic_write_text(self.out_dir / "rounds.csv", _csv_text(self.rounds, ROUND_COLUMNS))
         if self.clients:
             atomic_write_text(self.out_dir / "clients.csv", _csv_text(self.clients, CLIENT_COLUMNS))
-        return row
+        self._last_write_end = time.perf_counter()
+        self._last_write_s = self._last_write_end - start
 
     def keep_through(self, rnd: int) -> None:
         """Resume: reload the CSVs on disk, keeping only rows of rounds <= ``rnd`` (-1 keeps none)."""
