@@ -107,10 +107,17 @@ def _finished(folder: Path, config: Mapping[str, Any]) -> bool:
     if not done or not (folder / "config.json").exists():
         return False
     saved = json.loads((folder / "config.json").read_text())["run_config"]
-    same = all(saved.get(k) == v for k, v in config.items() if k not in ("out-dir", "resume", "data-dir"))
+    defaults = _defaults()  # a key added after the run was saved: the run had its default behaviour
+    same = all(saved.get(k, defaults.get(k)) == v for k, v in config.items() if k not in ("out-dir", "resume", "data-dir"))
     if not same:
         return False
     return (folder / "error.json").exists() or int(pd.read_csv(folder / "rounds.csv")["round"].iloc[-1]) == int(config["num-server-rounds"])
+
+
+def _defaults() -> dict[str, Any]:
+    from workloads.config import RunConfig
+
+    return RunConfig.defaults()
 
 
 def run(config: Mapping[str, Any] | None = None, *, clients: int = 8, engine: str = "inprocess",
