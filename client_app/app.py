@@ -5,7 +5,9 @@ Per round the server sends the global weights and this client's ``local-batch-si
 epoch-wise shuffle of its partition (position kept in ``context.state``), accumulates the
 mean-loss gradient over micro-batches, and replies with it (H = 1) or with the
 pseudo-gradient (w_0 - w_H) / lr of H local SGD steps (H > 1), plus its BatchNorm buffers
-and b_i, loss, compute seconds and peak memory.
+and b_i, loss, |g_i|^2, compute seconds and peak memory. A teacher's round plan may add
+per-step learning rates, the server's momentum and velocity (the reply then carries the final
+velocity) and a multiplier m_i for the gradient (``LocalOptimizer``).
 
 Memory: the client's budget comes from its node config, its device profile or the run config
 (workloads/devices.py ``memory_budget_mb``); the memory estimator of its exact step picks the
@@ -25,11 +27,12 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, 
 from flwr.clientapp import ClientApp
 
 from client_app.job import ClientJob, get_job, node_identity
+from client_app.round_plan import LocalOptimizer
 from estimators.performance import profile_batches
 from estimators.step_peak import step_peak
 from workloads.devices import memory_budget_mb, parse_profiles
 from workloads.config import ConfigError, RunConfig
-from workloads.training import batch_gradient, local_sgd, step_seconds
+from workloads.training import batch_gradient, local_momentum_sgd, step_seconds
 
 app = ClientApp()
 
@@ -51,6 +54,7 @@ def train(msg: Message, context: Context) -> Message:
     b, micro = int(conf["local-batch-size"]), int(conf["micro-batch-size"])
     steps, lr, rnd = int(conf["local-steps"]), float(conf["lr"]), int(conf["server-round"])
     drawn = int(conf["drawn-examples"])
+    local = LocalOptimizer.from_message(msg)
     n = len(job.partition)
     if b > n:
         raise ConfigError(
@@ -72,11 +76,17 @@ def train(msg: Message, context: Context) -> Message:
     ready = time.time()
     with step_peak(job.device, ()) if job.device.type == "cuda" else contextlib.nullcontext() as peak:
         t0 = time.perf_counter()
-        if steps == 1:
+        velocity = None
+        if steps == 1 and local.plain:
             loss = batch_gradient(model, job.loss_fn, inputs, *batches[0], plan.micro_batch)
             grads = [p.grad.detach() for p in model.parameters()]
         else:
-            grads, loss = local_sgd(model, job.loss_fn, inputs, batches, lr, plan.micro_batch)
+            grads, loss, velocity = local_momentum_sgd(
+                model, job.loss_fn, inputs, batches, lr, plan.micro_batch, local.lrs, local.momentum,
+                local.weight_decay, local.velocity_for(model))
+        grad_sq = sum(float(torch.linalg.vector_norm(g, dtype=torch.float64)) ** 2 for g in grads)
+        if local.grad_scale != 1.0:  # signed-noise: this client's multiplier m_i, so the server needs only the sum
+            grads = [g * local.grad_scale for g in grads]
         if job.device.type == "cuda":
             torch.cuda.synchronize(job.device)
         compute_s = time.perf_counter() - t0
@@ -87,6 +97,7 @@ def train(msg: Message, context: Context) -> Message:
         "metrics": MetricRecord({
             "num-examples": b,
             "train-loss": loss,
+            "grad-sq": grad_sq,  # |g_i|^2 before any multiplier: noise statistics from sums
             "compute-s": compute_s,
             "peak-mem-mb": peak.bytes / 2**20 if peak is not None else cpu_peak_mb,
             "predicted-peak-mb": plan.predicted_mb,
@@ -102,6 +113,8 @@ def train(msg: Message, context: Context) -> Message:
     buffers = {k: v.detach().cpu() for k, v in model.named_buffers()}
     if buffers:
         content["buffers"] = ArrayRecord(buffers)
+    if velocity is not None:
+        content["momentum"] = ArrayRecord({k: v.detach().cpu() for k, v in zip(names, velocity)})
     content["info"] = ConfigRecord(where())
     return Message(content=content, reply_to=msg)
 

@@ -7,7 +7,9 @@ gradient per client, check every reply (strategies/reply_check.py), average the 
 weighted by b_i into the gradient of the global batch (strategies/aggregation.py), pass it
 through the teacher (strategies/teachers.py) and apply the server optimizer
 (strategies/server_opt.py). With ``local-steps`` H > 1 the clients return pseudo-gradients
-(w_0 - w_H) / lr instead, which makes FedAvg-style baselines the same code path.
+(w_0 - w_H) / lr instead, which makes FedAvg-style baselines the same code path. A teacher's
+``RoundPlan`` (strategies/round_plan.py) may change a round: its H, learning rate(s), momentum,
+a local optimizer on the clients, and per-client gradient multipliers.
 
 Faults: an invalid, failed or late reply drops that client from the round; the step is then
 the exact mean over the examples that did arrive, B' = sum of their b_i, as long as B' is at
@@ -42,15 +44,15 @@ from flwr.serverapp.strategy import FedAvg
 from estimators.performance import client_virtual_seconds
 from strategies.aggregation import aggregate_buffers, weighted_mean
 from strategies.batch_policy import PolicyState
-from strategies.noise_scale import noise_stats
-from strategies.nodes import NodeDirectory, sample_nodes
+from strategies.nodes import NodeDirectory, sample_nodes, wait_for_nodes
 from strategies.records import MemorySink, RoundSink
 from strategies.reply_check import (
-    NORM_WINDOW, Expected, check_buffers, check_metrics, check_tensors, grad_norm, norm_outliers,
+    NORM_WINDOW, Expected, check_buffers, check_grad_sq, check_metrics, check_tensors, grad_norm, norm_outliers,
 )
 from strategies.server_opt import ServerSGD, lr_at
 from strategies.teacher_registry import load_teacher_state, teacher_state
-from strategies.teachers import RoundPlan, TeacherInput, TeacherOutput
+from strategies.round_plan import RoundPlan, client_config, round_stats, velocity_record
+from strategies.teachers import TeacherInput, TeacherOutput
 from workloads.config import RunConfig, split_global_batch
 from workloads.devices import parse_profiles, profile_for
 from workloads.errors import ConfigError
@@ -78,6 +80,7 @@ class ValidReply:
     metrics: dict[str, float]
     norm: float  # |g_i|
     info: dict[str, str]  # where it ran (host, pid, Ray node), as the client says; for clients.csv only
+    momentum: list[torch.Tensor] | None = None  # the client's final velocity (RoundPlan.local_momentum)
 
 
 class LargeBatchStrategy(FedAvg):
@@ -147,7 +150,7 @@ class LargeBatchStrategy(FedAvg):
     ) -> Iterable[Message]:
         """Sample K clients by partition id and send each its local batch, sampler position and LR."""
         rnd = server_round + self.round_offset
-        connected = _wait_for_nodes(grid, max(1, self.cfg.clients_per_round))
+        connected = wait_for_nodes(grid, max(1, self.cfg.clients_per_round), NODE_WAIT_S)
         usable = self.nodes.refresh(grid, connected, self.cfg.round_timeout_s)
         k = self.cfg.clients_per_round or len(usable)
         if not usable or k > len(usable):
@@ -165,10 +168,14 @@ class LargeBatchStrategy(FedAvg):
         batches = ([plan[usable[n]] for n in sampled] if plan is not None
                    else split_global_batch(self.cfg.global_batch_size, k))
         self.assigned = {n: (usable[n], b) for n, b in zip(sampled, batches)}
-        self.round_lr = lr_at(rnd, self.cfg.num_server_rounds, self.cfg.lr, self.cfg.warmup_rounds, self.cfg.schedule)
         plan_fn = getattr(self.teacher, "plan", None)
-        self.round_plan = plan_fn(rnd) if plan_fn is not None else RoundPlan()
-        self.round_steps = self.round_plan.local_steps or self.cfg.local_steps
+        teacher_plan = plan_fn(rnd, {p: b for p, b in self.assigned.values()}) if plan_fn else RoundPlan()
+        self.round_plan, self.round_steps = teacher_plan, teacher_plan.local_steps or self.cfg.local_steps
+        teacher_plan.check(self.round_steps, [p for p, _ in self.assigned.values()])
+        self.round_lr = teacher_plan.lr if teacher_plan.lr is not None else lr_at(
+            rnd, self.cfg.num_server_rounds, self.cfg.lr, self.cfg.warmup_rounds, self.cfg.schedule)
+        velocity = velocity_record(teacher_plan, self.param_names, self.optimizer.velocity)
+        velocity = ArrayRecord(velocity) if velocity is not None else None
         self._t_sent = time.perf_counter()
         messages = []
         for node_id, (pid, b) in self.assigned.items():
@@ -179,8 +186,11 @@ class LargeBatchStrategy(FedAvg):
                 "local-steps": self.round_steps,
                 "lr": self.round_lr,
                 "drawn-examples": self.drawn.get(pid, 0),
+                **client_config(teacher_plan, pid, self.cfg.momentum, self.cfg.weight_decay),
             })
             content = RecordDict({"arrays": arrays, "config": node_config})
+            if velocity is not None:
+                content["velocity"] = velocity
             messages.append(Message(content=content, message_type=MessageType.TRAIN, dst_node_id=node_id))
         return messages
 
@@ -217,7 +227,9 @@ class LargeBatchStrategy(FedAvg):
         t0 = time.perf_counter()
         grads, batches = [r.grads for r in valid], [r.batch for r in valid]
         global_grad = weighted_mean(grads, batches)
-        stats = noise_stats(global_grad, grads, batches)
+        plan = self.round_plan
+        stats = round_stats(plan, global_grad, grads, batches, [r.metrics.get("grad-sq", 0.0) for r in valid],
+                            [r.partition_id for r in valid])
         params = [self.state[name] for name in self.param_names]
         t_teacher = time.perf_counter()
         taught = self.teacher(TeacherInput(
@@ -226,9 +238,12 @@ class LargeBatchStrategy(FedAvg):
         ))
         teacher_s = time.perf_counter() - t_teacher
         lr = self.round_lr * taught.lr_scale
-        momentum = self.round_plan.server_momentum
+        momentum = 0.0 if plan.local_momentum else plan.server_momentum
         self.optimizer.momentum = self.cfg.momentum if momentum is None else momentum
+        self.optimizer.weight_decay = 0.0 if plan.local_momentum else self.cfg.weight_decay  # the clients applied it
         self._finite_step(rnd, params, taught.grad, lr)
+        if plan.local_momentum:
+            self.optimizer.velocity = weighted_mean([r.momentum for r in valid], batches)
         if self.buffer_names:
             self.state.update(aggregate_buffers([r.buffers for r in valid], batches))
         server_s = time.perf_counter() - t0
@@ -328,13 +343,18 @@ class LargeBatchStrategy(FedAvg):
             return f"unreadable reply ({type(err).__name__}: {err})"
         expected = Expected(self.param_shapes, {k: self.state[k] for k in self.buffer_names}, b,
                             self.round_steps, pid)
+        plan = self.round_plan
+        momentum = content["momentum"].to_torch_state_dict() if "momentum" in content.array_records else {}
         reason = (check_metrics(metrics, expected) or check_tensors("gradient", grads, self.param_shapes)
-                  or check_buffers(buffers, expected))
+                  or check_buffers(buffers, expected)
+                  or (check_tensors("momentum", momentum, self.param_shapes) if plan.local_momentum else None)
+                  or (check_grad_sq(metrics) if plan.grad_scale is not None else None))
         if reason:
             return reason
         ordered = [grads[n] for n in self.param_names]
         numbers = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
-        return ValidReply(node, pid, b, ordered, buffers, numbers, grad_norm(ordered), info)
+        velocity = [momentum[n] for n in self.param_names] if plan.local_momentum else None
+        return ValidReply(node, pid, b, ordered, buffers, numbers, grad_norm(ordered), info, velocity)
 
     def _finite_step(self, rnd: int, params: list[torch.Tensor], grad: list[torch.Tensor], lr: float) -> None:
         """Apply the optimizer; undo it and raise ``DivergenceError`` if a weight became non-finite."""
@@ -381,19 +401,3 @@ class LargeBatchStrategy(FedAvg):
         self.policy.load_state_dict(state["policy"])
         self.round_offset = completed_rounds
 
-
-def _wait_for_nodes(grid: Grid, minimum: int, timeout_s: float = NODE_WAIT_S) -> list[int]:
-    """Return the connected node ids once at least ``minimum`` are connected."""
-    start = last_log = time.monotonic()
-    while len(nodes := sorted(grid.get_node_ids())) < minimum:
-        now = time.monotonic()
-        if now - start > timeout_s:
-            raise ConfigError(
-                f"run-config key 'clients-per-round' = {minimum}: only {len(nodes)} nodes "
-                f"connected within {timeout_s:.0f} s."
-            )
-        if now - last_log > 10:
-            log(INFO, "Waiting for nodes: %d connected, %d needed", len(nodes), minimum)
-            last_log = now
-        time.sleep(0.5)
-    return nodes

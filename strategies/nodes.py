@@ -19,6 +19,8 @@ from flwr.app import ConfigRecord, Message, RecordDict
 from flwr.common.logger import log
 from flwr.serverapp import Grid
 
+from workloads.errors import ConfigError
+
 IDENTIFY = "query.identify"  # message type; the ClientApp answers with partition-id and num-partitions
 STARTUP_WAIT_S = 120.0  # the first identify waits at least this long: it starts the Ray actors / client processes
 QUARANTINE_S = 60.0  # a node that missed a round's deadline sits out this long: Flower 1.41 lists a dead node
@@ -119,3 +121,20 @@ def sample_nodes(usable: dict[int, int], k: int, rng: np.random.Generator) -> li
     order = sorted(usable, key=lambda n: (usable[n], n))
     positions = sorted(int(i) for i in rng.choice(len(order), size=k, replace=False))
     return [order[i] for i in positions]
+
+
+def wait_for_nodes(grid: Grid, minimum: int, timeout_s: float) -> list[int]:
+    """Return the connected node ids once at least ``minimum`` are connected."""
+    start = last_log = time.monotonic()
+    while len(nodes := sorted(grid.get_node_ids())) < minimum:
+        now = time.monotonic()
+        if now - start > timeout_s:
+            raise ConfigError(
+                f"run-config key 'clients-per-round' = {minimum}: only {len(nodes)} nodes "
+                f"connected within {timeout_s:.0f} s."
+            )
+        if now - last_log > 10:
+            log(INFO, "Waiting for nodes: %d connected, %d needed", len(nodes), minimum)
+            last_log = now
+        time.sleep(0.5)
+    return nodes

@@ -63,6 +63,17 @@ def check_metrics(metrics: Mapping[str, object], exp: Expected) -> str | None:
     return None
 
 
+def check_grad_sq(metrics: Mapping[str, object]) -> str | None:
+    """Reason the reply's ``grad-sq`` (|g_i|^2 before its multiplier) is unusable, or None.
+
+    Needed in rounds whose noise statistics come from sums (``RoundPlan.grad_scale``).
+    """
+    value = metrics.get("grad-sq")
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+        return f"metric 'grad-sq' = {value!r}: a finite number >= 0 is required in a round with gradient multipliers"
+    return None
+
+
 def check_tensors(kind: str, got: Mapping[str, torch.Tensor], shapes: Mapping[str, tuple[int, ...]]) -> str | None:
     """Reason ``got`` is not exactly the named, shaped, finite floating tensors of ``shapes``, or None."""
     missing, extra = [k for k in shapes if k not in got], [k for k in got if k not in shapes]

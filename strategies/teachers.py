@@ -6,8 +6,9 @@ step-function stand-in. The strategy calls the teacher once per round, after agg
 before the server optimizer, with a ``TeacherInput``; it applies the returned gradient with
 the scheduled learning rate times ``lr_scale`` and logs ``metrics`` as ``teacher_<name>``
 columns of rounds.csv. A teacher keeps its own state on itself (``state_dict`` and
-``load_state_dict`` put it into checkpoints), and may set the next round's local steps and server
-momentum through ``plan(server_round) -> RoundPlan``.
+``load_state_dict`` put it into checkpoints), and may set the next round's local steps, server
+momentum, learning rate and per-client gradient multipliers through
+``plan(server_round, batches) -> RoundPlan``.
 
 This module holds the interface and the teachers that need no noise statistics:
 
@@ -17,8 +18,9 @@ This module holds the interface and the teachers that need no noise statistics:
 - ``sqrt``: Hoffer et al. 2017 square-root scaling, lr * sqrt(B / b_s).
 - ``lars``: You et al. 2017 layer-wise trust ratios.
 
-``noise`` and ``adascale`` are in strategies/gradient_noise.py; the registry is in
-strategies/teacher_registry.py.
+``noise`` and ``adascale`` are in strategies/gradient_noise.py, ``post-local`` and ``swap`` in
+strategies/local_phase.py, ``signed-noise`` in strategies/signed_noise.py, ``learned`` in
+strategies/learned_teacher.py; the registry is in strategies/teacher_registry.py.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from dataclasses import dataclass, field
 import torch
 
 from strategies.noise_scale import NoiseStats
+from strategies.round_plan import RoundPlan  # noqa: F401 - part of the teacher interface
 from workloads.errors import ConfigError
 
 LARS_TRUST = 1e-3  # eta in You et al. 2017; only its product with lr matters, lr is tuned
@@ -47,20 +50,6 @@ class TeacherInput:
     params: Sequence[torch.Tensor] = ()  # current global parameters w (before the step)
     weight_decay: float = 0.0  # the server optimizer's L2 coefficient
     stats: NoiseStats | None = None  # tr(Sigma), |mu|^2, B_simple of this round
-
-
-@dataclass(frozen=True)
-class RoundPlan:
-    """What a teacher may set before a round is sent (``plan(server_round)``; optional method).
-
-    A teacher that switches phases (post-local SGD, SWAP: large-batch steps first, then local
-    SGD on the clients) returns the round's local steps H and the server momentum here; the
-    strategy sends H to the clients and applies the pseudo-gradient (w_0 - w_H) / lr with that
-    momentum. ``None`` keeps the run config's value.
-    """
-
-    local_steps: int | None = None
-    server_momentum: float | None = None
 
 
 @dataclass

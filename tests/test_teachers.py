@@ -153,7 +153,7 @@ def test_a_teacher_plan_sets_local_steps_and_server_momentum():
     from workloads.models import build_model
 
     class Switch(IdentityTeacher):
-        def plan(self, server_round: int) -> RoundPlan:
+        def plan(self, server_round: int, batches) -> RoundPlan:
             return RoundPlan(local_steps=3, server_momentum=0.0) if server_round > 1 else RoundPlan()
 
     run_config = {"global-batch-size": 30, "momentum": 0.9}

@@ -130,8 +130,11 @@ def local_sgd(
     batches: Sequence[tuple[torch.Tensor, torch.Tensor]],
     lr: float,
     micro_batch: int = 0,
+    lrs: Sequence[float] | None = None,
 ) -> tuple[list[torch.Tensor], float]:
     """Run plain SGD (no momentum, no weight decay) over ``batches``; return a pseudo-gradient.
+
+    Step j uses ``lrs[j]`` when given, else ``lr``.
 
     Returns
     -------
@@ -139,17 +142,56 @@ def local_sgd(
         ``(w_0 - w_H) / lr`` per parameter: with one batch this equals that batch's gradient,
         so the server applies local-steps=H updates with the same optimizer as H=1.
     """
+    pseudo, loss, _ = local_momentum_sgd(model, loss_fn, inputs, batches, lr, micro_batch, lrs)
+    return pseudo, loss
+
+
+def local_momentum_sgd(
+    model: nn.Module,
+    loss_fn: nn.Module,
+    inputs: InputFn,
+    batches: Sequence[tuple[torch.Tensor, torch.Tensor]],
+    lr: float,
+    micro_batch: int = 0,
+    lrs: Sequence[float] | None = None,
+    momentum: float = 0.0,
+    weight_decay: float = 0.0,
+    velocity: Sequence[torch.Tensor] | None = None,
+) -> tuple[list[torch.Tensor], float, list[torch.Tensor] | None]:
+    """SGD in ``torch.optim.SGD``'s form over ``batches``, continuing from ``velocity``.
+
+    Per step j: d = g + weight_decay * w; v = momentum * v + d (v = d at the first step when no
+    velocity is given); w <- w - lrs[j] * v (``lr`` when ``lrs`` is None). This is the server
+    optimizer (strategies/server_opt.py) run on one client, so a round of one local step from the
+    server's velocity equals the server's own momentum step on that client's gradient.
+
+    Returns
+    -------
+    (pseudo_grad, mean_loss, velocity)
+        ``(w_0 - w_H) / lr`` per parameter, the mean loss over the steps, and the final velocity
+        (None without momentum).
+    """
     params = [p for p in model.parameters()]
     start = [p.detach().clone() for p in params]
+    v = [t.to(p.device, p.dtype).clone() for t, p in zip(velocity, params)] if velocity is not None and momentum else None
     losses = []
-    for x, y in batches:
+    for j, (x, y) in enumerate(batches):
         losses.append(batch_gradient(model, loss_fn, inputs, x, y, micro_batch))
+        step = lr if lrs is None else lrs[j]
         with torch.no_grad():
-            for p in params:
-                p.add_(p.grad, alpha=-lr)
+            fresh = bool(momentum) and v is None
+            if fresh:  # no velocity yet: v = d, as torch.optim.SGD starts it
+                v = [p.grad.add(p, alpha=weight_decay) for p in params]
+            for i, p in enumerate(params):
+                d = p.grad.add(p, alpha=weight_decay) if weight_decay else p.grad
+                if momentum:
+                    if not fresh:
+                        v[i].mul_(momentum).add_(d)
+                    d = v[i]
+                p.add_(d, alpha=-step)
     with torch.no_grad():
         pseudo = [(w0 - p.detach()) / lr for w0, p in zip(start, params)]
-    return pseudo, sum(losses) / len(losses)
+    return pseudo, sum(losses) / len(losses), v
 
 
 @torch.no_grad()

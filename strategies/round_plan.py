@@ -1,0 +1,102 @@
+"""A teacher's plan for a round (``RoundPlan``), and what it changes in the round's messages.
+
+A teacher may define ``plan(server_round, batches) -> RoundPlan``; the strategy calls it after
+sampling, before the messages go out. The helpers here turn a plan into the clients' train
+config and the server's view of the replies, so strategies/large_batch.py stays glue.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from strategies.noise_scale import NoiseStats, noise_stats, noise_stats_from_sums, sq_norm
+
+
+@dataclass(frozen=True)
+class RoundPlan:
+    """What a teacher may set before a round is sent (``plan(server_round, batches)``; optional method).
+
+    ``batches`` maps the round's partition ids to their local batches b_i. ``None`` keeps the
+    run config's value; the defaults change nothing.
+
+    - ``local_steps``, ``server_momentum``: the round's H and the server momentum. Phase-switching
+      teachers (post-local SGD, SWAP) send H > 1 and apply the pseudo-gradient (w_0 - w_H) / lr.
+    - ``lr``: the round's learning rate (default: the run's schedule at this round); with
+      H > 1 it is the lr of the pseudo-gradient, so the server step w_0 - lr * mean((w_0 - w_H)/lr)
+      is exactly the b_i-weighted mean of the clients' w_H when the server adds nothing to it.
+    - ``local_lrs``: one learning rate per local step (length H), for a schedule that goes on
+      inside a long round.
+    - ``local_momentum``: the clients continue the server's optimizer on their local steps:
+      SGD with the run's momentum and weight decay, starting from the server's velocity, which
+      the strategy sends them; the server then adds neither momentum nor weight decay, applies
+      the mean pseudo-gradient and takes the b_i-weighted mean of the clients' final velocities
+      as its own. With H = 1 this is exactly the large-batch momentum step.
+    - ``grad_scale``: a multiplier m_i per partition id that client i applies to its gradient
+      before replying (``signed-noise``): the server then needs only the sum of the replies. Noise
+      statistics in such a round come from sums (``noise_stats_from_sums``).
+    """
+
+    local_steps: int | None = None
+    server_momentum: float | None = None
+    lr: float | None = None
+    local_lrs: tuple[float, ...] | None = None
+    local_momentum: bool = False
+    grad_scale: Mapping[int, float] | None = None
+
+    def check(self, steps: int, partitions: Iterable[int]) -> None:
+        """Raise ValueError when the plan contradicts itself or the round (a teacher's bug)."""
+        if self.lr is not None and not self.lr > 0:
+            raise ValueError(f"RoundPlan.lr = {self.lr!r}: must be > 0")
+        if self.local_lrs is not None and (len(self.local_lrs) != steps or min(self.local_lrs) < 0):
+            raise ValueError(f"RoundPlan.local_lrs has {len(self.local_lrs)} rates; the round has {steps} local steps")
+        if self.grad_scale is not None and set(self.grad_scale) != set(partitions):
+            raise ValueError(f"RoundPlan.grad_scale covers partitions {sorted(self.grad_scale)}, the round "
+                             f"samples {sorted(partitions)}")
+
+
+def client_config(plan: RoundPlan, partition_id: int, momentum: float, weight_decay: float) -> dict[str, Any]:
+    """The train-config entries a plan adds for one client (none for the default round).
+
+    ``local-lrs`` (one rate per local step), ``momentum`` and ``weight-decay`` (the clients run the
+    server's optimizer, ``local_momentum``) and ``grad-scale`` (this client's multiplier m_i).
+    """
+    extra: dict[str, Any] = {}
+    if plan.local_lrs is not None:
+        extra["local-lrs"] = [float(x) for x in plan.local_lrs]
+    if plan.local_momentum:
+        extra |= {"momentum": momentum, "weight-decay": weight_decay}
+    if plan.grad_scale is not None:
+        extra["grad-scale"] = float(plan.grad_scale[partition_id])
+    return extra
+
+
+def velocity_record(plan: RoundPlan, names: Sequence[str], velocity: Sequence[torch.Tensor] | None):
+    """The server's velocity as the tensors sent with a ``local_momentum`` round (None: nothing to send).
+
+    Without a velocity yet (no momentum step so far) nothing is sent and the clients start
+    theirs as ``torch.optim.SGD`` does, v = d at the first step.
+    """
+    if not plan.local_momentum or not velocity:
+        return None
+    return OrderedDict((n, v.clone()) for n, v in zip(names, velocity))
+
+
+def round_stats(plan: RoundPlan, grad: Sequence[torch.Tensor], client_grads: Sequence[Sequence[torch.Tensor]],
+                batches: Sequence[int], grad_sqs: Sequence[float], partitions: Sequence[int]) -> NoiseStats:
+    """The round's noise statistics: from the client gradients, or from sums when they were scaled.
+
+    With ``grad_scale`` the replies are m_i g_i, so the spread of the replies is not the
+    gradient noise; the statistics then come from what a secure-aggregation server has: the
+    aggregate, sum_i b_i |g_i|^2 (every client adds its unscaled squared norm ``grad-sq``) and
+    sum_i m_i^2 b_i.
+    """
+    if plan.grad_scale is None:
+        return noise_stats(grad, client_grads, batches)
+    return noise_stats_from_sums(
+        sum(b * q for b, q in zip(batches, grad_sqs)), sum(batches), len(batches), sq_norm(grad),
+        sum(plan.grad_scale[p] ** 2 * b for p, b in zip(partitions, batches)))
