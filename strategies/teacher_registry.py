@@ -5,6 +5,9 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from strategies.gradient_noise import AdaScaleTeacher, NoiseTeacher
+from strategies.learned_teacher import LearnedTeacher
+from strategies.local_phase import LOCAL_TEACHERS, LocalPhaseTeacher, switch_round
+from strategies.signed_noise import SignedNoiseTeacher
 from strategies.teachers import (
     IdentityTeacher, LarsTeacher, ScalingTeacher, StepTeacher, TeacherInput, TeacherOutput, parse_steps,
 )
@@ -21,16 +24,33 @@ TEACHERS: dict[str, Callable[[RunConfig], Teacher]] = {
     "linear": lambda cfg: ScalingTeacher(cfg.teacher_small_batch, 1.0, "linear"),
     "sqrt": lambda cfg: ScalingTeacher(cfg.teacher_small_batch, 0.5, "sqrt"),
     "lars": lambda cfg: LarsTeacher(),
+    "post-local": lambda cfg: LocalPhaseTeacher(cfg),
+    "swap": lambda cfg: LocalPhaseTeacher(cfg),
+    "signed-noise": lambda cfg: SignedNoiseTeacher(cfg.teacher_small_batch, cfg.seed),
+    "learned": lambda cfg: LearnedTeacher(cfg, _validation_gradient(cfg)),
 }
 
 
+def _validation_gradient(cfg: RunConfig):
+    from workloads.validation import ValidationGradient
+
+    return ValidationGradient(cfg, cfg.teacher_val_batch)
+
+
 def check_teacher(cfg: RunConfig) -> None:
-    """Raise ConfigError for an unknown ``teacher`` or a malformed ``teacher-steps``."""
+    """Raise ConfigError for an unknown ``teacher``, a malformed ``teacher-steps``, or a teacher's bad setting."""
     if cfg.teacher not in TEACHERS:
         raise ConfigError(
             f"run-config key 'teacher' = {cfg.teacher!r} is not allowed. Allowed: {', '.join(TEACHERS)}."
         )
     parse_steps(cfg.teacher_steps, cfg.num_server_rounds)
+    if cfg.teacher in LOCAL_TEACHERS:
+        switch_round(cfg)
+    if cfg.teacher == "signed-noise" and cfg.min_batch_fraction < 1.0:
+        raise ConfigError(
+            f"run-config key 'min-batch-fraction' = {cfg.min_batch_fraction!r}: teacher 'signed-noise' balances its "
+            "multipliers over every sampled client, and a missing client would bias the noise. Allowed: 1.0."
+        )
 
 
 def build_teacher(cfg: RunConfig) -> Teacher:

@@ -54,6 +54,14 @@ def test_empty_run_config_gives_defaults():
         ({"checkpoint-every": -1}, ["'checkpoint-every'", "-1", ">= 0"]),
         ({"teacher-steps": "1:2"}, ["'teacher-steps'", "'1:2'", "starts ascending from 0"]),
         ({"device-profiles": "phone"}, ["'device-profiles'", "'phone'", "name:memory_mb"]),
+        ({"teacher-switch": 1.5}, ["'teacher-switch'", "1.5", "whole number of rounds"]),
+        ({"teacher-local-steps": 0}, ["'teacher-local-steps'", "0", "> 0"]),
+        ({"teacher-val-batch": 0}, ["'teacher-val-batch'", "0", "> 0"]),
+        ({"teacher-hyper-lr": -0.1}, ["'teacher-hyper-lr'", "-0.1", ">= 0"]),
+        ({"teacher": "post-local", "teacher-switch": 60, "num-server-rounds": 60}, ["'teacher-switch'", "60", "1..59"]),
+        ({"teacher": "post-local", "teacher-switch": 0.001, "num-server-rounds": 60}, ["'teacher-switch'", "0 large-batch rounds"]),
+        ({"teacher": "swap", "num-server-rounds": 1}, ["'num-server-rounds'", "'swap'", "at least 2"]),
+        ({"teacher": "signed-noise", "min-batch-fraction": 0.5}, ["'min-batch-fraction'", "0.5", "signed-noise", "1.0"]),
     ],
 )
 def test_bad_values_name_key_value_and_allowed(mapping, needles):

@@ -56,6 +56,10 @@ class RunConfig:
     teacher_steps: str = "0:4.0,0.33:2.0,0.66:1.0"  # step teacher: start:multiplier, ...
     teacher_small_batch: int = 64  # b_s: the small batch a teacher targets (noise, lr scaling)
     teacher_ema: float = 0.9  # adascale: EMA decay of the noise statistics per round
+    teacher_switch: float = 0.5  # post-local: rounds of the large-batch phase (a fraction of num-server-rounds below 1, else a count)
+    teacher_local_steps: int = 16  # post-local: local steps H per round after the switch; swap: steps of the last round
+    teacher_hyper_lr: float = 0.05  # learned: step of the per-tensor log-gains per round (normalised hypergradient)
+    teacher_val_batch: int = 64  # learned: validation examples per hypergradient (validation split only)
     augment: bool = True  # random crop + flip on training batches (CIFAR-10 only)
     device: str = "auto"  # "auto" = cuda when available, else cpu
     device_profiles: str = ""  # simulated devices: name:memory_mb[:speed[:mbps[:ms]]], ...
@@ -142,6 +146,14 @@ class RunConfig:
         _positive("seed", self.seed, allow_zero=True)
         _positive("train-limit", self.train_limit, allow_zero=True)
         _positive("teacher-small-batch", self.teacher_small_batch)
+        _positive("teacher-local-steps", self.teacher_local_steps)
+        _positive("teacher-hyper-lr", self.teacher_hyper_lr, allow_zero=True)
+        _positive("teacher-val-batch", self.teacher_val_batch)
+        if not (0.0 < self.teacher_switch < 1.0 or (self.teacher_switch >= 1 and float(self.teacher_switch).is_integer())):
+            raise ConfigError(
+                f"run-config key 'teacher-switch' = {self.teacher_switch!r}: must be a fraction of num-server-rounds "
+                "in (0, 1) or a whole number of rounds >= 1."
+            )
         _positive("memory-budget-mb", self.memory_budget_mb, allow_zero=True)
         if not 0.0 <= self.memory_margin < 1.0:
             raise ConfigError(f"run-config key 'memory-margin' = {self.memory_margin!r}: must be in [0, 1).")

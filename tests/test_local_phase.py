@@ -1,0 +1,118 @@
+"""post-local and SWAP: the step clock, and local rounds through the real ClientApp and strategy.
+
+A local round with the server's optimizer on the clients must be (a) with H = 1, exactly the
+large-batch momentum step, and (b) with H > 1, the b_i-weighted average of the clients'
+``torch.optim.SGD`` runs started from the server's weights and velocity (weights and velocities).
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from flwr.app import ConfigRecord
+
+from client_app.app import app as client_app
+from client_app.job import get_job
+from flb.inprocess import FakeGrid, client_context, reply_via_client, state_arrays
+from strategies.large_batch import LargeBatchStrategy
+from strategies.local_phase import LocalPhaseTeacher
+from strategies.round_plan import RoundPlan
+from strategies.server_opt import lr_at
+from strategies.teachers import IdentityTeacher
+from workloads.config import RunConfig
+from workloads.models import build_model
+
+NODES = [101, 102, 103]
+RUN = {"global-batch-size": 23, "lr": 0.2, "momentum": 0.9, "weight-decay": 5e-3, "warmup-rounds": 1,
+       "schedule": "cosine", "num-server-rounds": 4}
+
+
+class Planned(IdentityTeacher):
+    """Identity teacher with a fixed plan per round (default plans elsewhere)."""
+
+    def __init__(self, plans: dict[int, RoundPlan]) -> None:
+        self.plans = plans
+
+    def plan(self, server_round: int, batches) -> RoundPlan:
+        return self.plans.get(server_round, RoundPlan())
+
+
+def _strategy(teacher):
+    cfg = RunConfig.from_mapping(RUN)
+    model = build_model("mlp", (1, 8, 8), 10, cfg.seed)
+    return cfg, LargeBatchStrategy(cfg, model.state_dict(), [n for n, _ in model.named_parameters()], teacher)
+
+
+def _round(cfg, strategy, rnd):
+    """One round through the real ClientApp; return the messages (their configs say what was drawn)."""
+    msgs = list(strategy.configure_train(rnd, state_arrays(strategy.state), ConfigRecord(), FakeGrid(NODES)))
+    contexts = {nid: client_context(nid, i, len(NODES), RUN) for i, nid in enumerate(NODES)}
+    replies = [reply_via_client(client_app, m, contexts[m.metadata.dst_node_id]) for m in msgs]
+    assert not any(r.has_error() for r in replies), [r.error for r in replies if r.has_error()]
+    strategy.aggregate_train(rnd, replies)
+    return msgs
+
+
+def test_the_step_clock_follows_the_schedule_over_all_steps():
+    cfg = RunConfig.from_mapping({"teacher": "post-local", "num-server-rounds": 10, "teacher-switch": 0.4,
+                                  "teacher-local-steps": 3, "lr": 0.1, "warmup-rounds": 2})
+    t = LocalPhaseTeacher(cfg)
+    assert (t.switch, t.total_steps) == (4, 4 + 6 * 3)
+    assert list(t.steps_of(4)) == [4] and list(t.steps_of(5)) == [5, 6, 7] and list(t.steps_of(10)) == [20, 21, 22]
+    plan = t.plan(6, {0: 8})
+    expected = tuple(lr_at(s, 22, 0.1, 2, "cosine") for s in (8, 9, 10))
+    assert plan.local_lrs == pytest.approx(expected) and plan.local_momentum and plan.local_steps == 3
+    assert plan.lr == pytest.approx(sum(expected) / 3)
+    assert t.plan(2, {0: 8}) == RoundPlan(local_steps=1, lr=lr_at(2, 22, 0.1, 2, "cosine"))
+    swap = LocalPhaseTeacher(RunConfig.from_mapping({"teacher": "swap", "num-server-rounds": 5, "teacher-local-steps": 7}))
+    assert (swap.switch, swap.total_steps, list(swap.steps_of(5))) == (4, 11, list(range(5, 12)))
+
+
+def test_one_local_step_from_the_server_velocity_is_the_large_batch_step():
+    cfg, plain = _strategy(IdentityTeacher())
+    _, local = _strategy(Planned({3: RoundPlan(local_steps=1, local_momentum=True), 4: RoundPlan(local_steps=1, local_momentum=True)}))
+    for rnd in (1, 2, 3, 4):
+        _round(cfg, plain, rnd)
+        _round(cfg, local, rnd)
+    for k in plain.state:
+        torch.testing.assert_close(local.state[k], plain.state[k], rtol=1e-5, atol=1e-7)
+    for a, b in zip(local.optimizer.velocity, plain.optimizer.velocity):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+    assert local.optimizer.momentum == 0.0 and local.optimizer.weight_decay == 0.0  # the clients applied both
+
+
+def test_local_momentum_round_averages_the_clients_sgd_runs():
+    lrs = (0.1, 0.05, 0.02)
+    cfg, strategy = _strategy(Planned({2: RoundPlan(local_steps=3, lr=0.05, local_lrs=lrs, local_momentum=True)}))
+    _round(cfg, strategy, 1)
+    w0, v0 = copy.deepcopy(strategy.state), [v.clone() for v in strategy.optimizer.velocity]
+    msgs = _round(cfg, strategy, 2)
+    model = build_model("mlp", (1, 8, 8), 10, 0)
+    loss_fn = torch.nn.CrossEntropyLoss()
+    weights, velocities, batches = [], [], []
+    for m in msgs:
+        conf = m.content["config"]
+        assert conf["local-steps"] == 3 and list(conf["local-lrs"]) == list(lrs) and conf["momentum"] == 0.9
+        job = get_job(cfg, NODES.index(m.metadata.dst_node_id), len(NODES))
+        drawn = job.draw(int(conf["drawn-examples"]), int(conf["local-batch-size"]), 3)
+        model.load_state_dict(w0)
+        opt = torch.optim.SGD(model.parameters(), lr=lrs[0], momentum=0.9, weight_decay=5e-3)
+        for p, v in zip(model.parameters(), v0):
+            opt.state[p]["momentum_buffer"] = v.clone()
+        for (x, y), lr in zip(drawn, lrs):
+            opt.param_groups[0]["lr"] = lr
+            opt.zero_grad()
+            loss_fn(model(job.splits.inputs(x)), y).backward()
+            opt.step()
+        weights.append([p.detach().clone() for p in model.parameters()])
+        velocities.append([opt.state[p]["momentum_buffer"].clone() for p in model.parameters()])
+        batches.append(int(conf["local-batch-size"]))
+    total = sum(batches)
+    for i, name in enumerate(strategy.param_names):
+        mean_w = sum(b * w[i] for b, w in zip(batches, weights)) / total
+        mean_v = sum(b * v[i] for b, v in zip(batches, velocities)) / total
+        torch.testing.assert_close(strategy.state[name], mean_w, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(strategy.optimizer.velocity[i], mean_v, rtol=1e-5, atol=1e-6)
+    assert strategy.samples_seen == 23 + 3 * 23
