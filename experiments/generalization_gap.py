@@ -1,6 +1,7 @@
 """A benchmark with a real large-batch generalisation gap, and the teachers on it.
 
 ``python -m experiments.generalization_gap [--data-dir DIR] [--quick] [--methods small,large,...]``
+``python -m experiments.generalization_gap --report --markdown`` (train nothing: the runs finished so far)
 
 The setting (found by ``experiments/gap_search.py`` in plain PyTorch): CIFAR-10, model ``cnn``
 (no normalisation layers, 0.62 M parameters), a fixed subset of 5,000 training images, 40
@@ -173,19 +174,29 @@ def final_train_loss(rounds: pd.DataFrame, epoch_examples: int) -> float:
     return float((r["train_loss"].to_numpy()[last] * examples[last]).sum() / examples[last].sum())
 
 
-class Bench:
-    """Runs (or reads back) the benchmark's runs and turns them into records."""
+class Pending(Exception):
+    """``--report``: a run the benchmark has not finished yet."""
 
-    def __init__(self, setting: Setting, out: Path, quiet: bool) -> None:
-        self.setting, self.out, self.quiet = setting, out, quiet
+
+class Bench:
+    """Runs (or reads back) the benchmark's runs and turns them into records.
+
+    With ``report_only`` nothing is trained: a run that has not finished raises ``Pending``.
+    """
+
+    def __init__(self, setting: Setting, out: Path, quiet: bool, report_only: bool = False) -> None:
+        self.setting, self.out, self.quiet, self.report_only = setting, out, quiet, report_only
         self.runs = out / "runs" / "generalization_gap"
+        self.pending: list[str] = []
 
     def run(self, method: Method, budget: str, lr: float, seed: int) -> dict[str, Any]:
         """Train (or recall) one run; return its record (an ``error`` when it stopped early)."""
         config = run_config(self.setting, method, budget, lr, seed)
+        folder = _folder(self.runs, method, config)
+        if self.report_only and not ((folder / "model.pt").exists() or (folder / "error.json").exists()):
+            raise Pending(f"{budget} {method.name} lr={lr:g} seed={seed}")
         t0 = time.perf_counter()
-        run = flb.run(config, clients=CLIENTS, out=_folder(self.runs, method, config), progress=False,
-                      on_error="record")
+        run = flb.run(config, clients=CLIENTS, out=folder, progress=False, on_error="record")
         df = run.rounds
         last = df.iloc[-1]
         steps = int(config["num-server-rounds"])
@@ -234,9 +245,17 @@ class Bench:
         """Tune, then run the evaluation seeds, for every method of a budget."""
         tuning, final = [], []
         for method in methods:
-            lr, rows = self.tune(method, budget)
+            try:
+                lr, rows = self.tune(method, budget)
+            except Pending as why:
+                self.pending.append(f"{budget} {method.name}: tuning ({why})")
+                continue
             tuning += rows
-            final += [{"budget": budget, **self.run(method, budget, lr, seed)} for seed in self.setting.seeds]
+            for seed in self.setting.seeds:
+                try:
+                    final.append({"budget": budget, **self.run(method, budget, lr, seed)})
+                except Pending as why:
+                    self.pending.append(str(why))
         return tuning, final
 
 
@@ -250,6 +269,21 @@ def summarise(final: pd.DataFrame) -> pd.DataFrame:
     small = s[s.method == "small"].set_index("budget")["test_mean"]
     s["gap_pp"] = [100 * (small.get(b, math.nan) - m) for b, m in zip(s.budget, s.test_mean)]
     return s
+
+
+def markdown(summary: pd.DataFrame, seeds: int = len(SEEDS)) -> str:
+    """The summary as markdown tables, one per budget (what docs/teachers.md shows)."""
+    lines = []
+    for budget, s in summary.groupby("budget", sort=False):
+        lines += [f"**{budget}**", "", "| method | B | steps (rounds) | lr (tuned) | test % (mean +- std) | gap to small (pp) "
+                  "| final train loss |", "| --- | --- | --- | --- | --- | --- | --- |"]
+        for r in s.itertuples():
+            runs = f" ({r.seeds - r.failed} of {seeds} seeds)" if r.failed or r.seeds < seeds else ""
+            std = f" +- {100 * r.test_std:.2f}" if r.test_std == r.test_std else ""
+            lines.append(f"| {r.method} | {r.global_batch} | {r.steps} ({r.rounds}) | {r.lr:g} | {100 * r.test_mean:.2f}"
+                         f"{std}{runs} | {r.gap_pp:+.2f} | {r.train_loss:.4f} |")
+        lines.append("")
+    return "\n".join(lines)
 
 
 def goal_check(summary: pd.DataFrame) -> list[str]:
@@ -337,6 +371,8 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
     p.add_argument("--out", default="experiments/results")
     p.add_argument("--quick", action="store_true", help="tiny: digits, 256 examples, 1 seed, 1 learning rate")
     p.add_argument("--quiet", action="store_true")
+    p.add_argument("--report", action="store_true", help="train nothing: summarise the runs finished so far")
+    p.add_argument("--markdown", action="store_true", help="also print the summary as markdown tables")
     args = p.parse_args(argv)
     import torch
 
@@ -352,7 +388,7 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
         raise SystemExit(f"bad arguments: methods {unknown} (allowed: {', '.join(METHODS)}), grid-size {setting.grid_size} (>= 1)")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    bench = Bench(setting, out, args.quiet)
+    bench = Bench(setting, out, args.quiet, report_only=args.report)
     chosen = [METHODS[m] for m in methods]
     tuning, final = bench.budget("equal-epochs", chosen)
     if "small" in methods:  # equal iterations: the large-batch runs are those of equal epochs
@@ -360,6 +396,9 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
         tuning += t
         final += f + [dict(r, budget="equal-iterations") for r in final if r["method"] != "small"]
     final_df, tuning_df = in_method_order(final), in_method_order(tuning)
+    if final_df.empty:
+        print("no run finished yet:", *bench.pending, sep="\n  ")
+        return pd.DataFrame()
     atomic_write_text(out / f"generalization_gap{suffix}.csv", final_df.to_csv(index=False))
     atomic_write_text(out / f"generalization_gap_tuning{suffix}.csv", tuning_df.to_csv(index=False))
     learned = learned_gains(final_df)
@@ -371,6 +410,10 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
         print(summary.to_string(index=False, float_format=lambda v: f"{v:.4f}"))
     for line in goal_check(summary):
         print(line)
+    for line in bench.pending:
+        print(f"not finished yet: {line}")
+    if args.markdown:
+        print(markdown(summary, len(setting.seeds)))
     eq = final_df[(final_df.budget == "equal-epochs") & (final_df.global_batch == setting.large)]
     for method, g in eq.groupby("method", sort=False):
         t, r = g.teacher_s_median.median(), g.round_s_median.median()
