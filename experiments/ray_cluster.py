@@ -77,6 +77,15 @@ class LocalRayCluster:
             if proc.poll() is None:
                 stop_tree(proc, grace_s=10.0)
         self.procs = []
+        # `ray start` records the cluster in /tmp/ray/ray_current_cluster and `ray stop` would remove
+        # it; stopped by pid, the record stays, and a later ray.init() without an address would try
+        # to join the dead cluster. Remove it if it is ours.
+        record = Path("/tmp/ray/ray_current_cluster")
+        try:
+            if record.read_text().strip().endswith(f":{self.port}"):
+                record.unlink()
+        except OSError:
+            pass
         if self._saved is None:
             os.environ.pop("RAY_ADDRESS", None)
         else:

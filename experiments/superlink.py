@@ -19,6 +19,7 @@ import socket
 import ssl
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from dataclasses import dataclass
@@ -52,6 +53,10 @@ def flower_env(port: int, flwr_home: Path) -> dict[str, str]:
         "FLWR_TELEMETRY_ENABLED": "0",
         "FLWR_DISABLE_UPDATE_CHECK": "1",
         "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0",
+        # Without an address, ray.init() joins the cluster last started on this machine (it reads
+        # /tmp/ray/ray_current_cluster), even a dead one: it then hangs. "local" starts a private
+        # one; set RAY_ADDRESS to join a cluster on purpose (docs/running.md).
+        "RAY_ADDRESS": env.get("RAY_ADDRESS") or "local",
         "PATH": f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}",
     })
     return env
@@ -144,6 +149,11 @@ class LocalSuperLink:
             "--disable-runtime-dependency-installation",
         ]
         self._log = open(self.log_path, "ab")  # noqa: SIM115 - closed in __exit__
+        self._previous_sigterm = None
+        if threading.current_thread() is threading.main_thread():
+            # A SIGTERM (timeout, systemd, kill) unwinds through __exit__, which stops the SuperLink:
+            # it runs in its own session and would otherwise outlive us.
+            self._previous_sigterm = signal.signal(signal.SIGTERM, _terminate)
         self.proc = subprocess.Popen(
             cmd, cwd=REPO_ROOT, env=self.env, stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True
         )
@@ -152,6 +162,8 @@ class LocalSuperLink:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+        if self._previous_sigterm is not None:
+            signal.signal(signal.SIGTERM, self._previous_sigterm)
 
     def _wait_healthy(self, timeout_s: float = 60.0) -> None:
         deadline = time.monotonic() + timeout_s
@@ -253,6 +265,10 @@ def kill_tree(pid: int) -> None:
     """SIGKILL a process and all its descendants at once (a crash, not a shutdown)."""
     for p in [pid, *descendants(pid)]:
         _signal(p, signal.SIGKILL)
+
+
+def _terminate(signum: int, frame: object) -> None:
+    raise SystemExit(128 + signum)
 
 
 def _signal(pid: int, sig: int) -> None:
