@@ -30,19 +30,20 @@ from experiments.run import launch, prepare
 from experiments.superlink import descendants
 
 
-def _tree_memory_mb(root: int) -> tuple[float, float]:
-    """(sum of RSS, sum of PSS) of ``root`` and its descendants, MiB."""
-    rss = pss = 0
+def _tree_memory_mb(root: int) -> list[tuple[str, float, float]]:
+    """(process, RSS, PSS) of ``root`` and each of its descendants, MiB."""
+    rows = []
     for pid in [root, *descendants(root)]:
         try:
-            for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
-                if line.startswith("Rss:"):
-                    rss += int(line.split()[1])
-                elif line.startswith("Pss:"):
-                    pss += int(line.split()[1])
-        except OSError:
+            mem = {k: int(v.split()[0]) / 1024 for k, v in (line.split(":", 1) for line in
+                   Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines()[1:]) if k in ("Rss", "Pss")}
+            cmd = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        except (OSError, ValueError):
             continue
-    return rss / 1024, pss / 1024
+        name = next((Path(c.decode()).name for c in cmd if c and not c.startswith(b"-")
+                     and not Path(c.decode()).name.startswith("python")), "?")
+        rows.append((f"{name[:40]} ({pid})", mem.get("Rss", 0.0), mem.get("Pss", 0.0)))
+    return rows
 
 
 class MemorySampler(threading.Thread):
@@ -52,12 +53,16 @@ class MemorySampler(threading.Thread):
         super().__init__(daemon=True)
         self.root, self.interval_s = root, interval_s
         self.peak_rss = self.peak_pss = 0.0
+        self.at_peak: list[tuple[str, float, float]] = []  # the processes when the RSS sum peaked
         self._halt = threading.Event()
 
     def run(self) -> None:  # noqa: D102 - Thread API
         while not self._halt.is_set():
-            rss, pss = _tree_memory_mb(self.root)
-            self.peak_rss, self.peak_pss = max(self.peak_rss, rss), max(self.peak_pss, pss)
+            rows = _tree_memory_mb(self.root)
+            rss, pss = sum(r[1] for r in rows), sum(r[2] for r in rows)
+            if rss > self.peak_rss:
+                self.peak_rss, self.at_peak = rss, rows
+            self.peak_pss = max(self.peak_pss, pss)
             self._halt.wait(self.interval_s)
 
     def stop(self) -> None:
@@ -106,6 +111,10 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"Ray cluster of {args.ray_nodes} nodes: client steps per Ray node\n{spread.to_string()}")
     result = {"clients": args.clients, "per_round": args.per_round, "s_per_round": per_round, "startup_s": startup,
               "peak_rss_mb": sampler.peak_rss, "peak_pss_mb": sampler.peak_pss, "wall_s": wall}
+    print("processes at the peak (RSS, PSS MiB):")
+    for name, rss, pss in sorted(sampler.at_peak, key=lambda r: -r[1]):
+        if rss >= 20:
+            print(f"  {name:<48}{rss:>9.0f}{pss:>9.0f}")
     print(f"{args.clients} clients, {args.per_round} per round, B={batch}, {args.rounds} rounds, {args.dataset}: "
           f"wall {wall:.1f} s, round 1 ended at {rounds.loc[1, 'wall_s']:.1f} s of the ServerApp, "
           f"peak PSS {sampler.peak_pss:.0f} MiB")

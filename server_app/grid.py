@@ -1,4 +1,4 @@
-"""The Grid as the rounds use it: a start-up grace for the first round, and replies polled every 0.1 s.
+"""The Grid as the rounds use it: a start-up grace for the first round, and replies polled every 0.02 s.
 
 Two things of Flower 1.41's Grid do not suit synchronous rounds:
 
@@ -9,7 +9,7 @@ Two things of Flower 1.41's Grid do not suit synchronous rounds:
 - A deployed SuperLink's grid (``HttpGrid``) sleeps 3 s between polls for replies, so every
   round on real SuperNodes costs at least 3 s however fast the clients are. ``RoundGrid``
   pushes the messages and polls ``pull_messages`` every ``POLL_S`` seconds itself (the
-  simulation's in-memory grid polls every 0.1 s too), and keeps which node each message went
+  simulation's grid would poll every 0.1 s), and keeps which node each message went
   to (``destinations``): when a node dies, the SuperLink answers for it.
 """
 
@@ -23,7 +23,7 @@ from flwr.serverapp import Grid
 
 from strategies.nodes import STARTUP_WAIT_S
 
-POLL_S = 0.1  # seconds between polls for replies
+POLL_S = 0.02  # seconds between polls for replies (a round waits half of it on average)
 
 
 class RoundGrid:

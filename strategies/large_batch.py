@@ -151,6 +151,7 @@ class LargeBatchStrategy(FedAvg):
         """Sample K clients by partition id and send each its local batch, sampler position and LR."""
         rnd = server_round + self.round_offset
         connected = wait_for_nodes(grid, max(1, self.cfg.clients_per_round), NODE_WAIT_S)
+        self.nodes.decide(len(connected), 0 < self.cfg.clients_per_round < len(connected), self.cfg.batch_policy == "fixed")
         usable = self.nodes.refresh(grid, connected, self.cfg.round_timeout_s)
         k = self.cfg.clients_per_round or len(usable)
         if not usable or k > len(usable):
@@ -297,7 +298,8 @@ class LargeBatchStrategy(FedAvg):
         candidates, failures = [], []
 
         def fail(node: int, reason: str) -> None:
-            pid, b = self.assigned.get(node, (self.nodes.partitions.get(node, -1), 0))
+            pid, b = self.assigned.get(node, (-1, 0))
+            pid = self.nodes.partitions.get(node, -1) if pid < 0 else pid  # below 0: not known yet (lazy)
             failures.append({"round": rnd, "node_id": node, "partition_id": pid, "local_batch": b, "reason": reason})
 
         for node, msgs in by_node.items():
@@ -341,6 +343,13 @@ class LargeBatchStrategy(FedAvg):
             info = {k: str(v)[:64] for k, v in content["info"].items()} if "info" in content.config_records else {}
         except Exception as err:  # noqa: BLE001 - whatever a client sent, it must not crash the server
             return f"unreadable reply ({type(err).__name__}: {err})"
+        if pid < 0:  # a lazy directory learns the node's partition from its first reply
+            claimed = metrics.get("partition-id")
+            if isinstance(claimed, bool) or not isinstance(claimed, int) or claimed < 0:
+                return f"partition-id = {claimed!r}: a non-negative integer is needed"
+            if (refused := self.nodes.learn(node, claimed, -1)) is not None:
+                return refused
+            pid = claimed
         expected = Expected(self.param_shapes, {k: self.state[k] for k in self.buffer_names}, b,
                             self.round_steps, pid)
         plan = self.round_plan

@@ -97,7 +97,7 @@ def test_one_failing_client_does_not_stop_a_run_with_min_batch_fraction(tmp_path
 
 
 def test_sigkill_then_resume_ends_with_the_uninterrupted_model(tmp_path, one_thread):
-    """A run killed (SIGKILL, the whole process tree) at round 5 and resumed equals the uninterrupted run.
+    """A run killed (SIGKILL, the whole process tree) after round 5 and resumed equals the uninterrupted run.
 
     The reference is the same config in one process with one torch thread, as a Ray actor with
     client-resources-num-cpus=1 has: the two are bit-identical (ordering by partition id).
@@ -106,7 +106,7 @@ def test_sigkill_then_resume_ends_with_the_uninterrupted_model(tmp_path, one_thr
     from experiments.superlink import descendants
 
     out = tmp_path / "killed"
-    rc = "num-server-rounds=8 checkpoint-every=2 eval-every=4 global-batch-size=64 clients-per-round=3 teacher=noise"
+    rc = "num-server-rounds=16 checkpoint-every=2 eval-every=4 global-batch-size=64 clients-per-round=3 teacher=noise"
     proc = subprocess.Popen([sys.executable, "-m", "experiments.run", "--out", str(out), "--run-config", rc,
                              "--federation-config", "num-supernodes=4"], cwd=REPO_ROOT,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -120,7 +120,8 @@ def test_sigkill_then_resume_ends_with_the_uninterrupted_model(tmp_path, one_thr
         except ProcessLookupError:
             pass
     proc.wait()
-    assert torch.load(out / "checkpoint.pt")["round"] == 4
+    killed_after = torch.load(out / "checkpoint.pt")["round"]  # rounds take ~0.1 s: wherever the kill landed
+    assert killed_after % 2 == 0 and 4 <= killed_after < 16
     res = subprocess.run([sys.executable, "-m", "experiments.run", "--resume", str(out)],
                          cwd=REPO_ROOT, capture_output=True, text=True, timeout=400)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
@@ -130,9 +131,9 @@ def test_sigkill_then_resume_ends_with_the_uninterrupted_model(tmp_path, one_thr
     resumed, reference = torch.load(out / "model.pt"), torch.load(tmp_path / "reference" / "model.pt")
     assert max(float((resumed[k] - reference[k]).abs().max()) for k in resumed) == 0.0
     with open(out / "rounds.csv") as f:
-        assert [int(r["round"]) for r in csv.DictReader(f)] == list(range(9))  # no duplicated rows
+        assert [int(r["round"]) for r in csv.DictReader(f)] == list(range(17))  # no duplicated rows
     log = (out / "run.log").read_text()
-    assert "[round 5/8]" in log and "[round 8/8]" in log and "\x1b[" not in log  # line by line, no colours
+    assert "[round 1/16]" in log and "[round 16/16]" in log and "\x1b[" not in log  # line by line, no colours
     assert all(oct(p.stat().st_mode & 0o777) == "0o644" for p in out.iterdir() if p.is_file())
 
 

@@ -57,3 +57,40 @@ def test_sampling_depends_on_partitions_only():
     a = sample_nodes({5: 0, 6: 1, 7: 2, 8: 3}, 2, np.random.default_rng(4))
     b = sample_nodes({900: 0, 17: 1, 3: 2, 44: 3}, 2, np.random.default_rng(4))
     assert [{5: 0, 6: 1, 7: 2, 8: 3}[n] for n in a] == [{900: 0, 17: 1, 3: 2, 44: 3}[n] for n in b]
+
+
+def test_a_lazy_directory_asks_nobody_and_learns_partitions_from_replies():
+    directory = NodeDirectory()
+    assert directory.decide(5000, sampling=True, fixed_batches=True) and directory.lazy
+    grid = ClaimsGrid({})
+    usable = directory.refresh(grid, [30, 10, 20], 1.0)
+    assert grid.asked == [] and usable == {30: -3, 20: -2, 10: -1}  # distinct keys below zero, by node id
+    assert directory.learn(20, 7, -1) is None and directory.learn(20, 7, -1) is None
+    assert directory.learn(30, 7, -1) == "partition-id = 7 is already node 20's"
+    assert directory.refresh(grid, [30, 10, 20], 1.0) == {30: -3, 10: -1, 20: 7}
+    eager = NodeDirectory()
+    assert not eager.decide(1000, sampling=True, fixed_batches=True)  # up to IDENTIFY_ALL_MAX nodes: ask them all
+    assert not NodeDirectory().decide(5000, sampling=False, fixed_batches=True)
+    assert not NodeDirectory().decide(5000, sampling=True, fixed_batches=False)  # batch plans are per partition
+
+
+def test_a_lazy_run_sends_no_identify_and_records_the_true_partitions(tmp_path, monkeypatch):
+    import pandas as pd
+
+    import strategies.nodes
+    from client_app.app import app
+    from flb.inprocess import run_inprocess
+
+    monkeypatch.setattr(strategies.nodes, "IDENTIFY_ALL_MAX", 4)
+    kinds = []
+
+    def counting(msg, context):
+        kinds.append(msg.metadata.message_type)
+        return app(msg, context)
+
+    config = {"num-server-rounds": 4, "eval-every": 4, "global-batch-size": 48, "clients-per-round": 3,
+              "out-dir": str(tmp_path)}
+    clients = pd.read_csv(run_inprocess(config, num_clients=10, client_app=counting) / "clients.csv")
+    assert "query.identify" not in kinds and kinds.count("train") == 12
+    assert (clients.partition_id == clients.node_id - 1000).all()  # InProcessGrid: node 1000 + i holds partition i
+    assert clients.groupby("round").size().tolist() == [3, 3, 3, 3] and (clients.local_batch == 16).all()

@@ -201,7 +201,7 @@ def evaluate(
     inputs: InputFn,
     x: torch.Tensor,
     y: torch.Tensor,
-    batch_size: int = 1024,
+    batch_size: int = 256,
 ) -> tuple[float, float]:
     """Return (mean loss, accuracy) of ``model`` in eval mode over uint8 examples ``x``."""
     was_training = model.training
