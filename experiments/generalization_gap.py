@@ -17,7 +17,8 @@ Methods (each a row of ``METHODS``): ``small`` and ``large`` (no teacher); the t
 aggregation) and ``learned`` (per-tensor gains fitted on the validation split). ``sqrt`` and
 ``lars`` of experiments/paper_claim.py are left out: at a fixed B sqrt is plain large batch with
 a reparametrised learning rate (it tied ``large`` exactly there), and LARS was no better than
-plain large batch there either; the CPU hours go to the new teachers.
+plain large batch there either; the CPU hours go to the new teachers. ``linear`` and ``noise``
+are not run by default either (``SKIPPED``); ``--methods`` runs any of them.
 
 Protocol (the same for every method):
 
@@ -32,6 +33,8 @@ Protocol (the same for every method):
    seed 0 and scored on the **validation** split. If the best is at an edge of the window, the
    window slides one step past that edge (one more run, at most once; ``slid`` in the tuning
    table says so). The test split is never looked at to choose anything.
+   Small batch at equal epochs comes from the plain-PyTorch gap search by default
+   (``--small-source torch``, ``small_reference``): the identical step, 5x cheaper.
 3. Evaluation. Seeds 1, 2, 3 (fresh: data order, sampling, initialisation, noise) at the chosen
    learning rate; test accuracy as mean +- std over seeds.
 4. Overhead. ``teacher_time_s`` (the teacher's call, per round) against the median round time.
