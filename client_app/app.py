@@ -23,15 +23,18 @@ import time
 from client_app.startup import STARTED_AT, where  # noqa: I001 - first: it records when the imports began
 
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from client_app.job import ClientJob, get_job, node_identity
+from client_app.packing import answer_bundle
 from client_app.round_plan import LocalOptimizer
 from estimators.performance import profile_batches
 from estimators.step_peak import step_peak
 from workloads.devices import memory_budget_mb, parse_profiles
 from workloads.config import ConfigError, RunConfig
+from strategies.arrays import record_tensors, tensors_record
+from strategies.packing import PACKED_ACTION
 from workloads.training import batch_gradient, local_momentum_sgd, step_seconds
 
 app = ClientApp()
@@ -66,7 +69,7 @@ def train(msg: Message, context: Context) -> Message:
     batches = job.draw(drawn, b, steps)
 
     model = job.model
-    model.load_state_dict(msg.content["arrays"].to_torch_state_dict())
+    model.load_state_dict(record_tensors(msg.content["arrays"], copy=False))
     model.train()
     gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + rnd * 1009 + pid)
     inputs = job.inputs_fn(gen)
@@ -93,7 +96,7 @@ def train(msg: Message, context: Context) -> Message:
 
     names = [name for name, _ in model.named_parameters()]
     content = RecordDict({
-        "grads": ArrayRecord({k: g.cpu() for k, g in zip(names, grads)}),
+        "grads": tensors_record(dict(zip(names, grads))),
         "metrics": MetricRecord({
             "num-examples": b,
             "train-loss": loss,
@@ -112,9 +115,9 @@ def train(msg: Message, context: Context) -> Message:
     })
     buffers = {k: v.detach().cpu() for k, v in model.named_buffers()}
     if buffers:
-        content["buffers"] = ArrayRecord(buffers)
+        content["buffers"] = tensors_record(buffers)
     if velocity is not None:
-        content["momentum"] = ArrayRecord({k: v.detach().cpu() for k, v in zip(names, velocity)})
+        content["momentum"] = tensors_record(dict(zip(names, velocity)))
     content["info"] = ConfigRecord(where())
     return Message(content=content, reply_to=msg)
 
@@ -176,3 +179,15 @@ def query(msg: Message, context: Context) -> Message:
         "partition-id": pid, "max-batch": limit, "probe-batches": sizes, "probe-seconds": seconds,
         "probe-compute-s": time.perf_counter() - start,
     })}), reply_to=msg)
+
+
+@app.train(PACKED_ACTION)
+def train_packed(msg: Message, context: Context) -> Message:
+    """A bundle of virtual clients' train messages (``virtual-clients``, client_app/packing.py)."""
+    return answer_bundle(app, msg, context)
+
+
+@app.query(PACKED_ACTION)
+def query_packed(msg: Message, context: Context) -> Message:
+    """A bundle of virtual clients' queries (identify, capacity probe)."""
+    return answer_bundle(app, msg, context)

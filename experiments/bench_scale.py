@@ -81,6 +81,9 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--batch", type=int, default=0, help="global batch (default 20 per sampled client)")
     p.add_argument("--out", default="", help="results folder (default: results/scale-<N>-<K>)")
     p.add_argument("--run-config", default="", help="more run-config overrides")
+    p.add_argument("--nodes", type=int, default=0,
+                   help="pack the N clients as virtual clients onto this many Flower nodes (virtual-clients=N, "
+                        "strategies/packing.py); default 0: N Flower nodes, one client each")
     p.add_argument("--ray-nodes", type=int, default=0,
                    help="start a Ray cluster of this many nodes first (experiments/ray_cluster.py) and run on it")
     args = p.parse_args(argv)
@@ -89,8 +92,9 @@ def main(argv: list[str] | None = None) -> dict:
     out = args.out or f"results/scale-{args.clients}-{args.per_round}-{time.strftime('%Y%m%d-%H%M%S')}"
     cfg, fed, out_dir, _ = prepare(
         f"dataset={args.dataset} {data} num-server-rounds={args.rounds} eval-every={args.rounds} "
-        f"clients-per-round={args.per_round} global-batch-size={batch} {args.run_config}",
-        f"num-supernodes={args.clients}", out)
+        f"clients-per-round={args.per_round} global-batch-size={batch} "
+        f"{f'virtual-clients={args.clients} ' if args.nodes else ''}{args.run_config}",
+        f"num-supernodes={args.nodes or args.clients}", out)
     cluster = LocalRayCluster(args.ray_nodes, cpus_per_node=1) if args.ray_nodes else contextlib.nullcontext()
     with cluster:
         sampler = MemorySampler(os.getpid())
@@ -109,13 +113,15 @@ def main(argv: list[str] | None = None) -> dict:
         spread = clients.groupby("ray_node").agg(client_steps=("partition_id", "size"), partitions=("partition_id", "nunique"),
                                                  workers=("worker", "nunique"))
         print(f"Ray cluster of {args.ray_nodes} nodes: client steps per Ray node\n{spread.to_string()}")
-    result = {"clients": args.clients, "per_round": args.per_round, "s_per_round": per_round, "startup_s": startup,
-              "peak_rss_mb": sampler.peak_rss, "peak_pss_mb": sampler.peak_pss, "wall_s": wall}
+    result = {"clients": args.clients, "per_round": args.per_round,
+              "s_per_round": per_round, "startup_s": startup,
+              "peak_rss_mb": sampler.peak_rss, "peak_pss_mb": sampler.peak_pss,
+              "flower_nodes": args.nodes or args.clients, "wall_s": wall}
     print("processes at the peak (RSS, PSS MiB):")
     for name, rss, pss in sorted(sampler.at_peak, key=lambda r: -r[1]):
         if rss >= 20:
             print(f"  {name:<48}{rss:>9.0f}{pss:>9.0f}")
-    print(f"{args.clients} clients, {args.per_round} per round, B={batch}, {args.rounds} rounds, {args.dataset}: "
+    print(f"{args.clients} clients on {args.nodes or args.clients} Flower nodes, {args.per_round} per round, B={batch}, {args.rounds} rounds, {args.dataset}: "
           f"wall {wall:.1f} s, round 1 ended at {rounds.loc[1, 'wall_s']:.1f} s of the ServerApp, "
           f"peak PSS {sampler.peak_pss:.0f} MiB")
     print(" ".join(f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}" for k, v in result.items() if k != "wall_s"))

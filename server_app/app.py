@@ -10,7 +10,7 @@ from flwr.app import ArrayRecord, Context, MetricRecord
 from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
 
-from server_app.grid import RoundGrid
+from server_app.grid import PackedGrid, RoundGrid
 from server_app.preflight import parse_run_config
 from server_app.results import RunResults, resolve_out_dir
 from strategies.large_batch import LargeBatchStrategy
@@ -76,7 +76,9 @@ def main(grid: Grid, context: Context) -> None:
         chatter = FlowerStrategyChatter()
         logging.getLogger("flwr").addFilter(chatter)
         try:
-            strategy.start(grid=RoundGrid(grid), initial_arrays=ArrayRecord(strategy.state),
+            round_grid = RoundGrid(grid)
+            packed = PackedGrid(round_grid, cfg.virtual_clients) if cfg.virtual_clients else round_grid
+            strategy.start(grid=packed, initial_arrays=ArrayRecord(strategy.state),
                            num_rounds=cfg.num_server_rounds - done, timeout=cfg.round_timeout_s, evaluate_fn=evaluate_fn)
         finally:
             logging.getLogger("flwr").removeFilter(chatter)

@@ -41,7 +41,7 @@ def preflight(cfg: RunConfig, num_nodes: int, client_threads: int = 1) -> list[s
     cfg : RunConfig
         A parsed config with absolute ``out-dir`` (and ``data-dir``, if any).
     num_nodes : int
-        Simulated SuperNodes (partitions).
+        Simulated SuperNodes (partitions); ``virtual-clients``, when set, is the partition count instead.
     client_threads : int
         Torch threads of a client (its ``client-resources-num-cpus``); kernel choice, and so
         the memory estimate, depends on it.
@@ -55,6 +55,7 @@ def preflight(cfg: RunConfig, num_nodes: int, client_threads: int = 1) -> list[s
     from workloads.partition import partition_sizes
     from workloads.training import pick_device
 
+    num_nodes = cfg.virtual_clients or num_nodes  # virtual clients: the partitions, not the Flower nodes
     k = cfg.clients_per_round or num_nodes
     if k > num_nodes:
         raise ConfigError(

@@ -43,11 +43,12 @@ from flwr.serverapp.strategy import FedAvg
 
 from estimators.performance import client_virtual_seconds
 from strategies.aggregation import aggregate_buffers, weighted_mean
+from strategies.arrays import record_tensors
 from strategies.batch_policy import PolicyState
 from strategies.nodes import NodeDirectory, sample_nodes, wait_for_nodes
 from strategies.records import MemorySink, RoundSink
 from strategies.reply_check import (
-    NORM_WINDOW, Expected, check_buffers, check_grad_sq, check_metrics, check_tensors, grad_norm, norm_outliers,
+    NORM_WINDOW, Expected, check_buffers, check_grad_sq, check_metrics, check_tensors, norm_outliers,
 )
 from strategies.server_opt import ServerSGD, lr_at
 from strategies.teacher_registry import load_teacher_state, teacher_state
@@ -337,8 +338,8 @@ class LargeBatchStrategy(FedAvg):
             content = msg.content
             if "grads" not in content.array_records or "metrics" not in content.metric_records:
                 return "the reply lacks its 'grads' ArrayRecord or its 'metrics' MetricRecord"
-            grads = content["grads"].to_torch_state_dict()
-            buffers = content["buffers"].to_torch_state_dict() if "buffers" in content.array_records else None
+            grads = record_tensors(content["grads"])
+            buffers = record_tensors(content["buffers"]) if "buffers" in content.array_records else None
             metrics = dict(content["metrics"])
             info = {k: str(v)[:64] for k, v in content["info"].items()} if "info" in content.config_records else {}
         except Exception as err:  # noqa: BLE001 - whatever a client sent, it must not crash the server
@@ -353,8 +354,9 @@ class LargeBatchStrategy(FedAvg):
         expected = Expected(self.param_shapes, {k: self.state[k] for k in self.buffer_names}, b,
                             self.round_steps, pid)
         plan = self.round_plan
-        momentum = content["momentum"].to_torch_state_dict() if "momentum" in content.array_records else {}
-        reason = (check_metrics(metrics, expected) or check_tensors("gradient", grads, self.param_shapes)
+        momentum = record_tensors(content["momentum"]) if "momentum" in content.array_records else {}
+        sq_norms: list[float] = []
+        reason = (check_metrics(metrics, expected) or check_tensors("gradient", grads, self.param_shapes, sq_norms)
                   or check_buffers(buffers, expected)
                   or (check_tensors("momentum", momentum, self.param_shapes) if plan.local_momentum else None)
                   or (check_grad_sq(metrics) if plan.grad_scale is not None else None))
@@ -363,7 +365,7 @@ class LargeBatchStrategy(FedAvg):
         ordered = [grads[n] for n in self.param_names]
         numbers = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
         velocity = [momentum[n] for n in self.param_names] if plan.local_momentum else None
-        return ValidReply(node, pid, b, ordered, buffers, numbers, grad_norm(ordered), info, velocity)
+        return ValidReply(node, pid, b, ordered, buffers, numbers, math.sqrt(sum(sq_norms)), info, velocity)
 
     def _finite_step(self, rnd: int, params: list[torch.Tensor], grad: list[torch.Tensor], lr: float) -> None:
         """Apply the optimizer; undo it and raise ``DivergenceError`` if a weight became non-finite."""

@@ -44,7 +44,7 @@ class NoiseStats:
 
 def sq_norm(tensors: Sequence[torch.Tensor]) -> float:
     """Squared L2 norm of a list of tensors, accumulated in float64."""
-    return float(sum(t.double().pow(2).sum() for t in tensors))
+    return sum(float(torch.linalg.vector_norm(t, dtype=torch.float64)) ** 2 for t in tensors)
 
 
 def noise_stats(grad: Sequence[torch.Tensor], client_grads: Sequence[Sequence[torch.Tensor]],
@@ -56,7 +56,7 @@ def noise_stats(grad: Sequence[torch.Tensor], client_grads: Sequence[Sequence[to
         return NoiseStats(math.nan, g_sq, math.nan, math.sqrt(g_sq))
     spread = 0.0
     for b, g_i in zip(client_batches, client_grads):
-        spread += b * sum(float((gi.double() - G.double()).pow(2).sum()) for gi, G in zip(g_i, grad))
+        spread += b * sum(float(torch.linalg.vector_norm(gi - G, dtype=torch.float64)) ** 2 for gi, G in zip(g_i, grad))
     tr_sigma = spread / (k - 1)
     grad_sq = g_sq - tr_sigma / total
     b_simple = tr_sigma / grad_sq if grad_sq > 0 else math.nan

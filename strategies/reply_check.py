@@ -74,8 +74,13 @@ def check_grad_sq(metrics: Mapping[str, object]) -> str | None:
     return None
 
 
-def check_tensors(kind: str, got: Mapping[str, torch.Tensor], shapes: Mapping[str, tuple[int, ...]]) -> str | None:
-    """Reason ``got`` is not exactly the named, shaped, finite floating tensors of ``shapes``, or None."""
+def check_tensors(kind: str, got: Mapping[str, torch.Tensor], shapes: Mapping[str, tuple[int, ...]],
+                  sq_norms: list[float] | None = None) -> str | None:
+    """Reason ``got`` is not exactly the named, shaped, finite floating tensors of ``shapes``, or None.
+
+    Finiteness is read off each tensor's float64 norm (NaN or Inf anywhere makes it non-finite),
+    one pass per tensor; ``sq_norms``, if given, receives the squared norms in ``shapes`` order.
+    """
     missing, extra = [k for k in shapes if k not in got], [k for k in got if k not in shapes]
     if missing:
         return f"{kind} tensors missing: {', '.join(missing)}"
@@ -87,9 +92,12 @@ def check_tensors(kind: str, got: Mapping[str, torch.Tensor], shapes: Mapping[st
             return f"{kind} '{name}' has shape {tuple(t.shape)}; expected {tuple(shape)}"
         if not t.is_floating_point():
             return f"{kind} '{name}' has dtype {t.dtype}; a floating dtype is required"
-        bad = int((~torch.isfinite(t)).sum())
-        if bad:
+        sq = float(torch.linalg.vector_norm(t, dtype=torch.float64)) ** 2
+        if not math.isfinite(sq):
+            bad = int((~torch.isfinite(t)).sum())
             return f"{kind} '{name}' has {bad} non-finite values (NaN or Inf)"
+        if sq_norms is not None:
+            sq_norms.append(sq)
     return None
 
 
@@ -128,7 +136,7 @@ def check_buffers(got: Mapping[str, torch.Tensor] | None, exp: Expected) -> str 
 
 def grad_norm(tensors: Sequence[torch.Tensor]) -> float:
     """L2 norm of a list of tensors, accumulated in float64."""
-    return math.sqrt(sum(float(t.double().pow(2).sum()) for t in tensors))
+    return math.sqrt(sum(float(torch.linalg.vector_norm(t, dtype=torch.float64)) ** 2 for t in tensors))
 
 
 NORM_WINDOW = 10  # rounds of accepted norms the guard remembers

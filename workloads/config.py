@@ -41,6 +41,7 @@ class RunConfig:
     train_limit: int = 0  # keep this many training examples (fixed random subset); 0 = all
     num_server_rounds: int = 60  # rounds = global steps (with local-steps=1)
     clients_per_round: int = 0  # K clients sampled per round; 0 = every connected node
+    virtual_clients: int = 0  # simulation: V clients packed onto the Flower nodes (strategies/packing.py); 0 = one per node
     global_batch_size: int = 256  # B = sum of the local batches b_i, in examples
     micro_batch_size: int = 0  # examples per forward/backward on a client; 0 = b_i
     local_steps: int = 1  # H; 1 = gradient of the global batch, >1 = FedAvg-style
@@ -136,6 +137,12 @@ class RunConfig:
         _positive("dirichlet-alpha", self.dirichlet_alpha)
         _positive("num-server-rounds", self.num_server_rounds)
         _positive("clients-per-round", self.clients_per_round, allow_zero=True)
+        _positive("virtual-clients", self.virtual_clients, allow_zero=True)
+        if self.virtual_clients and self.clients_per_round > self.virtual_clients:
+            raise ConfigError(
+                f"run-config key 'clients-per-round' = {self.clients_per_round}: more than virtual-clients = "
+                f"{self.virtual_clients}. Allowed: 0 (all) or 1..{self.virtual_clients}."
+            )
         _positive("global-batch-size", self.global_batch_size)
         _positive("micro-batch-size", self.micro_batch_size, allow_zero=True)
         _positive("local-steps", self.local_steps)
