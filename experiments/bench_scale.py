@@ -94,7 +94,7 @@ def main(argv: list[str] | None = None) -> dict:
         f"dataset={args.dataset} {data} num-server-rounds={args.rounds} eval-every={args.rounds} "
         f"clients-per-round={args.per_round} global-batch-size={batch} "
         f"{f'virtual-clients={args.clients} ' if args.nodes else ''}{args.run_config}",
-        f"num-supernodes={args.nodes or args.clients}", out)
+        f"num-supernodes={args.nodes or args.clients}", out, isolated=True)
     cluster = LocalRayCluster(args.ray_nodes, cpus_per_node=1) if args.ray_nodes else contextlib.nullcontext()
     with cluster:
         sampler = MemorySampler(os.getpid())

@@ -11,14 +11,16 @@ augmentation and the same number of steps, on this machine, in one invocation:
   end, a fresh process that also loads the data and runs the app's two evaluations
   (validation and test before the first step and after the last).
 
-The simulation runs three times: with an empty array cache (every process decodes nothing
-but the first, workloads/cache.py), with the cache filled (the default configuration), and
-with the memory measured in every round (``memory-check-every=1``: a profiled replay per
-client step). Steady-state samples/s skip the first round (Ray actor start-up, imports) and the
+The simulation runs four times: with an empty array cache (every process decodes nothing
+but the first, workloads/cache.py), with the cache filled (the default configuration), with
+the memory measured in every round (``memory-check-every=1``: a profiled replay per client
+step), and with the 8 clients as ``virtual-clients`` packed onto 2 Flower nodes (one message
+per actor a round instead of 8, strategies/packing.py). Steady-state samples/s skip the first round (Ray actor start-up, imports) and the
 last (central evaluation, and by default the memory check). The simulation's end-to-end figure
 includes everything from the launcher's start to its exit; its ratio is to the end-to-end
 reference (``end_to_end_vs_steady_ref`` divides by the steady-state reference instead). ``--overhead`` adds the per-round time of
-the Flower path against the same step in pure PyTorch for three model sizes. The last line is
+the Flower path (a node per client, and packed) against the same step in pure PyTorch for three
+model sizes. The last line is
 ``sim_samples_per_s=<x> ref_samples_per_s=<y> ratio=<x/y> end_to_end_ratio=<z> ...``.
 """
 
@@ -43,6 +45,7 @@ from workloads.training import evaluate, step_seconds
 
 GLOBAL_BATCH = 512
 CLIENTS = 8
+PACKED_NODES = 2  # the packed runs: CLIENTS virtual clients on this many Flower nodes (one per actor here)
 
 
 def reference_samples_per_s(data_dir: str, rounds: int, seed: int = 0, evaluate_too: bool = False) -> float:
@@ -85,13 +88,18 @@ def reference_end_to_end_samples_per_s(data_dir: str, rounds: int) -> float:
     return GLOBAL_BATCH * rounds / (time.perf_counter() - t0)
 
 
-def simulation_samples_per_s(data_dir: str, rounds: int, out: Path, extra: str = "") -> tuple[float, float]:
-    """Run the simulation; return (steady-state samples/s, end-to-end samples/s)."""
+def simulation_samples_per_s(data_dir: str, rounds: int, out: Path, extra: str = "",
+                             nodes: int = CLIENTS) -> tuple[float, float]:
+    """Run the simulation; return (steady-state samples/s, end-to-end samples/s).
+
+    ``nodes`` < ``CLIENTS``: the clients run as ``virtual-clients`` packed onto that many Flower nodes.
+    """
     t0 = time.perf_counter()
+    packed = f"virtual-clients={CLIENTS}" if nodes != CLIENTS else ""
     cfg, fed, out_dir, _ = prepare(
         f"dataset='cifar10' model='cnn' data-dir='{data_dir}' global-batch-size={GLOBAL_BATCH} "
-        f"num-server-rounds={rounds} eval-every={rounds} lr=0.05 warmup-rounds=0 {extra}",
-        f"num-supernodes={CLIENTS} client-resources-num-cpus=1",
+        f"num-server-rounds={rounds} eval-every={rounds} lr=0.05 warmup-rounds=0 {packed} {extra}",
+        f"num-supernodes={nodes} client-resources-num-cpus=1",
         str(out),
     )
     if launch(cfg, fed, out_dir, quiet=True) != 0:
@@ -103,27 +111,35 @@ def simulation_samples_per_s(data_dir: str, rounds: int, out: Path, extra: str =
     return steady, end_to_end
 
 
+def _round_s(data_dir: str, dataset: str, model: str, batch: int, rounds: int, nodes: int) -> float:
+    """Median seconds of a steady round (Ray, ``CLIENTS`` clients on ``nodes`` Flower nodes)."""
+    packed = f"virtual-clients={CLIENTS}" if nodes != CLIENTS else ""
+    with tempfile.TemporaryDirectory() as tmp:
+        cfg, fed, out_dir, _ = prepare(
+            f"dataset='{dataset}' model='{model}' data-dir='{data_dir}' global-batch-size={batch} "
+            f"num-server-rounds={rounds} eval-every={rounds} warmup-rounds=0 {packed}",
+            f"num-supernodes={nodes} client-resources-num-cpus=1", str(Path(tmp) / "sim"))
+        if launch(cfg, fed, out_dir, quiet=True) != 0:
+            raise SystemExit(f"simulation failed; see {out_dir / 'run.log'}")
+        with open(out_dir / "rounds.csv") as f:
+            wall = [float(r["wall_s"]) for r in csv.DictReader(f)]
+    return sorted(b - a for a, b in zip(wall[2:-1], wall[3:-1]))[(rounds - 4) // 2] if rounds >= 5 else wall[-1] - wall[-2]
+
+
 def overhead_table(data_dir: str, rounds: int = 6, batch: int = 64) -> list[dict]:
-    """Per-round time of the Flower path (Ray, 8 clients) against the same step in pure PyTorch, per model."""
+    """Per-round time of the Flower path (Ray, 8 clients; also packed onto 2 nodes) against the same step in pure PyTorch."""
     rows = []
     for dataset, model in (("mnist", "mlp"), ("cifar10", "cnn"), ("cifar10", "resnet18")):
-        with tempfile.TemporaryDirectory() as tmp:
-            cfg, fed, out_dir, _ = prepare(
-                f"dataset='{dataset}' model='{model}' data-dir='{data_dir}' global-batch-size={batch} "
-                f"num-server-rounds={rounds} eval-every={rounds} warmup-rounds=0",
-                f"num-supernodes={CLIENTS} client-resources-num-cpus=1", str(Path(tmp) / "sim"))
-            if launch(cfg, fed, out_dir, quiet=True) != 0:
-                raise SystemExit(f"simulation failed; see {out_dir / 'run.log'}")
-            with open(out_dir / "rounds.csv") as f:
-                wall = [float(r["wall_s"]) for r in csv.DictReader(f)]
-        sim_s = sorted(b - a for a, b in zip(wall[2:-1], wall[3:-1]))[(rounds - 4) // 2] if rounds >= 5 else wall[-1] - wall[-2]
+        sim_s = _round_s(data_dir, dataset, model, batch, rounds, CLIENTS)
+        packed_s = _round_s(data_dir, dataset, model, batch, rounds, PACKED_NODES)
         net = build_model(model, WORKLOADS[dataset].input_shape, 10, 0)
         splits = load_splits(dataset, data_dir, 0.1)
         inputs = lambda x, s=splits: s.inputs(x)  # noqa: E731
         ref_s = step_seconds(net, WORKLOADS[dataset].loss(), inputs, splits.x_train[:batch], splits.y_train[:batch])
         params = sum(p.numel() for p in net.parameters())
         rows.append({"model": model, "params_M": params / 1e6, "message_MB": params * 4 / 1e6, "sim_round_ms": 1000 * sim_s,
-                     "pytorch_step_ms": 1000 * ref_s, "overhead_ms": 1000 * (sim_s - ref_s)})
+                     "pytorch_step_ms": 1000 * ref_s, "overhead_ms": 1000 * (sim_s - ref_s),
+                     "packed_round_ms": 1000 * packed_s, "packed_overhead_ms": 1000 * (packed_s - ref_s)})
         print(rows[-1], flush=True)
     return rows
 
@@ -147,26 +163,33 @@ def main() -> None:
         sim, e2e = simulation_samples_per_s(args.data_dir, args.rounds, Path(tmp) / "sim")
         measured, measured_e2e = simulation_samples_per_s(args.data_dir, args.rounds, Path(tmp) / "measured",
                                                           "memory-check-every=1")
+        packed, packed_e2e = simulation_samples_per_s(args.data_dir, args.rounds, Path(tmp) / "packed",
+                                                      nodes=PACKED_NODES)
         ref_e2e = reference_end_to_end_samples_per_s(args.data_dir, args.rounds)
     ref = reference_samples_per_s(args.data_dir, args.rounds)
     print(f"{'what':<66}{'samples/s':>10}{'ratio':>8}  to")
     for label, value, to in (
             ("simulation, default, steady state (rounds 2..R-1)", sim, "steady"),
             ("simulation, memory measured every round, steady state", measured, "steady"),
+            (f"simulation, virtual-clients={CLIENTS} on {PACKED_NODES} Flower nodes, steady state", packed, "steady"),
             ("pure PyTorch, one process, steady state", ref, "steady"),
             ("simulation, default, end to end (launcher start to exit, cache filled)", e2e, "end to end"),
             ("simulation, default, end to end, empty cache (decodes CIFAR-10)", cold_e2e, "end to end"),
+            (f"simulation, virtual-clients={CLIENTS} on {PACKED_NODES} Flower nodes, end to end", packed_e2e, "end to end"),
             ("pure PyTorch, end to end (fresh process, data, same evaluations)", ref_e2e, "end to end")):
         print(f"{label:<66}{value:>10.1f}{value / (ref if to == 'steady' else ref_e2e):>8.3f}  {to}")
     if args.overhead:
         rows = overhead_table(args.data_dir)
-        print(f"{'model':<10}{'params M':>10}{'message MB':>12}{'sim round ms':>14}{'PyTorch step ms':>17}{'overhead ms':>13}")
+        print(f"{'model':<10}{'params M':>10}{'message MB':>12}{'sim round ms':>14}{'PyTorch step ms':>17}{'overhead ms':>13}"
+              f"{'packed round ms':>17}{'packed overhead':>17}")
         for r in rows:
             print(f"{r['model']:<10}{r['params_M']:>10.3f}{r['message_MB']:>12.2f}{r['sim_round_ms']:>14.1f}"
-                  f"{r['pytorch_step_ms']:>17.1f}{r['overhead_ms']:>13.1f}")
+                  f"{r['pytorch_step_ms']:>17.1f}{r['overhead_ms']:>13.1f}{r['packed_round_ms']:>17.1f}"
+                  f"{r['packed_overhead_ms']:>17.1f}")
     print(f"sim_samples_per_s={sim:.1f} ref_samples_per_s={ref:.1f} ratio={sim / ref:.3f} "
           f"end_to_end_ratio={e2e / ref_e2e:.3f} end_to_end_vs_steady_ref={e2e / ref:.3f} "
-          f"measured_ratio={measured / ref:.3f} cold_end_to_end_ratio={cold_e2e / ref_e2e:.3f}")
+          f"measured_ratio={measured / ref:.3f} cold_end_to_end_ratio={cold_e2e / ref_e2e:.3f} "
+          f"packed_ratio={packed / ref:.3f} packed_end_to_end_ratio={packed_e2e / ref_e2e:.3f}")
 
 
 if __name__ == "__main__":

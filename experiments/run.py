@@ -85,15 +85,35 @@ def federation_string(fed: dict[str, Any]) -> str:
     return " ".join(f"{k}={render(v)}" for k, v in fed.items())
 
 
-def prepare(run_config: str, federation_config: str, out: str,
-            resume: str = "") -> tuple[RunConfig, dict[str, Any], Path, list[str]]:
+def prepare(run_config: str, federation_config: str, out: str, resume: str = "",
+            isolated: bool = False) -> tuple[RunConfig, dict[str, Any], Path, list[str]]:
     """Parse and check everything a run needs; raise ConfigError/DataNotFoundError early.
 
     With ``resume`` (a results folder of an earlier launch), the run config and federation
     come from that folder; ``run_config`` may then change only the keys a resumed run may
     change (``server_app.results.RESUMABLE_KEYS``). Returns the config (with absolute
     ``out-dir`` and ``data-dir``), the federation config, the results folder and warnings.
+
+    ``isolated``: the checks (which import torch and read the data) run in a child process,
+    so that this process, which then only watches the run, stays small: ``import torch`` alone
+    is about 500 MB of resident memory here, for as long as the run lasts.
     """
+    if isolated:
+        import subprocess
+
+        request = json.dumps({"args": [run_config, federation_config, out, resume]})
+        child = subprocess.run([sys.executable, "-c", "import experiments.run as r; r._prepare_child()"],
+                               input=request, capture_output=True, text=True, cwd=REPO_ROOT)
+        try:
+            answer = json.loads(child.stdout.strip().splitlines()[-1])
+        except (IndexError, json.JSONDecodeError):
+            raise RuntimeError(f"the pre-flight check crashed (exit {child.returncode}):\n{child.stderr[-3000:]}") from None
+        if "error" in answer:
+            from workloads.errors import DataNotFoundError
+
+            raise (DataNotFoundError if answer["kind"] == "DataNotFoundError" else ConfigError)(answer["error"])
+        cfg = RunConfig.from_mapping(answer["config"])
+        return cfg, answer["federation"], Path(cfg.out_dir), answer["warnings"]
     from server_app.preflight import parse_run_config, preflight
     from server_app.results import RESUMABLE_KEYS
     from workloads.data import resolve_data_dir
@@ -126,6 +146,17 @@ def prepare(run_config: str, federation_config: str, out: str,
     cfg = cfg.replace(out_dir=str(out_dir.expanduser().resolve()), data_dir=str(data) if data else "")
     warnings = preflight(cfg, fed["num-supernodes"], fed["client-resources-num-cpus"])
     return cfg, fed, Path(cfg.out_dir), warnings
+
+
+def _prepare_child() -> None:
+    """``prepare(..., isolated=True)``'s child: read its arguments from stdin, print the outcome as JSON."""
+    args = json.loads(sys.stdin.read())["args"]
+    try:
+        cfg, fed, _, warnings = prepare(*args)
+        answer: dict[str, Any] = {"config": cfg.to_mapping(), "federation": fed, "warnings": warnings}
+    except (ConfigError, FileNotFoundError) as err:
+        answer = {"error": str(err), "kind": type(err).__name__}
+    print(json.dumps(answer), flush=True)
 
 
 def launch(cfg: RunConfig, fed: dict[str, Any], out_dir: Path, quiet: bool = False,
@@ -164,7 +195,8 @@ def main(argv: list[str] | None = None) -> int:
         print("error: --resume DIR continues in DIR; do not also give --out", file=sys.stderr)
         return 2
     try:
-        cfg, fed, out_dir, warnings = prepare(args.run_config, args.federation_config, args.out, args.resume)
+        cfg, fed, out_dir, warnings = prepare(args.run_config, args.federation_config, args.out, args.resume,
+                                              isolated=True)
     except (ConfigError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

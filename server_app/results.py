@@ -35,7 +35,7 @@ import torch
 
 from workloads.config import RunConfig
 from workloads.errors import ConfigError
-from workloads.files import atomic_torch_save, atomic_write_json, atomic_write_text
+from workloads.files import atomic_torch_save, atomic_write_json, atomic_write_text, remove_stale_temporaries
 
 ROUND_COLUMNS = [
     "round", "global_batch", "planned_batch", "failed_clients", "samples_seen", "lr", "train_loss",
@@ -112,6 +112,8 @@ class RunResults:
             )
         self.out_dir, self.cfg = out_dir, cfg
         self.out_dir.mkdir(parents=True, exist_ok=True)
+        if cfg.resume:
+            remove_stale_temporaries(self.out_dir)  # a write the kill interrupted; its file is intact
         self.rounds: list[dict[str, Any]] = []
         self.clients: list[dict[str, Any]] = []
         self.failure_rows: list[dict[str, Any]] = []

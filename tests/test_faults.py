@@ -124,7 +124,10 @@ def test_resume_after_a_failed_round_ends_with_the_uninterrupted_model(tmp_path)
     with pytest.raises(RoundFailure):
         run_inprocess(config | {"out-dir": str(tmp_path / "b")}, num_clients=4, client_app=faulty)
     assert torch.load(tmp_path / "b" / "checkpoint.pt")["round"] == 6
+    stale = tmp_path / "b" / ".clients.csv.x1y2z3.tmp"  # what a SIGKILL in the middle of a write leaves
+    stale.write_text("round,node_id\n7,")
     run_inprocess(config | {"out-dir": str(tmp_path / "b"), "resume": True}, num_clients=4)
+    assert not stale.exists()
     a, b = torch.load(tmp_path / "a" / "model.pt"), torch.load(tmp_path / "b" / "model.pt")
     assert max(float((a[k] - b[k]).abs().max()) for k in a) == 0.0
     ra, rb = pd.read_csv(tmp_path / "a" / "rounds.csv"), pd.read_csv(tmp_path / "b" / "rounds.csv")

@@ -28,16 +28,12 @@ import numpy as np
 import torch
 
 from workloads.cache import cached_arrays
-from workloads.errors import ConfigError
+from workloads.errors import ConfigError, DataNotFoundError  # noqa: F401 - DataNotFoundError is raised here
 from workloads.files import atomic_write_bytes
 
 VAL_SPLIT_SEED = 2509  # fixed: the validation split is the same for every run seed
 DIGITS_TEST_FRACTION = 0.2  # scikit-learn's digits ship without a test split
 HUB_IDS = {"cifar10": ("uoft-cs/cifar10", "img"), "mnist": ("ylecun/mnist", "image")}
-
-
-class DataNotFoundError(FileNotFoundError):
-    """The dataset is neither in the data folder nor downloadable."""
 
 
 @dataclass(frozen=True)

@@ -26,6 +26,19 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
         raise
 
 
+def remove_stale_temporaries(folder: str | Path) -> list[Path]:
+    """Delete the temporary files of writes that a killed process left in ``folder``; return them.
+
+    Only for a folder no live process writes to (a run being resumed): a SIGKILL between
+    ``mkstemp`` and the rename leaves ``.<name>.<random>.tmp`` behind; the file it was writing
+    is intact.
+    """
+    stale = [p for p in Path(folder).glob(".*.tmp") if p.is_file()]
+    for p in stale:
+        p.unlink(missing_ok=True)
+    return stale
+
+
 def atomic_write_text(path: str | Path, text: str) -> None:
     """Write text (UTF-8) atomically."""
     atomic_write_bytes(path, text.encode("utf-8"))
