@@ -18,6 +18,7 @@ the measured peak of the step (estimators/step_peak.py).
 from __future__ import annotations
 
 import contextlib
+import functools
 import time
 
 from client_app.startup import STARTED_AT, where  # noqa: I001 - first: it records when the imports began
@@ -40,9 +41,15 @@ from workloads.training import batch_gradient, local_momentum_sgd, step_seconds
 app = ClientApp()
 
 
+@functools.lru_cache(maxsize=16)
+def _run_config(items: tuple) -> RunConfig:
+    """The parsed run config (a Ray actor parses the same one for every client it serves)."""
+    return RunConfig.from_mapping(dict(items))
+
+
 def _client(context: Context) -> tuple[RunConfig, int, int, ClientJob, float, str]:
     """This node's run config, partition id and count, cached job, and memory budget (MiB) with its source."""
-    cfg = RunConfig.from_mapping(context.run_config)
+    cfg = _run_config(tuple(sorted(context.run_config.items())))
     pid, nparts, data_dir = node_identity(context.node_config, cfg)
     budget_mb, source = memory_budget_mb(context.node_config, parse_profiles(cfg.device_profiles), cfg.memory_budget_mb, pid)
     return cfg, pid, nparts, get_job(cfg, pid, nparts, data_dir), budget_mb, source

@@ -94,24 +94,35 @@ class ClientJob:
             If not even micro-batches of one example fit, naming where the budget came from.
         """
         est, micro = self.estimator, min(micro, batch)
-        if budget_mb <= 0:
-            return MemoryPlan(micro, est.peak_bytes(batch, micro) / MIB, 0.0, 0)
-        usable = int(budget_mb * MIB * (1 - self.cfg.memory_margin))
-        if est.peak_bytes(batch, micro) > usable:
-            try:
-                micro = est.micro_batch_for(batch, usable)
-            except ValueError:  # not even micro-batches of one example fit
-                need_mb = est.peak_bytes(batch, 1) / MIB / (1 - self.cfg.memory_margin)
-                raise ConfigError(
-                    f"{source} = {budget_mb:g} MiB is too small for partition {self.partition_id}'s batch of {batch}: "
-                    f"even micro-batches of one example need {need_mb:.1f} MiB with memory-margin "
-                    f"{self.cfg.memory_margin:g}. Allowed: a budget >= {need_mb:.1f} MiB, or a smaller global-batch-size."
-                ) from None
-        return MemoryPlan(micro, est.peak_bytes(batch, micro) / MIB, budget_mb, est.max_batch_size(usable))
+        usable = int(budget_mb * MIB * (1 - self.cfg.memory_margin)) if budget_mb > 0 else 0
+        plan = _fitted_plan(est, batch, micro, usable)
+        if plan is None:  # not even micro-batches of one example fit
+            need_mb = est.peak_bytes(batch, 1) / MIB / (1 - self.cfg.memory_margin)
+            raise ConfigError(
+                f"{source} = {budget_mb:g} MiB is too small for partition {self.partition_id}'s batch of {batch}: "
+                f"even micro-batches of one example need {need_mb:.1f} MiB with memory-margin "
+                f"{self.cfg.memory_margin:g}. Allowed: a budget >= {need_mb:.1f} MiB, or a smaller global-batch-size."
+            )
+        micro, peak_bytes, max_batch = plan
+        return MemoryPlan(micro, peak_bytes / MIB, budget_mb if usable else 0.0, max_batch)
 
     def inputs_fn(self, generator: torch.Generator | None):
         """Return the uint8 -> float input function for this round (augmenting if enabled)."""
         return make_inputs(self.splits, self.device, self.augment, generator)
+
+
+@functools.lru_cache(maxsize=4096)
+def _fitted_plan(est: MemoryEstimator, batch: int, micro: int, usable: int) -> tuple[int, int, int] | None:
+    """(micro-batch, predicted peak bytes, largest single-pass batch) under ``usable`` bytes (0: no
+    limit), or None when nothing fits; cached per process (every round asks again, for every client)."""
+    if not usable:
+        return micro, est.peak_bytes(batch, micro), 0
+    if est.peak_bytes(batch, micro) > usable:
+        try:
+            micro = est.micro_batch_for(batch, usable)
+        except ValueError:
+            return None
+    return micro, est.peak_bytes(batch, micro), est.max_batch_size(usable)
 
 
 def make_inputs(splits: Splits, device: torch.device, augment: bool, generator: torch.Generator | None):

@@ -27,6 +27,15 @@ IMPORTED_AT = time.time()  # when this module (imported first by client_app.app)
 
 def where() -> dict[str, str]:
     """Where this ClientApp runs: host name, process id and, in a Ray worker, the Ray node id."""
+    if not _WHERE:
+        _WHERE.update(_where())
+    return dict(_WHERE)
+
+
+_WHERE: dict[str, str] = {}  # it does not change in a process
+
+
+def _where() -> dict[str, str]:
     import socket
     import sys
 

@@ -92,5 +92,5 @@ def tensors_record(tensors: Mapping[str, torch.Tensor]) -> ArrayRecord:
     for name, t in tensors.items():
         a = t.detach().cpu().contiguous().numpy()
         arrays[name] = Array(dtype=str(a.dtype), shape=tuple(a.shape), stype="numpy.ndarray",
-                             data=_npy_prefix(a.dtype.str, a.shape) + a.tobytes())
+                             data=b"".join((_npy_prefix(a.dtype.str, a.shape), a.data)))  # one copy
     return ArrayRecord(arrays)
