@@ -2,11 +2,11 @@
 
 Per round the server sends the global weights and this client's ``local-batch-size`` b_i,
 ``micro-batch-size``, ``local-steps`` H and ``lr``. The client draws b_i examples from an
-epoch-wise shuffle of its partition (position kept in ``context.state``), accumulates the
-mean-loss gradient over micro-batches, and replies with it (H = 1) or with the
-pseudo-gradient (w_0 - w_H) / lr of H local SGD steps (H > 1), plus its BatchNorm buffers
-and b_i, loss, |g_i|^2, compute seconds and peak memory. A teacher's round plan may add
-per-step learning rates, the server's momentum and velocity (the reply then carries the final
+epoch-wise shuffle of its partition (its position, ``drawn-examples``, comes from the server),
+accumulates the mean-loss gradient over micro-batches, and replies with it (H = 1) or with the
+pseudo-gradient (w_0 - w_H) / lr of H local SGD steps (H > 1), plus its BatchNorm buffers and
+b_i, loss, compute seconds and peak memory (and |g_i|^2 in rounds with multipliers). A
+teacher's round plan may add per-step learning rates, the server's momentum and velocity (the reply then carries the final
 velocity) and a multiplier m_i for the gradient (``LocalOptimizer``).
 
 Memory: the client's budget comes from its node config, its device profile or the run config
@@ -94,7 +94,9 @@ def train(msg: Message, context: Context) -> Message:
             grads, loss, velocity = local_momentum_sgd(
                 model, job.loss_fn, inputs, batches, lr, plan.micro_batch, local.lrs, local.momentum,
                 local.weight_decay, local.velocity_for(model))
-        grad_sq = sum(float(torch.linalg.vector_norm(g, dtype=torch.float64)) ** 2 for g in grads)
+        grad_sq = None
+        if local.scaled:  # signed-noise: the server's noise statistics come from sums (strategies/round_plan.py)
+            grad_sq = sum(float(torch.linalg.vector_norm(g, dtype=torch.float64)) ** 2 for g in grads)
         if local.grad_scale != 1.0:  # signed-noise: this client's multiplier m_i, so the server needs only the sum
             grads = [g * local.grad_scale for g in grads]
         if job.device.type == "cuda":
@@ -107,7 +109,6 @@ def train(msg: Message, context: Context) -> Message:
         "metrics": MetricRecord({
             "num-examples": b,
             "train-loss": loss,
-            "grad-sq": grad_sq,  # |g_i|^2 before any multiplier: noise statistics from sums
             "compute-s": compute_s,
             "peak-mem-mb": peak.bytes / 2**20 if peak is not None else cpu_peak_mb,
             "predicted-peak-mb": plan.predicted_mb,
@@ -120,6 +121,8 @@ def train(msg: Message, context: Context) -> Message:
             "setup-s": ready - entered,  # data, model, memory plan, draw (disk-cached after the first) and memory check
         }),
     })
+    if grad_sq is not None:
+        content["metrics"]["grad-sq"] = grad_sq  # |g_i|^2 before the multiplier (otherwise the server has g_i)
     buffers = {k: v.detach().cpu() for k, v in model.named_buffers()}
     if buffers:
         content["buffers"] = tensors_record(buffers)

@@ -22,6 +22,7 @@ class LocalOptimizer:
     weight_decay: float = 0.0
     velocity: dict[str, torch.Tensor] | None = None  # the server's velocity, by parameter name
     grad_scale: float = 1.0  # m_i, applied to the gradient before the reply
+    scaled: bool = False  # the round has multipliers: the reply also carries |g_i|^2 (``grad-sq``)
 
     @classmethod
     def from_message(cls, msg: Message) -> LocalOptimizer:
@@ -30,7 +31,7 @@ class LocalOptimizer:
         velocity = msg.content["velocity"].to_torch_state_dict() if "velocity" in msg.content.array_records else None
         return cls(lrs=[float(x) for x in conf["local-lrs"]] if "local-lrs" in conf else None,
                    momentum=float(conf.get("momentum", 0.0)), weight_decay=float(conf.get("weight-decay", 0.0)),
-                   velocity=velocity, grad_scale=float(conf.get("grad-scale", 1.0)))
+                   velocity=velocity, grad_scale=float(conf.get("grad-scale", 1.0)), scaled="grad-scale" in conf)
 
     @property
     def plain(self) -> bool:
