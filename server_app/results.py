@@ -20,7 +20,7 @@ quadratic (0.7 s a round at round 6,000 of a CIFAR-10 run with 8 clients). They 
 at every checkpoint round and after the last round (so a resumed run finds every row it keeps),
 by ``flush`` when a run stops early, and otherwise whenever the time since the last write is at
 least ``WRITE_EVERY_COST`` times what that write took: every round while the files are small,
-at most a tenth of the run's time later.
+at most a twentieth of the run's time later.
 """
 
 from __future__ import annotations
@@ -44,7 +44,7 @@ ROUND_COLUMNS = [
 CLIENT_COLUMNS = ["round", "node_id", "partition_id"]
 FAILURE_COLUMNS = ["round", "node_id", "partition_id", "local_batch", "reason"]
 CHECKPOINT_FORMAT = 1
-WRITE_EVERY_COST = 10.0  # rewrite the CSVs once the time since the last write is this many times its cost
+WRITE_EVERY_COST = 20.0  # rewrite the CSVs once the time since the last write is this many times its cost
 # Keys a resumed run may change: they decide how faults are handled and where files are, not what is computed.
 RESUMABLE_KEYS = frozenset({"resume", "min-batch-fraction", "round-timeout-s", "max-norm-ratio",
                             "checkpoint-every", "out-dir", "data-dir"})

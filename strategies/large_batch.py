@@ -231,7 +231,7 @@ class LargeBatchStrategy(FedAvg):
         global_grad = weighted_mean(grads, batches)
         plan = self.round_plan
         stats = round_stats(plan, global_grad, grads, batches, [r.metrics.get("grad-sq", 0.0) for r in valid],
-                            [r.partition_id for r in valid])
+                            [r.partition_id for r in valid], [r.norm ** 2 for r in valid])
         params = [self.state[name] for name in self.param_names]
         t_teacher = time.perf_counter()
         taught = self.teacher(TeacherInput(

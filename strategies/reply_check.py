@@ -78,8 +78,9 @@ def check_tensors(kind: str, got: Mapping[str, torch.Tensor], shapes: Mapping[st
                   sq_norms: list[float] | None = None) -> str | None:
     """Reason ``got`` is not exactly the named, shaped, finite floating tensors of ``shapes``, or None.
 
-    Finiteness is read off each tensor's float64 norm (NaN or Inf anywhere makes it non-finite),
-    one pass per tensor; ``sq_norms``, if given, receives the squared norms in ``shapes`` order.
+    Finiteness is read off each tensor's squared norm (NaN or Inf anywhere makes it non-finite),
+    one pass per tensor (a float32 dot product; float64 when that overflows, for values above
+    about 1e19); ``sq_norms``, if given, receives the squared norms in ``shapes`` order.
     """
     missing, extra = [k for k in shapes if k not in got], [k for k in got if k not in shapes]
     if missing:
@@ -92,10 +93,13 @@ def check_tensors(kind: str, got: Mapping[str, torch.Tensor], shapes: Mapping[st
             return f"{kind} '{name}' has shape {tuple(t.shape)}; expected {tuple(shape)}"
         if not t.is_floating_point():
             return f"{kind} '{name}' has dtype {t.dtype}; a floating dtype is required"
-        sq = float(torch.linalg.vector_norm(t, dtype=torch.float64)) ** 2
+        flat = t.reshape(-1)
+        sq = float(torch.dot(flat, flat))
         if not math.isfinite(sq):
             bad = int((~torch.isfinite(t)).sum())
-            return f"{kind} '{name}' has {bad} non-finite values (NaN or Inf)"
+            if bad:
+                return f"{kind} '{name}' has {bad} non-finite values (NaN or Inf)"
+            sq = float(torch.linalg.vector_norm(t, dtype=torch.float64)) ** 2
         if sq_norms is not None:
             sq_norms.append(sq)
     return None

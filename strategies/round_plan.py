@@ -87,14 +87,24 @@ def velocity_record(plan: RoundPlan, names: Sequence[str], velocity: Sequence[to
 
 
 def round_stats(plan: RoundPlan, grad: Sequence[torch.Tensor], client_grads: Sequence[Sequence[torch.Tensor]],
-                batches: Sequence[int], grad_sqs: Sequence[float], partitions: Sequence[int]) -> NoiseStats:
+                batches: Sequence[int], grad_sqs: Sequence[float], partitions: Sequence[int],
+                client_sq: Sequence[float] | None = None) -> NoiseStats:
     """The round's noise statistics: from the client gradients, or from sums when they were scaled.
 
     With ``grad_scale`` the replies are m_i g_i, so the spread of the replies is not the
     gradient noise; the statistics then come from what a secure-aggregation server has: the
     aggregate, sum_i b_i |g_i|^2 (every client adds its unscaled squared norm ``grad-sq``) and
     sum_i m_i^2 b_i.
+
+    ``client_sq``: |g_i|^2 as the server computed them from the replies, with ``grad`` their
+    b-weighted mean. Then sum_i b_i |g_i - G|^2 = sum_i b_i |g_i|^2 - B |G|^2 gives the same
+    statistics without another pass over every client's gradient (100 clients of the MNIST CNN:
+    about 0.1 s a round); the spread is clamped at 0 against rounding.
     """
+    if plan.grad_scale is None and client_sq is not None:
+        total, mean_sq = float(sum(batches)), sq_norm(grad)
+        spread_sum = sum(b * q for b, q in zip(batches, client_sq))
+        return noise_stats_from_sums(max(spread_sum, total * mean_sq), total, len(batches), mean_sq)
     if plan.grad_scale is None:
         return noise_stats(grad, client_grads, batches)
     return noise_stats_from_sums(

@@ -69,3 +69,29 @@ def test_lr_schedule_values():
     assert all(lr_at(r, 10, 0.4, 0, "constant") == 0.4 for r in range(1, 11))
     values = [lr_at(r, 50, 1.0, 0, "cosine") for r in range(1, 51)]
     assert all(x > y for x, y in zip(values, values[1:])) and values[-1] > 0
+
+
+def test_noise_statistics_from_server_norms_equal_the_two_pass_ones():
+    from strategies.aggregation import weighted_mean
+    from strategies.noise_scale import noise_stats
+    from strategies.reply_check import check_tensors
+    from strategies.round_plan import RoundPlan, round_stats
+
+    gen = torch.Generator().manual_seed(3)
+    shapes = {"w": (64, 32), "b": (64,)}
+    batches = [16, 16, 32, 8, 24, 16, 8, 8]
+    mu = {k: torch.randn(s, generator=gen) for k, s in shapes.items()}
+    clients = [[mu[k] + torch.randn(s, generator=gen) / b ** 0.5 for k, s in shapes.items()] for b in batches]
+    sq = []
+    for g in clients:
+        parts: list[float] = []
+        assert check_tensors("gradient", dict(zip(shapes, g)), shapes, parts) is None
+        sq.append(sum(parts))
+    G = weighted_mean(clients, batches)
+    fast = round_stats(RoundPlan(), G, clients, batches, [0.0] * 8, list(range(8)), sq)
+    slow = noise_stats(G, clients, batches)
+    assert fast.tr_sigma == pytest.approx(slow.tr_sigma, rel=1e-5)
+    assert fast.grad_sq == pytest.approx(slow.grad_sq, rel=1e-5)
+    assert fast.b_simple == pytest.approx(slow.b_simple, rel=1e-5)
+    same = round_stats(RoundPlan(), G, [G] * 8, batches, [0.0] * 8, list(range(8)), [sum(float(t.double().pow(2).sum()) for t in G)] * 8)
+    assert 0.0 <= same.tr_sigma <= 1e-12 * same.grad_sq  # identical clients: rounding only, never negative
