@@ -12,6 +12,8 @@ from dataclasses import dataclass
 import torch
 from flwr.app import Message
 
+from strategies.arrays import record_tensors
+
 
 @dataclass(frozen=True)
 class LocalOptimizer:
@@ -28,7 +30,7 @@ class LocalOptimizer:
     def from_message(cls, msg: Message) -> LocalOptimizer:
         """Read the optional train-config entries and the ``velocity`` ArrayRecord."""
         conf = msg.content["config"]
-        velocity = msg.content["velocity"].to_torch_state_dict() if "velocity" in msg.content.array_records else None
+        velocity = record_tensors(msg.content["velocity"]) if "velocity" in msg.content.array_records else None
         return cls(lrs=[float(x) for x in conf["local-lrs"]] if "local-lrs" in conf else None,
                    momentum=float(conf.get("momentum", 0.0)), weight_decay=float(conf.get("weight-decay", 0.0)),
                    velocity=velocity, grad_scale=float(conf.get("grad-scale", 1.0)), scaled="grad-scale" in conf)

@@ -88,6 +88,21 @@ def reference_end_to_end_samples_per_s(data_dir: str, rounds: int) -> float:
     return GLOBAL_BATCH * rounds / (time.perf_counter() - t0)
 
 
+def _simulate(data_dir: str, dataset: str, model: str, batch: int, rounds: int, nodes: int, out: Path,
+              extra: str = "") -> dict[int, float]:
+    """One ``flwr run`` of ``CLIENTS`` clients on ``nodes`` Flower nodes (packed as ``virtual-clients``
+    when fewer); return each round's wall clock (``rounds.csv``)."""
+    packed = f"virtual-clients={CLIENTS}" if nodes != CLIENTS else ""
+    cfg, fed, out_dir, _ = prepare(
+        f"dataset='{dataset}' model='{model}' data-dir='{data_dir}' global-batch-size={batch} "
+        f"num-server-rounds={rounds} eval-every={rounds} warmup-rounds=0 {packed} {extra}",
+        f"num-supernodes={nodes} client-resources-num-cpus=1", str(out))
+    if launch(cfg, fed, out_dir, quiet=True) != 0:
+        raise SystemExit(f"simulation failed; see {out_dir / 'run.log'}")
+    with open(out_dir / "rounds.csv") as f:
+        return {int(r["round"]): float(r["wall_s"]) for r in csv.DictReader(f)}
+
+
 def simulation_samples_per_s(data_dir: str, rounds: int, out: Path, extra: str = "",
                              nodes: int = CLIENTS) -> tuple[float, float]:
     """Run the simulation; return (steady-state samples/s, end-to-end samples/s).
@@ -95,34 +110,16 @@ def simulation_samples_per_s(data_dir: str, rounds: int, out: Path, extra: str =
     ``nodes`` < ``CLIENTS``: the clients run as ``virtual-clients`` packed onto that many Flower nodes.
     """
     t0 = time.perf_counter()
-    packed = f"virtual-clients={CLIENTS}" if nodes != CLIENTS else ""
-    cfg, fed, out_dir, _ = prepare(
-        f"dataset='cifar10' model='cnn' data-dir='{data_dir}' global-batch-size={GLOBAL_BATCH} "
-        f"num-server-rounds={rounds} eval-every={rounds} lr=0.05 warmup-rounds=0 {packed} {extra}",
-        f"num-supernodes={nodes} client-resources-num-cpus=1",
-        str(out),
-    )
-    if launch(cfg, fed, out_dir, quiet=True) != 0:
-        raise SystemExit(f"simulation failed; see {out_dir / 'run.log'}")
+    wall = _simulate(data_dir, "cifar10", "cnn", GLOBAL_BATCH, rounds, nodes, out, f"lr=0.05 {extra}")
     end_to_end = GLOBAL_BATCH * rounds / (time.perf_counter() - t0)
-    with open(out_dir / "rounds.csv") as f:
-        wall = {int(r["round"]): float(r["wall_s"]) for r in csv.DictReader(f)}
     steady = GLOBAL_BATCH * (rounds - 2) / (wall[rounds - 1] - wall[1])
     return steady, end_to_end
 
 
 def _round_s(data_dir: str, dataset: str, model: str, batch: int, rounds: int, nodes: int) -> float:
     """Median seconds of a steady round (Ray, ``CLIENTS`` clients on ``nodes`` Flower nodes)."""
-    packed = f"virtual-clients={CLIENTS}" if nodes != CLIENTS else ""
     with tempfile.TemporaryDirectory() as tmp:
-        cfg, fed, out_dir, _ = prepare(
-            f"dataset='{dataset}' model='{model}' data-dir='{data_dir}' global-batch-size={batch} "
-            f"num-server-rounds={rounds} eval-every={rounds} warmup-rounds=0 {packed}",
-            f"num-supernodes={nodes} client-resources-num-cpus=1", str(Path(tmp) / "sim"))
-        if launch(cfg, fed, out_dir, quiet=True) != 0:
-            raise SystemExit(f"simulation failed; see {out_dir / 'run.log'}")
-        with open(out_dir / "rounds.csv") as f:
-            wall = [float(r["wall_s"]) for r in csv.DictReader(f)]
+        wall = list(_simulate(data_dir, dataset, model, batch, rounds, nodes, Path(tmp) / "sim").values())
     return sorted(b - a for a, b in zip(wall[2:-1], wall[3:-1]))[(rounds - 4) // 2] if rounds >= 5 else wall[-1] - wall[-2]
 
 
