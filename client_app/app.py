@@ -27,14 +27,14 @@ import torch
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from client_app.job import ClientJob, get_job, node_identity
+from client_app.job import ClientJob, get_job, load_global, node_identity
 from client_app.packing import answer_bundle
 from client_app.round_plan import LocalOptimizer
 from estimators.performance import profile_batches
 from estimators.step_peak import step_peak
 from workloads.devices import memory_budget_mb, parse_profiles
 from workloads.config import ConfigError, RunConfig
-from strategies.arrays import record_tensors, tensors_record
+from strategies.arrays import tensors_record
 from strategies.packing import PACKED_ACTION
 from workloads.training import batch_gradient, local_momentum_sgd, step_seconds
 
@@ -76,7 +76,7 @@ def train(msg: Message, context: Context) -> Message:
     batches = job.draw(drawn, b, steps)
 
     model = job.model
-    model.load_state_dict(record_tensors(msg.content["arrays"], copy=False))
+    load_global(model, msg.content["arrays"])
     model.train()
     gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + rnd * 1009 + pid)
     inputs = job.inputs_fn(gen)

@@ -16,9 +16,11 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+from flwr.app import ArrayRecord
 from torch import nn
 
 from estimators.memory import MemoryEstimator, StepMemoryModel
+from strategies.arrays import record_tensors
 from workloads.cache import cached_arrays, set_root
 from workloads.config import RunConfig
 from workloads.errors import ConfigError
@@ -200,6 +202,29 @@ def node_identity(node_config: Mapping[str, object], cfg: RunConfig) -> tuple[in
         _, pid, nparts = load_partition(data_dir, cfg, ids.get("partition-id"), ids.get("num-partitions"))
         return pid, nparts, data_dir
     return ids.get("partition-id", 0), ids.get("num-partitions", 1), ""
+
+
+_LOADED: dict[int, tuple[object, tuple[int, ...]]] = {}  # id(model) -> (record, tensor versions) of its last load
+
+
+def _versions(model: nn.Module) -> tuple[int, ...]:
+    return tuple(t._version for t in (*model.parameters(), *model.buffers()))
+
+
+def load_global(model: nn.Module, record: ArrayRecord) -> None:
+    """Load the global weights and buffers of ``record`` into ``model``, unless they are there already.
+
+    Packed virtual clients (strategies/packing.py) share one weights record per bundle, so a
+    process serving 50 of them would load the same values 50 times (7 % of its time for the
+    MNIST CNN). The load is skipped when ``record`` is the object loaded last and no parameter or
+    buffer changed in place since: every in-place change (an optimizer step, a local step,
+    BatchNorm's running statistics) bumps the tensor's version counter.
+    """
+    last = _LOADED.get(id(model))
+    if last is not None and last[0] is record and last[1] == _versions(model):
+        return
+    model.load_state_dict(record_tensors(record, copy=False))
+    _LOADED[id(model)] = (record, _versions(model))
 
 
 @functools.lru_cache(maxsize=8)

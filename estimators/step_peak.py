@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
-from estimators.memory_events import cpu_live_bytes, no_gc
+from estimators.memory_events import cpu_live_bytes, cpu_memory_profile, no_gc
 
 
 def storage_bytes(tensors: Iterable[torch.Tensor | None]) -> int:
@@ -68,10 +68,8 @@ def step_peak(device: torch.device, resident: Iterable[torch.Tensor | None] = ()
         torch.cuda.synchronize(device)
         reading.bytes = int(torch.cuda.max_memory_allocated(device))
         return
-    from torch.profiler import ProfilerActivity, profile
-
     base = storage_bytes(resident)
-    with no_gc(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+    with no_gc(), cpu_memory_profile() as prof:
         yield reading
     live = cpu_live_bytes(prof)
     reading.bytes = base + max(0, int(live.max(initial=0)))

@@ -81,6 +81,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--batch", type=int, default=0, help="global batch (default 20 per sampled client)")
     p.add_argument("--out", default="", help="results folder (default: results/scale-<N>-<K>)")
     p.add_argument("--run-config", default="", help="more run-config overrides")
+    p.add_argument("--federation-config", default="", help="more federation-config overrides, e.g. client-resources-num-cpus=2")
     p.add_argument("--nodes", type=int, default=0,
                    help="pack the N clients as virtual clients onto this many Flower nodes (virtual-clients=N, "
                         "strategies/packing.py); default 0: N Flower nodes, one client each")
@@ -94,7 +95,7 @@ def main(argv: list[str] | None = None) -> dict:
         f"dataset={args.dataset} {data} num-server-rounds={args.rounds} eval-every={args.rounds} "
         f"clients-per-round={args.per_round} global-batch-size={batch} "
         f"{f'virtual-clients={args.clients} ' if args.nodes else ''}{args.run_config}",
-        f"num-supernodes={args.nodes or args.clients}", out, isolated=True)
+        f"num-supernodes={args.nodes or args.clients} {args.federation_config}", out, isolated=True)
     cluster = LocalRayCluster(args.ray_nodes, cpus_per_node=1) if args.ray_nodes else contextlib.nullcontext()
     with cluster:
         sampler = MemorySampler(os.getpid())

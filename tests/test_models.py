@@ -1,10 +1,12 @@
-"""Every registered model builds for its workloads and maps a batch to class logits."""
+"""Every registered model builds for its workloads and maps a batch to class logits, and the weight load skips only an unchanged reload."""
 
 from __future__ import annotations
 
 import pytest
 import torch
+from flwr.app import ArrayRecord
 
+from client_app.job import load_global
 from workloads.models import build_model
 from workloads.registry import WORKLOADS
 
@@ -41,3 +43,20 @@ def test_resnet_stem_keeps_32x32_resolution():
     net = build_model("resnet18", (3, 32, 32), 10, seed=0)
     feats = net.maxpool(net.relu(net.bn1(net.conv1(torch.randn(1, 3, 32, 32)))))
     assert feats.shape[-2:] == (32, 32)
+
+
+def test_load_global_skips_only_an_unchanged_reload():
+    model = build_model("cnn", (1, 8, 8), 10, seed=0)
+    record = ArrayRecord(build_model("cnn", (1, 8, 8), 10, seed=1).state_dict())
+    load_global(model, record)
+    expected = {k: v.clone() for k, v in model.state_dict().items()}
+    versions = [p._version for p in model.parameters()]
+    load_global(model, record)  # the same record, nothing changed: no copy
+    assert [p._version for p in model.parameters()] == versions
+    with torch.no_grad():
+        next(model.parameters()).add_(1.0)  # a local step changes the weights in place
+    load_global(model, record)
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, expected[k]), k
+    load_global(model, ArrayRecord(build_model("cnn", (1, 8, 8), 10, seed=2).state_dict()))  # a new record loads
+    assert not torch.equal(next(model.parameters()), next(iter(expected.values())))
