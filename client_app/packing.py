@@ -9,10 +9,12 @@ error; the other clients of the bundle are unaffected.
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable
 
 from flwr.app import Context, Message, Metadata, RecordDict
 
+from strategies.arrays import out_of_band
 from strategies.packing import bundle, unbundle, virtual_partition
 from workloads.config import ConfigError, RunConfig
 
@@ -55,4 +57,8 @@ def answer_bundle(client_app: Callable[[Message, Context], Message], msg: Messag
             error = f"{type(err).__name__}: {err}"
         replies.append(RecordDict() if error else reply.content)
         errors.append(error)
+    if "ray" in sys.modules and sys.modules["ray"].is_initialized():  # a Ray actor: see arrays.out_of_band
+        for content in replies:
+            for record in content.array_records.values():
+                out_of_band(record)
     return Message(content=bundle(replies, {"errors": errors}), reply_to=msg)

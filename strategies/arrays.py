@@ -62,8 +62,11 @@ def record_tensors(record: ArrayRecord, copy: bool = True) -> OrderedDict[str, t
 
 
 def _tensor(arr, copy: bool) -> torch.Tensor:
-    """One Flower ``Array`` as a tensor: the fast path for plain ``.npy`` bytes, else ``np.load``."""
-    data = arr.data
+    """One Flower ``Array`` as a tensor: the fast path for plain ``.npy`` bytes, else ``np.load``.
+
+    ``arr.data`` may be any bytes-like object (``out_of_band`` makes it a numpy view).
+    """
+    data = memoryview(arr.data)
     if arr.stype == "numpy.ndarray" and data[:6] == _MAGIC and data[6] in (1, 2, 3):
         size_bytes = 2 if data[6] == 1 else 4
         length = int.from_bytes(data[8:8 + size_bytes], "little")
@@ -75,6 +78,21 @@ def _tensor(arr, copy: bool) -> torch.Tensor:
                 flat = np.frombuffer(data, dtype=dtype, count=count, offset=offset).reshape(shape)
                 return torch.from_numpy(flat.copy() if copy else flat)
     return torch.from_numpy(arr.numpy())
+
+
+def out_of_band(record: ArrayRecord) -> ArrayRecord:
+    """``record`` with each array's bytes wrapped in a numpy view (no copy), for transport by Ray.
+
+    Ray pickles a task's result with protocol 5: numpy buffers go out of band, straight into its
+    shared-memory object store, and the receiver maps them without a copy; ``bytes`` are pickled
+    in band, copied into a pickle first and out of it again on the other side. For a bundle of
+    50 MNIST-CNN gradients that is 78 MB less per actor and per bundle on the server. Only for
+    Ray: Flower's gRPC path (a real SuperNode) needs ``bytes``. ``record_tensors`` reads both.
+    """
+    for arr in record.values():
+        if isinstance(arr.data, bytes):
+            arr.data = np.frombuffer(arr.data, dtype=np.uint8)
+    return record
 
 
 @functools.lru_cache(maxsize=4096)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import pickle
 
 import pytest
 import torch
@@ -13,7 +14,7 @@ from client_app.packing import answer_bundle
 from experiments.faults import Fault, FaultyClientApp
 from flb.inprocess import client_context, delivered, run_inprocess
 from server_app.grid import PackedGrid
-from strategies.arrays import record_tensors, tensors_record
+from strategies.arrays import out_of_band, record_tensors, tensors_record
 from strategies.packing import PACK, bundle, unbundle, virtual_node
 from workloads.config import ConfigError, RunConfig
 
@@ -48,6 +49,27 @@ def test_array_fast_path_matches_flower_bytes_and_values():
     truncated = Array(dtype="float32", shape=(3, 4), stype="numpy.ndarray", data=flowers["a"].data[:-4])
     with pytest.raises(ValueError):  # a short payload takes np.load's path, which refuses it
         record_tensors(ArrayRecord({"a": truncated}))
+
+
+def test_out_of_band_arrays_travel_without_in_band_copies_and_read_back_equal():
+    tensors = {"g": torch.randn(64, 32), "b": torch.randn(7)}
+    record = out_of_band(tensors_record(tensors))
+    buffers = []
+    payload = pickle.dumps(record, protocol=5, buffer_callback=buffers.append)  # as Ray serialises a result
+    assert sum(memoryview(b).nbytes for b in buffers) > 64 * 32 * 4 and len(payload) < 4096  # bytes went out of band
+    back = pickle.loads(payload, buffers=buffers)
+    for copy in (True, False):
+        for name, t in record_tensors(back, copy=copy).items():
+            assert torch.equal(t, tensors[name]), name
+
+    def app(msg, context):
+        return Message(RecordDict({"grads": tensors_record(tensors)}), reply_to=msg)
+
+    msg = Message(bundle([RecordDict({"config": ConfigRecord({})})], {"nodes": [1], "types": ["train"]}),
+                  message_type="train.packed", dst_node_id=3)
+    reply = answer_bundle(app, delivered(msg), client_context(3, 0, 1, RunConfig(virtual_clients=2).to_mapping()))
+    inner, _ = unbundle(reply.content)
+    assert all(isinstance(a.data, bytes) for a in inner[0]["grads"].values())  # outside Ray: plain bytes (gRPC needs them)
 
 
 def test_virtual_clients_train_exactly_as_one_node_per_client(tmp_path, one_thread):
