@@ -183,7 +183,7 @@ def query(msg: Message, context: Context) -> Message:
     seconds = []
     start = time.perf_counter()
     for b in sizes:  # a warm-up and 3 timed steps per size: the probe is cheap on a slow device too
-        x, y = job.splits.x_train[job.partition[:b]], job.splits.y_train[job.partition[:b]]
+        x, y = job.splits.x_train.index_select(0, job.partition[:b]), job.splits.y_train.index_select(0, job.partition[:b])
         seconds.append(step_seconds(model, job.loss_fn, inputs, x, y, min_total_s=0.0, max_reps=3))
     return Message(content=RecordDict({"metrics": MetricRecord({
         "partition-id": pid, "max-batch": limit, "probe-batches": sizes, "probe-seconds": seconds,

@@ -75,7 +75,9 @@ class ClientJob:
         for _ in range(steps):
             pos, epoch, cursor = draw_batch(n, batch, seed, epoch, cursor)
             idx = self.partition[pos]
-            out.append((self.splits.x_train[idx], self.splits.y_train[idx]))
+            # index_select, not x[idx]: advanced indexing of the uint8 images took 7.5 ms for 5 rows with
+            # 2 threads (OpenMP start-up; 7 us with 1), index_select 2 us: the same rows
+            out.append((self.splits.x_train.index_select(0, idx), self.splits.y_train.index_select(0, idx)))
         return out
 
     @property

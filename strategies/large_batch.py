@@ -209,7 +209,8 @@ class LargeBatchStrategy(FedAvg):
         """Check the replies, then average the valid gradients by b_i, apply the teacher and the optimizer."""
         rnd = server_round + self.round_offset
         t_recv = time.perf_counter()
-        valid, failures = self.check_replies(rnd, list(replies))
+        replies = list(replies)
+        valid, failures = self.check_replies(rnd, replies)
         planned = sum(b for _, b in self.assigned.values())
         arrived = sum(r.batch for r in valid)
         if failures:
@@ -282,6 +283,10 @@ class LargeBatchStrategy(FedAvg):
             for r, v in zip(valid, virtual)
         ]
         self.sink.train(row, clients)
+        for reply in replies:  # aggregated: Flower's loop holds the list until the next round's replies arrive
+            if not reply.has_error():
+                for name in list(reply.content.array_records):
+                    del reply.content[name]  # (packed on Ray: views into its shared object store, freed now)
         summary = MetricRecord({"train-loss": loss, "global-batch": global_batch, "lr": lr})
         return ArrayRecord(self.state), summary
 

@@ -60,7 +60,7 @@ class ValidationGradient:
         pos, self.epoch, self.cursor = draw_batch(len(splits.y_val), self.batch, self.cfg.seed + VAL_SEED_OFFSET,
                                                   self.epoch, self.cursor)
         model.train()
-        batch_gradient(model, loss_fn, splits.inputs, splits.x_val[pos], splits.y_val[pos])
+        batch_gradient(model, loss_fn, splits.inputs, splits.x_val.index_select(0, pos), splits.y_val.index_select(0, pos))
         return [p.grad.detach().clone() for p in model.parameters()]
 
     def state_dict(self) -> dict:
