@@ -51,6 +51,7 @@ def _federated_round(cfg, strategy, contexts, rnd):
         assert not reply.has_error(), reply.error
         replies.append(reply)
     strategy.aggregate_train(rnd, replies)
+    assert all(not r.content.array_records and r.content.metric_records for r in replies)  # arrays freed once aggregated
     return drawn
 
 
