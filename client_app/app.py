@@ -28,7 +28,7 @@ from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from client_app.job import ClientJob, get_job, load_global, node_identity
-from client_app.packing import answer_bundle
+from client_app.packing import answer_bundle, bundle_threads
 from client_app.round_plan import LocalOptimizer
 from estimators.performance import profile_batches
 from estimators.step_peak import step_peak
@@ -36,9 +36,10 @@ from workloads.devices import memory_budget_mb, parse_profiles
 from workloads.config import ConfigError, RunConfig
 from strategies.arrays import tensors_record
 from strategies.packing import PACKED_ACTION
-from workloads.training import batch_gradient, local_momentum_sgd, step_seconds
+from workloads.training import batch_gradient, local_momentum_sgd, pick_device, step_seconds
 
 app = ClientApp()
+PROCESS_THREADS = torch.get_num_threads()  # the CPUs this process was given (Ray sets OMP_NUM_THREADS in its actors)
 
 
 @functools.lru_cache(maxsize=16)
@@ -193,8 +194,14 @@ def query(msg: Message, context: Context) -> Message:
 
 @app.train(PACKED_ACTION)
 def train_packed(msg: Message, context: Context) -> Message:
-    """A bundle of virtual clients' train messages (``virtual-clients``, client_app/packing.py)."""
-    return answer_bundle(app, msg, context)
+    """A bundle of virtual clients' train messages (``virtual-clients``, client_app/packing.py).
+
+    On a CPU, ``client-threads`` of them run at a time (0: as many as this process has CPUs),
+    except in rounds that measure memory, whose clients run one by one.
+    """
+    cfg = _run_config(tuple(sorted(context.run_config.items())))
+    return answer_bundle(app, msg, context, bundle_threads(cfg, PROCESS_THREADS, pick_device(cfg.device)),
+                         alone=lambda content: _check_memory(cfg, int(content["config"]["server-round"])))
 
 
 @app.query(PACKED_ACTION)

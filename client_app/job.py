@@ -2,8 +2,8 @@
 
 A Ray actor (simulation) serves many rounds and many partitions. The dataset tensors (memory-
 mapped from the on-disk cache), the partition index tensors and one model object per
-architecture are built on first use and cached here, so a round only copies weights in and
-gradients out. Nothing here is state a round depends on: a
+architecture (and per client thread, client_app/packing.py) are built on first use and cached
+here, so a round only copies weights in and gradients out. Nothing here is state a round depends on: a
 SuperNode starts a fresh ClientApp process per message and rebuilds it.
 """
 
@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import platform
+import threading
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -53,12 +54,17 @@ class ClientJob:
     cfg: RunConfig
     splits: Splits
     partition: torch.Tensor  # int64 indices into splits.x_train
-    model: nn.Module
+    model_key: tuple[str, tuple[int, ...], int, str]  # shared_model's (architecture, input shape, classes, device)
     loss_fn: nn.Module
     device: torch.device
     augment: bool
 
     partition_id: int = 0
+
+    @property
+    def model(self) -> nn.Module:
+        """The process's model for this architecture, one per client thread (``model_slot``)."""
+        return shared_model(*self.model_key, model_slot())
 
     def draw(self, drawn: int, batch: int, steps: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """Draw ``steps`` batches of ``batch`` examples, continuing after ``drawn`` examples.
@@ -229,13 +235,27 @@ def load_global(model: nn.Module, record: ArrayRecord) -> None:
     _LOADED[id(model)] = (record, _versions(model))
 
 
-@functools.lru_cache(maxsize=8)
-def shared_model(name: str, input_shape: tuple[int, ...], num_classes: int, device: str) -> nn.Module:
-    """One model object per process, architecture and device.
+_THREAD = threading.local()  # .slot: this thread's model replica (client_app/packing.py sets it in its workers)
+
+
+def model_slot() -> int:
+    """The model replica of the calling thread: 0, or 1..T in the T client threads of a bundle."""
+    return getattr(_THREAD, "slot", 0)
+
+
+def set_model_slot(slot: int) -> None:
+    """Make the calling thread use model replica ``slot`` (a client thread's initialiser)."""
+    _THREAD.slot = slot
+
+
+@functools.lru_cache(maxsize=64)
+def shared_model(name: str, input_shape: tuple[int, ...], num_classes: int, device: str, slot: int = 0) -> nn.Module:
+    """One model object per process, architecture, device and client thread (``slot``).
 
     Every round loads the global weights and buffers into it before anything else, so its
     initial values do not matter and all the partitions a process serves can share it: a Ray
-    actor serving 1,000 partitions of ResNet-50 holds one copy, not one per partition.
+    actor serving 1,000 partitions of ResNet-50 holds one copy per client thread, not one per
+    partition.
     """
     return build_model(name, input_shape, num_classes, seed=0).to(device)
 
@@ -260,12 +280,11 @@ def get_job(cfg: RunConfig, partition_id: int, num_partitions: int, node_data_di
             splits.y_train.numpy(), partition_id, num_partitions, cfg.partitioner, cfg.dirichlet_alpha, cfg.seed
         )
     device = pick_device(cfg.device)
-    model = shared_model(resolve_model(cfg.dataset, cfg.model), workload.input_shape, workload.num_classes, str(device))
     return ClientJob(
         cfg=cfg,
         splits=splits,
         partition=torch.from_numpy(np.asarray(idx)),
-        model=model,
+        model_key=(resolve_model(cfg.dataset, cfg.model), tuple(workload.input_shape), workload.num_classes, str(device)),
         loss_fn=workload.loss(),
         device=device,
         augment=cfg.augment and workload.augment,

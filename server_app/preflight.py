@@ -43,8 +43,8 @@ def preflight(cfg: RunConfig, num_nodes: int, client_threads: int = 1) -> list[s
     num_nodes : int
         Simulated SuperNodes (partitions); ``virtual-clients``, when set, is the partition count instead.
     client_threads : int
-        Torch threads of a client (its ``client-resources-num-cpus``); kernel choice, and so
-        the memory estimate, depends on it.
+        CPUs of a client process (its ``client-resources-num-cpus``); a client step's torch
+        threads (``client_app.packing.step_threads``) choose its kernels, and so its memory.
 
     Raises
     ------
@@ -94,6 +94,7 @@ def check_memory(cfg: RunConfig, splits, num_nodes: int, local_batch: int, clien
     import torch
 
     from client_app.job import step_estimator
+    from client_app.packing import step_threads
     from workloads.models import build_model
     from workloads.registry import WORKLOADS, resolve_model
     from workloads.training import pick_device
@@ -106,7 +107,7 @@ def check_memory(cfg: RunConfig, splits, num_nodes: int, local_batch: int, clien
     model = build_model(resolve_model(cfg.dataset, cfg.model), workload.input_shape, workload.num_classes, cfg.seed)
     device = pick_device(cfg.device)
     threads = torch.get_num_threads()
-    torch.set_num_threads(client_threads)
+    torch.set_num_threads(step_threads(cfg, client_threads, device))
     try:
         need_mb = step_estimator(cfg, splits, model.to(device), device).peak_bytes(local_batch, 1) / MIB
     finally:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import pickle
+import threading
 
 import pytest
 import torch
@@ -81,6 +82,39 @@ def test_virtual_clients_train_exactly_as_one_node_per_client(tmp_path, one_thre
             for d in (plain, packed)]
     assert rows[0] == rows[1] and len(rows[0]) == 4 * 8
     assert {int(r["node_id"]) for r in csv.DictReader(open(packed / "clients.csv"))} <= {virtual_node(p) for p in range(16)}
+
+
+def test_client_threads_compute_exactly_as_one_client_at_a_time(tmp_path, one_thread, monkeypatch):
+    import client_app.app as capp
+
+    seen: list[tuple[int, str, int]] = []  # (round, thread, torch intra-op threads) of every client step
+    rnd = [0]
+    check, step = capp._check_memory, capp.batch_gradient
+
+    def check_memory(cfg, r):
+        rnd[0] = r
+        return check(cfg, r)
+
+    def batch_gradient(*args, **kwargs):
+        seen.append((rnd[0], threading.current_thread().name, torch.get_num_threads()))
+        return step(*args, **kwargs)
+
+    monkeypatch.setattr(capp, "_check_memory", check_memory)
+    monkeypatch.setattr(capp, "batch_gradient", batch_gradient)
+    plain = run_inprocess(BASE | {"out-dir": str(tmp_path / "plain")}, 16)
+    seen.clear()
+    packed = run_inprocess(BASE | {"out-dir": str(tmp_path / "threads"), "virtual-clients": 16, "client-threads": 3}, 2)
+    a, b = torch.load(plain / "model.pt"), torch.load(packed / "model.pt")
+    assert max(float((a[k] - b[k]).abs().max()) for k in a) == 0.0  # the same bytes as one client at a time
+    by_round = {r: [name for rr, name, _ in seen if rr == r] for r in (1, 2, 3, 4)}
+    # rounds 1 and 4 measure memory (a profiled replay per client): one client at a time, in the calling thread
+    assert len(by_round[1]) == len(by_round[4]) == 2 * 8 and not any("flb-client" in n for n in by_round[1] + by_round[4])
+    # rounds 2 and 3: of each of the 2 bundles the first client alone, then the other 3 at a time in the pool
+    for r in (2, 3):
+        assert len(by_round[r]) == 8 and sum("flb-client" in n for n in by_round[r]) == 6
+    assert {n for _, _, n in seen} == {1}  # one intra-op thread in every client step
+    with pytest.raises(ConfigError, match="'client-threads' = -1: must be >= 0"):
+        RunConfig(client_threads=-1).validate()
 
 
 def test_a_failing_virtual_client_fails_alone(tmp_path, one_thread):

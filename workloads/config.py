@@ -42,6 +42,7 @@ class RunConfig:
     num_server_rounds: int = 60  # rounds = global steps (with local-steps=1)
     clients_per_round: int = 0  # K clients sampled per round; 0 = every connected node
     virtual_clients: int = 0  # simulation: V clients packed onto the Flower nodes (strategies/packing.py); 0 = one per node
+    client_threads: int = 0  # virtual clients on a CPU: clients of a bundle computed at once (one core each); 0 = the process's CPUs
     global_batch_size: int = 256  # B = sum of the local batches b_i, in examples
     micro_batch_size: int = 0  # examples per forward/backward on a client; 0 = b_i
     local_steps: int = 1  # H; 1 = gradient of the global batch, >1 = FedAvg-style
@@ -138,6 +139,7 @@ class RunConfig:
         _positive("num-server-rounds", self.num_server_rounds)
         _positive("clients-per-round", self.clients_per_round, allow_zero=True)
         _positive("virtual-clients", self.virtual_clients, allow_zero=True)
+        _positive("client-threads", self.client_threads, allow_zero=True)
         if self.virtual_clients and self.clients_per_round > self.virtual_clients:
             raise ConfigError(
                 f"run-config key 'clients-per-round' = {self.clients_per_round}: more than virtual-clients = "
