@@ -64,14 +64,45 @@ def holds_run(out_dir: Path) -> bool:
 
 
 def _csv_text(rows: list[dict[str, Any]], first: list[str]) -> str:
-    columns = list(first)
-    for row in rows:
-        columns += [k for k in row if k not in columns]
+    return _CsvText(first).text(rows)
+
+
+class _CsvText:
+    """The CSV text of a list of rows that only grows, each row formatted once.
+
+    Rows must not change once added (``RunResults`` appends committed rows). Columns are
+    ``first`` then every other key in order of appearance; a new key re-formats every row.
+    """
+
+    def __init__(self, first: list[str]) -> None:
+        self.first = list(first)
+        self._reset(None)
+
+    def _reset(self, rows: list[dict[str, Any]] | None) -> None:
+        self._rows, self._columns, self._chunks, self._count = rows, list(self.first), [], 0
+
+    def text(self, rows: list[dict[str, Any]]) -> str:
+        """The whole file for ``rows`` (formats only the rows added since the last call)."""
+        if rows is not self._rows or len(rows) < self._count:
+            self._reset(rows)
+        new = rows[self._count:]
+        added = list(dict.fromkeys(k for row in new for k in row if k not in self._columns))
+        if added:
+            columns = self._columns + added
+            self._reset(rows)
+            self._columns, new = columns, rows
+        buf = io.StringIO()
+        writer = csv.DictWriter(buf, fieldnames=self._columns, restval="", lineterminator="\n")
+        for row in new:
+            writer.writerow({k: _fmt(v) for k, v in row.items()})
+        self._chunks.append(buf.getvalue())
+        self._count = len(rows)
+        return ",".join(_quoted(c) for c in self._columns) + "\n" + "".join(self._chunks)
+
+
+def _quoted(name: str) -> str:
     buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=columns, restval="", lineterminator="\n")
-    writer.writeheader()
-    for row in rows:
-        writer.writerow({k: _fmt(v) for k, v in row.items()})
+    csv.writer(buf, lineterminator="").writerow([name])
     return buf.getvalue()
 
 
@@ -116,6 +147,7 @@ class RunResults:
             remove_stale_temporaries(self.out_dir)  # a write the kill interrupted; its file is intact
         self.rounds: list[dict[str, Any]] = []
         self.clients: list[dict[str, Any]] = []
+        self._texts = {"rounds.csv": _CsvText(ROUND_COLUMNS), "clients.csv": _CsvText(CLIENT_COLUMNS)}
         self.failure_rows: list[dict[str, Any]] = []
         self._pending: tuple[dict[str, Any], list[dict[str, Any]]] | None = None
         self._last_write_end, self._last_write_s = 0.0, 0.0  # perf_counter seconds
@@ -158,9 +190,9 @@ class RunResults:
     def flush(self) -> None:
         """Rewrite rounds.csv and clients.csv with every committed row."""
         start = time.perf_counter()
-        atomic_write_text(self.out_dir / "rounds.csv", _csv_text(self.rounds, ROUND_COLUMNS))
+        atomic_write_text(self.out_dir / "rounds.csv", self._texts["rounds.csv"].text(self.rounds))
         if self.clients:
-            atomic_write_text(self.out_dir / "clients.csv", _csv_text(self.clients, CLIENT_COLUMNS))
+            atomic_write_text(self.out_dir / "clients.csv", self._texts["clients.csv"].text(self.clients))
         self._last_write_end = time.perf_counter()
         self._last_write_s = self._last_write_end - start
 

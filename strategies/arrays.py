@@ -15,6 +15,7 @@ from __future__ import annotations
 import ast
 import functools
 import io
+import math
 import warnings
 from collections import OrderedDict
 from collections.abc import Mapping
@@ -27,8 +28,8 @@ _MAGIC = b"\x93NUMPY"
 
 
 @functools.lru_cache(maxsize=4096)
-def _header(prefix: bytes) -> tuple[np.dtype, tuple[int, ...], int] | None:
-    """(dtype, shape, payload offset) of a ``.npy`` prefix, or None to use ``np.load``."""
+def _header(prefix: bytes) -> tuple[np.dtype, tuple[int, ...], int, int] | None:
+    """(dtype, shape, payload offset, element count) of a ``.npy`` prefix, or None to use ``np.load``."""
     major = prefix[6]
     size_bytes = 2 if major == 1 else 4
     length = int.from_bytes(prefix[8:8 + size_bytes], "little")
@@ -44,7 +45,11 @@ def _header(prefix: bytes) -> tuple[np.dtype, tuple[int, ...], int] | None:
     shape = header.get("shape")
     if header.get("fortran_order") or dtype.hasobject or not isinstance(shape, tuple):
         return None
-    return dtype, shape, start + length
+    try:
+        count = math.prod(int(d) for d in shape)
+    except (TypeError, ValueError):
+        return None
+    return dtype, shape, start + length, count
 
 
 def record_tensors(record: ArrayRecord, copy: bool = True) -> OrderedDict[str, torch.Tensor]:
@@ -72,8 +77,7 @@ def _tensor(arr, copy: bool) -> torch.Tensor:
         length = int.from_bytes(data[8:8 + size_bytes], "little")
         parsed = _header(bytes(data[:8 + size_bytes + length]))
         if parsed is not None:
-            dtype, shape, offset = parsed
-            count = int(np.prod(shape, dtype=np.int64))
+            dtype, shape, offset, count = parsed
             if len(data) - offset == count * dtype.itemsize:
                 flat = np.frombuffer(data, dtype=dtype, count=count, offset=offset).reshape(shape)
                 return torch.from_numpy(flat.copy() if copy else flat)
