@@ -11,9 +11,9 @@ its own model replica (client_app/job.py ``model_slot``): small client steps use
 better than two (MNIST CNN, 5 examples: 5.1 ms a step with 2 intra-op threads, 3.0 ms a client
 with 2 clients at once on this 2-core machine). The whole bundle then runs with one intra-op
 thread, so every client computes exactly what it would alone on one core, whichever thread
-runs it. The first client, and every client ``alone`` picks (rounds that measure memory), run
-by themselves first: whatever a process builds on first use (the memory estimator's fit) and
-every memory measurement see no other client's work.
+runs it. The first client of a process's first bundle of a run, and every client ``alone``
+picks (rounds that measure memory), run by themselves first: whatever a process builds on first
+use (the memory estimator's fit) and every memory measurement see no other client's work.
 """
 
 from __future__ import annotations
@@ -47,8 +47,9 @@ def answer_bundle(client_app: Callable[[Message, Context], Message], msg: Messag
                   threads: int = 1, alone: Callable[[RecordDict], bool] | None = None) -> Message:
     """Run every inner message of bundle ``msg`` through ``client_app``; reply with the bundled replies.
 
-    ``threads`` inner messages run at a time (see the module docstring); the first one, and
-    those whose content ``alone`` picks, run by themselves first.
+    ``threads`` inner messages run at a time (see the module docstring); the first one of this
+    process's first bundle of the run, and those whose content ``alone`` picks, run by
+    themselves first.
 
     Raises
     ------
@@ -89,10 +90,12 @@ def answer_bundle(client_app: Callable[[Message, Context], Message], msg: Messag
     order = range(len(parts))
     if threads > 1:
         with _intra_op_threads(1):
-            first = [j for j in order if j == 0 or (alone is not None and alone(parts[j]))]
+            warm = cfg in _WARM  # this process has answered a bundle of this run: its first-use caches are built
+            first = [j for j in order if (j == 0 and not warm) or (alone is not None and alone(parts[j]))]
             answers = dict(zip(first, map(answer, first)))
             rest = [j for j in order if j not in answers]
             answers |= dict(zip(rest, _client_pool(threads).map(answer, rest)))
+        _WARM.add(cfg)
     else:
         answers = dict(zip(order, map(answer, order)))
     replies, errors = [answers[j][0] for j in order], [answers[j][1] for j in order]
@@ -104,6 +107,7 @@ def answer_bundle(client_app: Callable[[Message, Context], Message], msg: Messag
 
 
 _POOLS: dict[int, ThreadPoolExecutor] = {}
+_WARM: set[RunConfig] = set()  # runs this process has answered a threaded bundle of
 
 
 def _client_pool(threads: int) -> ThreadPoolExecutor:

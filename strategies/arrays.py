@@ -109,10 +109,20 @@ def _npy_prefix(dtype: str, shape: tuple[int, ...]) -> bytes:
 
 
 def tensors_record(tensors: Mapping[str, torch.Tensor]) -> ArrayRecord:
-    """An ArrayRecord of ``tensors`` with the bytes ``np.save`` would write (cached headers, one copy each)."""
-    arrays = OrderedDict()
+    """An ArrayRecord of ``tensors`` with the bytes ``np.save`` would write (cached headers, one copy each).
+
+    Filled item by item: ``ArrayRecord(dict_of_arrays)`` builds every ``Array`` a second time,
+    and a client reply has one per tensor (100 clients a bundle: 1,000 of them).
+    """
+    record = ArrayRecord()
     for name, t in tensors.items():
-        a = t.detach().cpu().contiguous().numpy()
-        arrays[name] = Array(dtype=str(a.dtype), shape=tuple(a.shape), stype="numpy.ndarray",
+        a = t.numpy() if t.device.type == "cpu" and not t.requires_grad and t.is_contiguous() else (
+            t.detach().cpu().contiguous().numpy())
+        record[name] = Array(dtype=_dtype_name(a.dtype), shape=tuple(a.shape), stype="numpy.ndarray",
                              data=b"".join((_npy_prefix(a.dtype.str, a.shape), a.data)))  # one copy
-    return ArrayRecord(arrays)
+    return record
+
+
+@functools.lru_cache(maxsize=64)
+def _dtype_name(dtype: np.dtype) -> str:
+    return str(dtype)
