@@ -206,5 +206,11 @@ def train_packed(msg: Message, context: Context) -> Message:
 
 @app.query(PACKED_ACTION)
 def query_packed(msg: Message, context: Context) -> Message:
-    """A bundle of virtual clients' queries (identify, capacity probe)."""
-    return answer_bundle(app, msg, context)
+    """A bundle of virtual clients' queries (identify, capacity probe).
+
+    One by one (a capacity probe times the client's step), with the intra-op threads a client
+    of a train bundle gets in this process.
+    """
+    cfg = _run_config(tuple(sorted(context.run_config.items())))
+    return answer_bundle(app, msg, context, bundle_threads(cfg, PROCESS_THREADS, pick_device(cfg.device)),
+                         alone=lambda content: True)

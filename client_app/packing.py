@@ -95,7 +95,8 @@ def answer_bundle(client_app: Callable[[Message, Context], Message], msg: Messag
             answers = dict(zip(first, map(answer, first)))
             rest = [j for j in order if j not in answers]
             answers |= dict(zip(rest, _client_pool(threads).map(answer, rest)))
-        _WARM.add(cfg)
+        if rest:  # the first client ran alone before them
+            _WARM.add(cfg)
     else:
         answers = dict(zip(order, map(answer, order)))
     replies, errors = [answers[j][0] for j in order], [answers[j][1] for j in order]
@@ -107,7 +108,7 @@ def answer_bundle(client_app: Callable[[Message, Context], Message], msg: Messag
 
 
 _POOLS: dict[int, ThreadPoolExecutor] = {}
-_WARM: set[RunConfig] = set()  # runs this process has answered a threaded bundle of
+_WARM: set[RunConfig] = set()  # runs this process has run clients of in parallel (after one alone)
 
 
 def _client_pool(threads: int) -> ThreadPoolExecutor:

@@ -12,6 +12,13 @@ wall time of rounds 2..R), ``peak_rss_mb`` (the largest sum of the tree's reside
 shared pages count once per process) and ``peak_pss_mb`` (the same with shared pages divided
 among their processes: the memory really used). The last line is
 ``clients=<N> per_round=<K> s_per_round=<x> startup_s=<y> peak_rss_mb=<z>``.
+
+The least memory for 10,000 clients on the 2-core machine: one actor with both cores, its
+clients computed two at a time (``client-threads``), and two Flower nodes on it (two bundles a
+round keep Ray's object store small; docs/running.md)::
+
+    python -m experiments.bench_scale --clients 10000 --per-round 100 --batch 500 --nodes 2 \
+        --federation-config client-resources-num-cpus=2
 """
 
 from __future__ import annotations
