@@ -90,7 +90,7 @@ def answer_bundle(client_app: Callable[[Message, Context], Message], msg: Messag
     order = range(len(parts))
     if threads > 1:
         with _intra_op_threads(1):
-            warm = cfg in _WARM  # this process has answered a bundle of this run: its first-use caches are built
+            warm = cfg in _WARM  # a client of this run ran alone here before others ran in parallel: caches built
             first = [j for j in order if (j == 0 and not warm) or (alone is not None and alone(parts[j]))]
             answers = dict(zip(first, map(answer, first)))
             rest = [j for j in order if j not in answers]
