@@ -200,8 +200,7 @@ def train_packed(msg: Message, context: Context) -> Message:
     except in rounds that measure memory, whose clients run one by one.
     """
     cfg = _run_config(tuple(sorted(context.run_config.items())))
-    return answer_bundle(app, msg, context, bundle_threads(cfg, PROCESS_THREADS, pick_device(cfg.device)),
-                         alone=lambda content: _check_memory(cfg, int(content["config"]["server-round"])))
+    return _answer(msg, context, cfg, lambda content: _check_memory(cfg, int(content["config"]["server-round"])))
 
 
 @app.query(PACKED_ACTION)
@@ -211,6 +210,8 @@ def query_packed(msg: Message, context: Context) -> Message:
     One by one (a capacity probe times the client's step), with the intra-op threads a client
     of a train bundle gets in this process.
     """
-    cfg = _run_config(tuple(sorted(context.run_config.items())))
-    return answer_bundle(app, msg, context, bundle_threads(cfg, PROCESS_THREADS, pick_device(cfg.device)),
-                         alone=lambda content: True)
+    return _answer(msg, context, _run_config(tuple(sorted(context.run_config.items()))), lambda content: True)
+
+
+def _answer(msg: Message, context: Context, cfg: RunConfig, alone) -> Message:
+    return answer_bundle(app, msg, context, bundle_threads(cfg, PROCESS_THREADS, pick_device(cfg.device)), alone=alone)

@@ -97,13 +97,9 @@ class _CsvText:
             writer.writerow({k: _fmt(v) for k, v in row.items()})
         self._chunks.append(buf.getvalue())
         self._count = len(rows)
-        return ",".join(_quoted(c) for c in self._columns) + "\n" + "".join(self._chunks)
-
-
-def _quoted(name: str) -> str:
-    buf = io.StringIO()
-    csv.writer(buf, lineterminator="").writerow([name])
-    return buf.getvalue()
+        header = io.StringIO()
+        csv.writer(header, lineterminator="\n").writerow(self._columns)
+        return header.getvalue() + "".join(self._chunks)
 
 
 def _fmt(value: Any) -> Any:

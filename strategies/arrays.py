@@ -116,8 +116,7 @@ def tensors_record(tensors: Mapping[str, torch.Tensor]) -> ArrayRecord:
     """
     record = ArrayRecord()
     for name, t in tensors.items():
-        a = t.numpy() if t.device.type == "cpu" and not t.requires_grad and t.is_contiguous() else (
-            t.detach().cpu().contiguous().numpy())
+        a = t.detach().cpu().contiguous().numpy()
         record[name] = Array(dtype=_dtype_name(a.dtype), shape=tuple(a.shape), stype="numpy.ndarray",
                              data=b"".join((_npy_prefix(a.dtype.str, a.shape), a.data)))  # one copy
     return record
