@@ -118,28 +118,77 @@ def fit_linear(batches: Sequence[float], seconds: Sequence[float]) -> LinearTime
     return LinearTimeModel(float(max(alpha, 0.0)), float(max(beta, 1e-12)))
 
 
+# The knee has 5 parameters and is profiled at 4 batch sizes: whole families of curves pass
+# through the points (the split of alpha and floor, or of beta and q, can be traded). Weak
+# priors pick one member of such a family: little fixed overhead, a linear saturated part
+# (q = 1, Pollux's model) and a moderate knee (p = 4). Their weight is small against the
+# log-time residuals, so they only decide what the points leave open.
+_KNEE_PRIOR_WEIGHT = 1e-3
+_KNEE_LOWER = np.array([-30.0, -30.0, -30.0, -5.0, -10.0])
+_KNEE_UPPER = np.array([5.0, 5.0, 5.0, 4.0, 10.0])
+
+
+def _knee_params(x: np.ndarray) -> tuple[np.ndarray, ...]:
+    """(alpha, floor, beta, p, q) from unbounded coordinates (log, log, log, log(p-1), logit(2(q-1)))."""
+    x = np.asarray(x, float)
+    return (*np.exp(x[..., :3]).T, 1.0 + np.exp(x[..., 3]), 1.0 + 0.5 / (1.0 + np.exp(-x[..., 4])))
+
+
+def _knee_residuals(x: np.ndarray, b: np.ndarray, t: np.ndarray) -> np.ndarray:
+    """Log-time residuals at the profiled points, then the three weighted priors; rows = ``x``'s."""
+    alpha, floor, beta, p, q = (v[..., None] for v in _knee_params(np.atleast_2d(x)))
+    log_compute = np.logaddexp(p * np.log(floor), p * (np.log(beta) + q * np.log(b))) / p
+    fit = np.log(alpha + np.exp(log_compute)) - np.log(t)
+    prior = _KNEE_PRIOR_WEIGHT * np.hstack([alpha / t[0], (q - 1.0) / 0.5, np.log((p - 1.0) / 3.0)])
+    return np.hstack([fit, prior])
+
+
+def _knee_grid_start(b: np.ndarray, t: np.ndarray) -> np.ndarray:
+    """Best point of a fixed grid over (alpha, p, q); floor and beta solved in closed form.
+
+    With alpha, p and q fixed, ``(t - alpha)^p = floor^p + beta^p b^(qp)`` is linear in
+    ``floor^p`` and ``beta^p``: a relative-error least squares with two unknowns per grid point.
+    """
+    share = np.array([1e-4, 0.01, 0.03, 0.1, 0.2, 0.35, 0.5, 0.7, 0.9])
+    pm1 = np.geomspace(0.05, 40.0, 14)
+    q = np.linspace(1.0 + 1e-4, 1.5 - 1e-4, 11)
+    S, PM1, Q = (g.ravel() for g in np.meshgrid(share, pm1, q, indexing="ij"))
+    P = 1.0 + PM1
+    tn, bn = t / t[0], b / b[-1]  # scale-free: fit t / t_0 against b / b_max
+    y = np.clip(tn[None, :] - S[:, None], 1e-12, None) ** P[:, None]  # (G, n)
+    xcol = bn[None, :] ** (Q * P)[:, None]
+    w = 1.0 / y  # relative errors
+    a11, a12, a22 = (w**2).sum(1), (w**2 * xcol).sum(1), (w**2 * xcol**2).sum(1)
+    r1, r2 = (w**2 * y).sum(1), (w**2 * y * xcol).sum(1)
+    det = np.maximum(a11 * a22 - a12**2, 1e-300)
+    F = np.clip((a22 * r1 - a12 * r2) / det, 1e-300, None)
+    B = np.clip((a11 * r2 - a12 * r1) / det, 1e-300, None)
+    floor, beta_n = F ** (1.0 / P), B ** (1.0 / P)
+    beta = beta_n * t[0] / b[-1] ** Q  # back to seconds and examples
+    x = np.column_stack([np.log(S * t[0]), np.log(floor * t[0]), np.log(beta), np.log(PM1),
+                         np.log(2.0 * (Q - 1.0) / (1.0 - 2.0 * (Q - 1.0)))])
+    x = np.clip(x, _KNEE_LOWER, _KNEE_UPPER)
+    cost = (_knee_residuals(x, b, t) ** 2).sum(1)
+    return x[int(np.argmin(cost))]
+
+
 def fit_knee(batches: Sequence[float], seconds: Sequence[float]) -> KneeModel:
-    """Least squares on log time for ``KneeModel`` (scipy, bounded, a few starting points)."""
+    """Least squares on log time for ``KneeModel``, with weak priors; deterministic.
+
+    A fixed grid over (alpha, p, q) finds the basin (floor and beta in closed form), then
+    scipy's ``least_squares`` polishes it with every option explicit (method, scaling,
+    tolerances, budget), so the result depends neither on library defaults nor on the BLAS.
+    """
     from scipy.optimize import least_squares
 
     b, t = np.asarray(batches, float), np.asarray(seconds, float)
-
-    def unpack(x: np.ndarray) -> KneeModel:
-        a, f, be = np.exp(x[:3])
-        return KneeModel(float(a), float(f), float(be), 1.0 + float(np.exp(x[3])), 1.0 + 0.5 / (1.0 + float(np.exp(-x[4]))))
-
-    def residual(x: np.ndarray) -> np.ndarray:
-        return np.log(unpack(x)(b)) - np.log(t)
-
-    slope = max((t[-1] - t[0]) / max(b[-1] - b[0], 1e-9), 1e-9)
-    best = None
-    for share in (0.1, 0.5, 0.9):
-        for p0 in (0.5, 2.0):
-            x0 = [np.log(share * t[0]), np.log((1 - share) * t[0]), np.log(slope), np.log(p0), -2.0]
-            res = least_squares(residual, x0, bounds=([-30, -30, -30, -5, -10], [5, 5, 5, 4, 10]))
-            if best is None or res.cost < best.cost:
-                best = res
-    return unpack(best.x)
+    x0 = _knee_grid_start(b, t)
+    res = least_squares(lambda x: _knee_residuals(x, b, t)[0], x0, bounds=(_KNEE_LOWER, _KNEE_UPPER),
+                        method="trf", jac="2-point", x_scale=1.0, loss="linear", tr_solver="exact",
+                        ftol=1e-10, xtol=1e-10, gtol=1e-10, max_nfev=400)
+    x = res.x if res.cost <= 0.5 * (_knee_residuals(x0, b, t) ** 2).sum() else x0
+    alpha, floor, beta, p, q = (float(v) for v in _knee_params(x))
+    return KneeModel(alpha, floor, beta, p, q)
 
 
 def fit_power_law(batches: Sequence[float], seconds: Sequence[float]) -> PowerLawModel:
