@@ -24,7 +24,7 @@ $(STAMP): requirements.txt requirements.lock pyproject.toml
 install: $(STAMP)
 
 run: $(STAMP)
-	$(BIN)/python -m experiments.run --run-config "$(RUN_CONFIG)" --federation-config "$(FEDERATION_CONFIG)" --out "$(OUT)"
+	$(BIN)/python -m flb.launch --run-config "$(RUN_CONFIG)" --federation-config "$(FEDERATION_CONFIG)" --out "$(OUT)"
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
@@ -33,7 +33,7 @@ bench: $(STAMP)
 	$(BIN)/python -m experiments.bench_sim
 
 deploy-local: $(STAMP)
-	$(BIN)/python -m experiments.deploy_local --nodes $(NODES) --check-intruder --run-config "num-server-rounds=3 $(RUN_CONFIG)"
+	$(BIN)/python -m deploy.local --nodes $(NODES) --check-intruder --run-config "num-server-rounds=3 $(RUN_CONFIG)"
 
 # Refresh the lock: a throwaway venv gets the newest versions requirements.txt allows.
 lock:

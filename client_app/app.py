@@ -24,18 +24,18 @@ import time
 from client_app.startup import STARTED_AT, where  # noqa: I001 - first: it records when the imports began
 
 import torch
-from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from client_app.job import ClientJob, get_job, load_global, node_identity
-from client_app.packing import answer_bundle, bundle_threads
-from client_app.round_plan import LocalOptimizer
+from client_app.packing import answer_bundle
+from protocol.packing import bundle_threads
 from estimators.performance import profile_batches
 from estimators.step_peak import step_peak
 from workloads.devices import memory_budget_mb, parse_profiles
 from workloads.config import ConfigError, RunConfig
-from strategies.arrays import tensors_record
-from strategies.packing import PACKED_ACTION
+from protocol import messages as m
+from protocol.packing import PACKED_ACTION
 from workloads.training import batch_gradient, local_momentum_sgd, pick_device, step_seconds
 
 app = ClientApp()
@@ -61,11 +61,9 @@ def train(msg: Message, context: Context) -> Message:
     """Reply with this client's gradient for the round (see the module docstring)."""
     entered = time.time()
     cfg, pid, nparts, job, budget_mb, source = _client(context)
-    conf = msg.content["config"]
-    b, micro = int(conf["local-batch-size"]), int(conf["micro-batch-size"])
-    steps, lr, rnd = int(conf["local-steps"]), float(conf["lr"]), int(conf["server-round"])
-    drawn = int(conf["drawn-examples"])
-    local = LocalOptimizer.from_message(msg)
+    ins = m.TrainInstruction.from_content(msg.content)
+    b, micro, steps, lr, rnd, drawn, local = (ins.local_batch, ins.micro_batch, ins.local_steps, ins.lr,
+                                               ins.server_round, ins.drawn, ins.local)
     n = len(job.partition)
     if b > n:
         raise ConfigError(
@@ -77,7 +75,7 @@ def train(msg: Message, context: Context) -> Message:
     batches = job.draw(drawn, b, steps)
 
     model = job.model
-    load_global(model, msg.content["arrays"])
+    load_global(model, msg.content[m.ARRAYS])
     model.train()
     gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + rnd * 1009 + pid)
     inputs = job.inputs_fn(gen)
@@ -104,33 +102,25 @@ def train(msg: Message, context: Context) -> Message:
             torch.cuda.synchronize(job.device)
         compute_s = time.perf_counter() - t0
 
-    names = [name for name, _ in model.named_parameters()]
-    content = RecordDict({
-        "grads": tensors_record(dict(zip(names, grads))),
-        "metrics": MetricRecord({
-            "num-examples": b,
-            "train-loss": loss,
-            "compute-s": compute_s,
-            "peak-mem-mb": peak.bytes / 2**20 if peak is not None else cpu_peak_mb,
-            "predicted-peak-mb": plan.predicted_mb,
-            "budget-mb": plan.budget_mb,
-            "max-batch": plan.max_batch,
-            "micro-batch-size": plan.micro_batch,
-            "partition-id": pid,
-            "partition-size": n,
-            "startup-s": entered - STARTED_AT,  # process start -> handler (imports; large on a SuperNode)
-            "setup-s": ready - entered,  # data, model, memory plan, draw (disk-cached after the first) and memory check
-        }),
-    })
+    metrics = {
+        m.NUM_EXAMPLES: b,
+        m.TRAIN_LOSS: loss,
+        m.COMPUTE_S: compute_s,
+        m.PEAK_MEM_MB: peak.bytes / 2**20 if peak is not None else cpu_peak_mb,
+        m.PREDICTED_PEAK_MB: plan.predicted_mb,
+        m.BUDGET_MB: plan.budget_mb,
+        m.MAX_BATCH: plan.max_batch,
+        m.MICRO_BATCH: plan.micro_batch,
+        m.PARTITION_ID: pid,
+        m.PARTITION_SIZE: n,
+        m.STARTUP_S: entered - STARTED_AT,  # process start -> handler (imports; large on a SuperNode)
+        m.SETUP_S: ready - entered,  # data, model, memory plan, draw (disk-cached after the first) and memory check
+    }
     if grad_sq is not None:
-        content["metrics"]["grad-sq"] = grad_sq  # |g_i|^2 before the multiplier (otherwise the server has g_i)
+        metrics[m.GRAD_SQ] = grad_sq  # |g_i|^2 before the multiplier (otherwise the server has g_i)
+    names = [name for name, _ in model.named_parameters()]
     buffers = {k: v.detach().cpu() for k, v in model.named_buffers()}
-    if buffers:
-        content["buffers"] = tensors_record(buffers)
-    if velocity is not None:
-        content["momentum"] = tensors_record(dict(zip(names, velocity)))
-    content["info"] = ConfigRecord(where())
-    return Message(content=content, reply_to=msg)
+    return Message(content=m.reply_content(names, grads, metrics, buffers, velocity, where()), reply_to=msg)
 
 
 def _check_memory(cfg: RunConfig, rnd: int) -> bool:
@@ -160,7 +150,7 @@ def _cpu_step_peak_mb(job, model: torch.nn.Module, batch, micro: int, seed: int)
 def identify(msg: Message, context: Context) -> Message:
     """Tell the server which partition this node holds (strategies/nodes.py); builds nothing."""
     pid, nparts, _ = node_identity(context.node_config, RunConfig.from_mapping(context.run_config))
-    return Message(RecordDict({"metrics": MetricRecord({"partition-id": pid, "num-partitions": nparts})}),
+    return Message(RecordDict({m.METRICS: MetricRecord({m.PARTITION_ID: pid, m.NUM_PARTITIONS: nparts})}),
                    reply_to=msg)
 
 
@@ -177,7 +167,7 @@ def query(msg: Message, context: Context) -> Message:
     limit = len(job.partition)
     if budget_mb > 0:
         limit = min(limit, job.memory_plan(1, 1, budget_mb, source).max_batch)
-    sizes = profile_batches(limit, int(msg.content["config"]["probe-count"]))
+    sizes = profile_batches(limit, int(msg.content[m.CONFIG][m.PROBE_COUNT]))
     model = job.model
     model.train()
     inputs = job.inputs_fn(torch.Generator().manual_seed(cfg.seed))
@@ -186,9 +176,9 @@ def query(msg: Message, context: Context) -> Message:
     for b in sizes:  # a warm-up and 3 timed steps per size: the probe is cheap on a slow device too
         x, y = job.splits.x_train.index_select(0, job.partition[:b]), job.splits.y_train.index_select(0, job.partition[:b])
         seconds.append(step_seconds(model, job.loss_fn, inputs, x, y, min_total_s=0.0, max_reps=3))
-    return Message(content=RecordDict({"metrics": MetricRecord({
-        "partition-id": pid, "max-batch": limit, "probe-batches": sizes, "probe-seconds": seconds,
-        "probe-compute-s": time.perf_counter() - start,
+    return Message(content=RecordDict({m.METRICS: MetricRecord({
+        m.PARTITION_ID: pid, m.MAX_BATCH: limit, m.PROBE_BATCHES: sizes, m.PROBE_SECONDS: seconds,
+        m.PROBE_COMPUTE_S: time.perf_counter() - start,
     })}), reply_to=msg)
 
 
@@ -200,7 +190,7 @@ def train_packed(msg: Message, context: Context) -> Message:
     except in rounds that measure memory, whose clients run one by one.
     """
     cfg = _run_config(tuple(sorted(context.run_config.items())))
-    return _answer(msg, context, cfg, lambda content: _check_memory(cfg, int(content["config"]["server-round"])))
+    return _answer(msg, context, cfg, lambda content: _check_memory(cfg, m.round_of(content)))
 
 
 @app.query(PACKED_ACTION)

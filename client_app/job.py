@@ -10,7 +10,6 @@ SuperNode starts a fresh ClientApp process per message and rebuilds it.
 from __future__ import annotations
 
 import functools
-import platform
 import threading
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -20,12 +19,13 @@ import torch
 from flwr.app import ArrayRecord
 from torch import nn
 
-from estimators.memory import MemoryEstimator, StepMemoryModel
-from strategies.arrays import record_tensors
-from workloads.cache import cached_arrays, set_root
+from estimators.client_step import make_inputs, step_estimator
+from estimators.memory import MemoryEstimator
+from protocol.arrays import record_tensors
+from workloads.cache import set_root
 from workloads.config import RunConfig
 from workloads.errors import ConfigError
-from workloads.data import Splits, augment_crop_flip, load_splits
+from workloads.data import Splits, load_splits
 from workloads.models import build_model
 from workloads.node_data import load_partition
 from workloads.partition import client_partition
@@ -33,8 +33,6 @@ from workloads.registry import WORKLOADS, resolve_model
 from workloads.training import draw_batch, pick_device
 
 MIB = 2**20
-_ESTIMATORS: dict[tuple, MemoryEstimator] = {}  # see ClientJob.estimator
-SET_TO_NONE = False  # the client step keeps gradients: batch_gradient's zero_grad(set_to_none=False)
 
 
 @dataclass(frozen=True)
@@ -135,52 +133,6 @@ def _fitted_plan(est: MemoryEstimator, batch: int, micro: int, usable: int) -> t
     return micro, est.peak_bytes(batch, micro), est.max_batch_size(usable)
 
 
-def make_inputs(splits: Splits, device: torch.device, augment: bool, generator: torch.Generator | None):
-    """The uint8 -> float input function of a client step: normalise, move, augment if enabled."""
-
-    def inputs(x: torch.Tensor) -> torch.Tensor:
-        out = splits.inputs(x, device)
-        if augment and generator is not None:
-            out = augment_crop_flip(out, generator)
-        return out
-
-    return inputs
-
-
-def step_estimator(cfg: RunConfig, splits: Splits, model: nn.Module, device: torch.device) -> MemoryEstimator:
-    """Memory estimator of a client's exact step: stored uint8 batch, inputs per micro-batch, no optimizer.
-
-    The step keeps its gradients between rounds (``batch_gradient``'s ``zero_grad(set_to_none=False)``),
-    so the estimator is built with ``set_to_none=False`` (``SET_TO_NONE``), not its default (PyTorch's
-    loop, which frees them); the mode is part of the on-disk cache key.
-
-    It depends on the architecture, input pipeline, device and thread count (kernel choice),
-    not on the weights, seed or partition: a process builds one per such key. The launcher's
-    pre-flight check builds the same one to refuse a budget that cannot hold a batch.
-    """
-    augment = cfg.augment and WORKLOADS[cfg.dataset].augment
-    key = (cfg.dataset, resolve_model(cfg.dataset, cfg.model), str(device), augment, torch.get_num_threads())
-    if key not in _ESTIMATORS:
-        shape, dtype = tuple(splits.x_train.shape[1:]), splits.x_train.dtype
-
-        def build(fitted: StepMemoryModel | None = None) -> MemoryEstimator:
-            return MemoryEstimator(
-                model, shape, WORKLOADS[cfg.dataset].num_classes, "none",
-                make_input=lambda b: torch.zeros((b, *shape), dtype=dtype),
-                transform=make_inputs(splits, device, augment, torch.Generator().manual_seed(0)), device=device,
-                fitted=fitted, set_to_none=SET_TO_NONE,
-            )
-
-        if device.type == "cpu":  # a CPU fit is fixed: keep it on disk for the next process (a SuperNode's next message)
-            disk_key = {"step": list(key), "shape": list(shape), "torch": torch.__version__, "machine": platform.machine(),
-                        "model_arch": str(model), "set_to_none": SET_TO_NONE, "version": 2}
-            fitted = StepMemoryModel.from_arrays(cached_arrays("memory-fits", disk_key, lambda: build().step_model.to_arrays()))
-            _ESTIMATORS[key] = build(fitted)
-        else:
-            _ESTIMATORS[key] = build()
-    return _ESTIMATORS[key]
-
-
 def node_identity(node_config: Mapping[str, object], cfg: RunConfig) -> tuple[int, int, str]:
     """This node's partition id, number of partitions and own data folder, from its node config.
 
@@ -222,7 +174,7 @@ def _versions(model: nn.Module) -> tuple[int, ...]:
 def load_global(model: nn.Module, record: ArrayRecord) -> None:
     """Load the global weights and buffers of ``record`` into ``model``, unless they are there already.
 
-    Packed virtual clients (strategies/packing.py) share one weights record per bundle, so a
+    Packed virtual clients (protocol/packing.py) share one weights record per bundle, so a
     process serving 50 of them would load the same values 50 times (7 % of its time for the
     MNIST CNN). The load is skipped when ``record`` is the object loaded last and no parameter or
     buffer changed in place since: every in-place change (an optimizer step, a local step,

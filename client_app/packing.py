@@ -1,6 +1,6 @@
 """The ClientApp side of virtual clients: answer a bundle as each of its virtual clients.
 
-See strategies/packing.py. Each inner message runs with a fresh ``Context`` whose node config
+See protocol/packing.py. Each inner message runs with a fresh ``Context`` whose node config
 names its partition (of ``virtual-clients``); a client keeps no state between rounds (the
 server sends its sampler position), so nothing else is needed. An inner client's exception
 becomes that client's error; the other clients of the bundle are unaffected.
@@ -28,19 +28,9 @@ import torch
 from flwr.app import Context, Message, Metadata, RecordDict
 
 from client_app.job import set_model_slot
-from strategies.arrays import out_of_band
-from strategies.packing import bundle, unbundle, virtual_partition
+from protocol.arrays import out_of_band
+from protocol.packing import bundle, unbundle, virtual_partition
 from workloads.config import ConfigError, RunConfig
-
-
-def bundle_threads(cfg: RunConfig, cpus: int, device: torch.device) -> int:
-    """How many clients of a bundle run at once: ``client-threads`` (0: ``cpus``) on a CPU, 1 on a GPU."""
-    return 1 if device.type != "cpu" else cfg.client_threads or cpus
-
-
-def step_threads(cfg: RunConfig, cpus: int, device: torch.device) -> int:
-    """Torch intra-op threads of one client step in a process given ``cpus`` CPUs (the memory estimate's key)."""
-    return 1 if cfg.virtual_clients and bundle_threads(cfg, cpus, device) > 1 else cpus
 
 
 def answer_bundle(client_app: Callable[[Message, Context], Message], msg: Message, context: Context,

@@ -15,7 +15,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from experiments.run import parse_pairs, project_defaults
+from flb.launch.run import parse_pairs, project_defaults
 from server_app.preflight import parse_run_config
 from workloads.errors import ConfigError
 from workloads.node_data import export_node_data

@@ -13,7 +13,7 @@ decides where they are live:
   each incoming gradient buffer as ``.grad``).
 - ``set_to_none=False``: the step of the flower-large-batch clients
   (``workloads.training.batch_gradient`` calls ``zero_grad(set_to_none=False)``;
-  ``client_app.job.step_estimator`` passes ``set_to_none=False``). Gradients stay allocated
+  ``estimators.client_step.step_estimator`` passes ``set_to_none=False``). Gradients stay allocated
   through the whole step and are zeroed in place; each backward adds into them and frees its
   incoming buffers, so forward and backward run one gradient copy higher.
 
@@ -152,7 +152,7 @@ class MemoryEstimator:
         How the step clears gradients before its forward pass. True: PyTorch's default loop
         (``optimizer.zero_grad()`` / ``model.zero_grad()`` free the ``.grad`` tensors, the first
         backward allocates them again). False: kept and zeroed in place, as the flower-large-batch
-        clients do (``workloads.training.batch_gradient``; ``client_app.job.step_estimator``
+        clients do (``workloads.training.batch_gradient``; ``estimators.client_step.step_estimator``
         passes False). With True, the first query with micro-batches also traces the ladder
         with the gradients kept, as every micro-batch after the first runs.
 

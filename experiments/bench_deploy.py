@@ -4,7 +4,7 @@ Runs the same config (digits, default model and batch, ``--rounds`` rounds) thre
 machine and prints seconds per round after round 1 (the median ``round_trip_s``: from the
 server sending the round's messages to the last reply) and what a client process spends:
 
-1. real SuperNodes (experiments/deploy_local.py: TLS, authentication), with an empty array
+1. real SuperNodes (deploy/local.py: TLS, authentication), with an empty array
    cache: every node decodes the data, partitions it and fits its memory estimator once;
 2. the same again with the cache filled (the steady state of a device);
 3. ``flwr run`` simulation (Ray) with as many virtual nodes.
@@ -27,8 +27,8 @@ from pathlib import Path
 
 import pandas as pd
 
-from experiments.deploy_local import rehearse
-from experiments.run import launch, prepare
+from deploy.local import rehearse
+from flb.launch.run import launch, prepare
 
 
 def _summary(out: Path, label: str, wall_s: float) -> dict:

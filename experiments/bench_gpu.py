@@ -33,7 +33,7 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from experiments.run import launch, prepare
+from flb.launch.run import launch, prepare
 from workloads.data import load_splits
 from workloads.models import build_model
 from workloads.registry import WORKLOADS
@@ -42,7 +42,7 @@ from workloads.training import pick_device, step_seconds
 
 def serialize_seconds(model: torch.nn.Module, messages: int, repeats: int = 3) -> float:
     """Seconds to convert the model's state to an ArrayRecord and back, ``messages`` times (the app's path)."""
-    from strategies.arrays import record_tensors, tensors_record
+    from protocol.arrays import record_tensors, tensors_record
 
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     times = []

@@ -32,9 +32,9 @@ from pathlib import Path
 
 import pandas as pd
 
-from experiments.ray_cluster import LocalRayCluster
-from experiments.run import launch, prepare
-from experiments.superlink import descendants
+from flb.launch.ray_cluster import LocalRayCluster
+from flb.launch.run import launch, prepare
+from flb.launch.superlink import descendants
 
 
 def _tree_memory_mb(root: int) -> list[tuple[str, float, float]]:
@@ -91,9 +91,9 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--federation-config", default="", help="more federation-config overrides, e.g. client-resources-num-cpus=2")
     p.add_argument("--nodes", type=int, default=0,
                    help="pack the N clients as virtual clients onto this many Flower nodes (virtual-clients=N, "
-                        "strategies/packing.py); default 0: N Flower nodes, one client each")
+                        "protocol/packing.py); default 0: N Flower nodes, one client each")
     p.add_argument("--ray-nodes", type=int, default=0,
-                   help="start a Ray cluster of this many nodes first (experiments/ray_cluster.py) and run on it")
+                   help="start a Ray cluster of this many nodes first (flb/launch/ray_cluster.py) and run on it")
     args = p.parse_args(argv)
     batch = args.batch or 20 * args.per_round
     data = f"data-dir='{os.environ['FLB_DATA_DIR']}'" if args.dataset == "mnist" and os.environ.get("FLB_DATA_DIR") else ""

@@ -15,7 +15,7 @@ The simulation runs four times: with an empty array cache (every process decodes
 but the first, workloads/cache.py), with the cache filled (the default configuration), with
 the memory measured in every round (``memory-check-every=1``: a profiled replay per client
 step), and with the 8 clients as ``virtual-clients`` packed onto 2 Flower nodes (one message
-per actor a round instead of 8, strategies/packing.py). Steady-state samples/s skip the first round (Ray actor start-up, imports) and the
+per actor a round instead of 8, protocol/packing.py). Steady-state samples/s skip the first round (Ray actor start-up, imports) and the
 last (central evaluation, and by default the memory check). The simulation's end-to-end figure
 includes everything from the launcher's start to its exit; its ratio is to the end-to-end
 reference (``end_to_end_vs_steady_ref`` divides by the steady-state reference instead). ``--overhead`` adds the per-round time of
@@ -37,7 +37,7 @@ from pathlib import Path
 
 import torch
 
-from experiments.run import launch, prepare
+from flb.launch.run import launch, prepare
 from workloads.data import augment_crop_flip, load_splits
 from workloads.models import build_model
 from workloads.registry import WORKLOADS

@@ -9,7 +9,17 @@
 results folders. See docs/python-api.md.
 """
 
-from flb.analysis import load, plot, summarize
-from flb.runs import Run, Sweep, expand, run, sweep
+from importlib import import_module
 
-__all__ = ["Run", "Sweep", "expand", "load", "plot", "run", "summarize", "sweep"]
+_EXPORTS = {"load": "flb.analysis", "plot": "flb.analysis", "summarize": "flb.analysis",
+            "Run": "flb.runs", "Sweep": "flb.runs", "expand": "flb.runs", "run": "flb.runs", "sweep": "flb.runs"}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    """Import on first use: ``python -m flb.launch`` needs none of pandas or the runtime."""
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'flb' has no attribute {name!r}")
+    value = getattr(import_module(_EXPORTS[name]), name)
+    globals()[name] = value
+    return value

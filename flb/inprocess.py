@@ -137,7 +137,7 @@ def run_inprocess(run_config: dict[str, Any], num_clients: int,
     import torch
 
     from client_app.app import app as real_client_app
-    from experiments.run import project_defaults
+    from flb.launch.run import project_defaults
     from server_app.app import app as server_app
     from server_app.preflight import parse_run_config, preflight
 

@@ -88,7 +88,7 @@ def _csv_or_empty(path: Path) -> pd.DataFrame:
 
 def full_config(config: Mapping[str, Any] | None) -> dict[str, Any]:
     """The complete, checked run config (pyproject defaults + ``config``) as a kebab-case dict."""
-    from experiments.run import project_defaults
+    from flb.launch.run import project_defaults
     from server_app.preflight import parse_run_config
 
     return parse_run_config(project_defaults() | dict(config or {})).to_mapping()
@@ -193,7 +193,7 @@ def run(config: Mapping[str, Any] | None = None, *, clients: int = 8, engine: st
 
 
 def _run_ray(cfg: dict[str, Any], clients: int, federation: str, advance) -> None:
-    from experiments.run import launch, parse_federation
+    from flb.launch.run import launch, parse_federation
     from server_app.preflight import preflight
     from workloads.config import RunConfig
 

@@ -25,7 +25,7 @@ from flwr.common.logger import log
 from flwr.serverapp import Grid
 
 from strategies.nodes import QUARANTINE_S, STARTUP_WAIT_S
-from strategies.packing import PACKED_ACTION, bundle, unbundle, virtual_node
+from protocol.packing import PACKED_ACTION, bundle, unbundle, virtual_node
 
 POLL_S = 0.02  # seconds between polls for replies (a round waits half of it on average)
 
@@ -65,7 +65,7 @@ class RoundGrid:
 
 
 class PackedGrid:
-    """Virtual clients (``virtual-clients``, strategies/packing.py) over the connected Flower nodes.
+    """Virtual clients (``virtual-clients``, protocol/packing.py) over the connected Flower nodes.
 
     The strategy sees nodes ``virtual_node(0..V-1)``; each ``send_and_receive`` splits its
     messages (in node order) into one contiguous bundle per connected node, and unpacks the

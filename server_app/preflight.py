@@ -4,7 +4,7 @@
 ranges, a leaf module) plus the names that registries own (dataset, model, teacher, teacher
 steps, device profiles). ``preflight`` adds what needs the data and the federation's size:
 partitions, local batches, memory budgets, the device and the results folder. The launcher
-(experiments/run.py) and the in-process runner (flb/inprocess.py) call both; the
+(flb/launch/run.py) and the in-process runner (flb/inprocess.py) call both; the
 ServerApp calls ``parse_run_config``. Every error names the key, the value and what is allowed.
 """
 
@@ -44,7 +44,7 @@ def preflight(cfg: RunConfig, num_nodes: int, client_threads: int = 1) -> list[s
         Simulated SuperNodes (partitions); ``virtual-clients``, when set, is the partition count instead.
     client_threads : int
         CPUs of a client process (its ``client-resources-num-cpus``); a client step's torch
-        threads (``client_app.packing.step_threads``) choose its kernels, and so its memory.
+        threads (``protocol.packing.step_threads``) choose its kernels, and so its memory.
 
     Raises
     ------
@@ -93,8 +93,8 @@ def check_memory(cfg: RunConfig, splits, num_nodes: int, local_batch: int, clien
     """
     import torch
 
-    from client_app.job import step_estimator
-    from client_app.packing import step_threads
+    from estimators.client_step import step_estimator
+    from protocol.packing import step_threads
     from workloads.models import build_model
     from workloads.registry import WORKLOADS, resolve_model
     from workloads.training import pick_device

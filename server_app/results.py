@@ -135,7 +135,7 @@ class RunResults:
         if holds_run(out_dir) and not cfg.resume:
             raise ConfigError(
                 f"run-config key 'out-dir' = '{out_dir}' already holds a run (rounds.csv or checkpoint.pt). "
-                "Allowed: a new folder, or resume=true (python -m experiments.run --resume DIR) to continue it."
+                "Allowed: a new folder, or resume=true (python -m flb.launch --resume DIR) to continue it."
             )
         self.out_dir, self.cfg = out_dir, cfg
         self.out_dir.mkdir(parents=True, exist_ok=True)

@@ -36,6 +36,7 @@ from estimators.performance import (
 )
 from workloads.config import RunConfig
 from workloads.devices import DeviceProfile, profile_for
+from protocol import messages as proto
 
 PROBE_COUNT = 4  # profiled batch sizes per client: geometric from 1 to its memory limit
 
@@ -83,8 +84,8 @@ def probe_clients(
     ProbeFailure
         If a node replies with an error, naming the node and its reason.
     """
-    config = ConfigRecord({"probe-count": PROBE_COUNT})
-    messages = [Message(content=RecordDict({"config": config}), message_type=MessageType.QUERY, dst_node_id=n)
+    config = ConfigRecord({proto.PROBE_COUNT: PROBE_COUNT})
+    messages = [Message(content=RecordDict({proto.CONFIG: config}), message_type=MessageType.QUERY, dst_node_id=n)
                 for n in nodes]
     out = []
     replies = list(grid.send_and_receive(messages, timeout=timeout_s))
@@ -94,16 +95,16 @@ def probe_clients(
     for reply in replies:
         if reply.has_error():
             raise ProbeFailure(f"node {reply.metadata.src_node_id}: capacity probe failed: {reply.error.reason}")
-        m = reply.content["metrics"]
-        profile = profile_for(profiles, int(m["partition-id"]))
+        m = reply.content[proto.METRICS]
+        profile = profile_for(profiles, int(m[proto.PARTITION_ID]))
         speed = profile.speed if profile else 1.0
         out.append(ClientCapacity(
             node_id=reply.metadata.src_node_id,
-            partition_id=int(m["partition-id"]),
-            max_batch=int(m["max-batch"]),
-            step_model=fit_iter_time(list(m["probe-batches"]), list(m["probe-seconds"])).scaled(speed),
+            partition_id=int(m[proto.PARTITION_ID]),
+            max_batch=int(m[proto.MAX_BATCH]),
+            step_model=fit_iter_time(list(m[proto.PROBE_BATCHES]), list(m[proto.PROBE_SECONDS])).scaled(speed),
             comm_s=comm_seconds(model_bytes, profile) if profile else 0.0,
-            probe_s=float(m["probe-compute-s"]) / speed + (2 * profile.latency_ms / 1000 if profile else 0.0),
+            probe_s=float(m[proto.PROBE_COMPUTE_S]) / speed + (2 * profile.latency_ms / 1000 if profile else 0.0),
         ))
     return sorted(out, key=lambda c: c.node_id)
 

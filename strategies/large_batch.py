@@ -43,7 +43,7 @@ from flwr.serverapp.strategy import FedAvg
 
 from estimators.performance import client_virtual_seconds
 from strategies.aggregation import aggregate_buffers, weighted_mean
-from strategies.arrays import record_tensors
+from protocol.arrays import record_tensors
 from strategies.batch_policy import PolicyState
 from strategies.nodes import NodeDirectory, sample_nodes, wait_for_nodes
 from strategies.records import MemorySink, RoundSink

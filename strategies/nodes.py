@@ -27,6 +27,7 @@ from flwr.common.logger import log
 from flwr.serverapp import Grid
 
 from workloads.errors import ConfigError
+from protocol import messages as proto
 
 IDENTIFY = "query.identify"  # message type; the ClientApp answers with partition-id and num-partitions
 STARTUP_WAIT_S = 120.0  # the first identify waits at least this long: it starts the Ray actors / client processes
@@ -79,7 +80,7 @@ class NodeDirectory:
         """
         new = [] if self.lazy else [n for n in connected if n not in self.partitions]
         if new:
-            messages = [Message(RecordDict({"config": ConfigRecord({})}), message_type=IDENTIFY, dst_node_id=n)
+            messages = [Message(RecordDict({proto.CONFIG: ConfigRecord({})}), message_type=IDENTIFY, dst_node_id=n)
                         for n in new]
             wait = timeout_s if self.partitions else max(timeout_s, STARTUP_WAIT_S)
             replies = list(grid.send_and_receive(messages, timeout=wait))
@@ -94,8 +95,8 @@ class NodeDirectory:
                     log(WARNING, "node %d did not identify itself: %s", node, reply.error.reason)
                     continue
                 try:
-                    m = reply.content["metrics"]
-                    pid, nparts = int(m["partition-id"]), int(m["num-partitions"])
+                    m = reply.content[proto.METRICS]
+                    pid, nparts = int(m[proto.PARTITION_ID]), int(m[proto.NUM_PARTITIONS])
                 except (KeyError, TypeError, ValueError) as err:
                     self.errors[node] = f"unreadable identify reply ({err})"
                     log(WARNING, "node %d sent an unreadable identify reply (%s)", node, err)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Error, Message, RecordDict
+from flwr.app import ConfigRecord, Error, Message
 
 from client_app.app import app as client_app
 from strategies.large_batch import LargeBatchStrategy, RoundFailure

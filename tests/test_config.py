@@ -8,7 +8,7 @@ import tomllib
 
 import pytest
 
-from experiments.run import parse_federation, parse_pairs, prepare
+from flb.launch.run import parse_federation, parse_pairs, prepare
 from server_app.preflight import parse_run_config
 from tests.conftest import REPO_ROOT
 from workloads.config import RunConfig, check_batches_fit, split_global_batch
@@ -145,7 +145,7 @@ def test_launcher_parsing():
 def test_launcher_exits_2_on_bad_config_without_starting(tmp_path):
     out = tmp_path / "out"
     res = subprocess.run(
-        [sys.executable, "-m", "experiments.run", "--run-config", "dataset=imagenet", "--out", str(out)],
+        [sys.executable, "-m", "flb.launch", "--run-config", "dataset=imagenet", "--out", str(out)],
         cwd=REPO_ROOT, capture_output=True, text=True, timeout=120,
     )
     assert res.returncode == 2

@@ -5,8 +5,8 @@ from __future__ import annotations
 import csv
 import json
 
-from experiments.deploy_local import rehearse
-from experiments.run import prepare
+from deploy.local import rehearse
+from flb.launch.run import prepare
 
 
 def test_tls_authenticated_deployment_runs_and_refuses_an_unregistered_node(tmp_path):

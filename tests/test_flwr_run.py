@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from flb.inprocess import run_inprocess
-from experiments.run import launch, prepare
+from flb.launch.run import launch, prepare
 from tests.conftest import REPO_ROOT
 
 
@@ -31,7 +31,7 @@ def _pid_alive(pid: int) -> bool:
 def test_launcher_runs_flwr_and_writes_results(tmp_path):
     out = tmp_path / "run"
     res = subprocess.run(
-        [sys.executable, "-m", "experiments.run", "--out", str(out),
+        [sys.executable, "-m", "flb.launch", "--out", str(out),
          "--run-config", "num-server-rounds=3 eval-every=1 global-batch-size=64 warmup-rounds=0",
          "--federation-config", "num-supernodes=4"],
         cwd=REPO_ROOT, capture_output=True, text=True, timeout=400,
@@ -82,7 +82,7 @@ def test_one_failing_client_does_not_stop_a_run_with_min_batch_fraction(tmp_path
     # With virtual clients, partitions 2 and 3 share a Flower node's bundle: only 3 fails.
     out = tmp_path / "partial"
     res = subprocess.run(
-        [sys.executable, "-m", "experiments.run", "--out", str(out), "--federation-config", f"num-supernodes={nodes}",
+        [sys.executable, "-m", "flb.launch", "--out", str(out), "--federation-config", f"num-supernodes={nodes}",
          "--run-config", f"{packed}num-server-rounds=3 eval-every=3 global-batch-size=64 min-batch-fraction=0.75 "
                          "device-profiles='big:0,big:0,big:0,watch:0.2'"],
         cwd=REPO_ROOT, capture_output=True, text=True, timeout=400,
@@ -104,12 +104,12 @@ def test_sigkill_then_resume_ends_with_the_uninterrupted_model(tmp_path, one_thr
     The reference is the same config in one process with one torch thread, as a Ray actor with
     client-resources-num-cpus=1 has: the two are bit-identical (ordering by partition id).
     """
-    from experiments.run import parse_pairs
-    from experiments.superlink import descendants
+    from flb.launch.run import parse_pairs
+    from flb.launch.superlink import descendants
 
     out = tmp_path / "killed"
     rc = "num-server-rounds=16 checkpoint-every=2 eval-every=4 global-batch-size=64 clients-per-round=3 teacher=noise"
-    proc = subprocess.Popen([sys.executable, "-m", "experiments.run", "--out", str(out), "--run-config", rc,
+    proc = subprocess.Popen([sys.executable, "-m", "flb.launch", "--out", str(out), "--run-config", rc,
                              "--federation-config", "num-supernodes=4"], cwd=REPO_ROOT,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 300
@@ -124,7 +124,7 @@ def test_sigkill_then_resume_ends_with_the_uninterrupted_model(tmp_path, one_thr
     proc.wait()
     killed_after = torch.load(out / "checkpoint.pt")["round"]  # rounds take ~0.1 s: wherever the kill landed
     assert killed_after % 2 == 0 and 4 <= killed_after < 16
-    res = subprocess.run([sys.executable, "-m", "experiments.run", "--resume", str(out)],
+    res = subprocess.run([sys.executable, "-m", "flb.launch", "--resume", str(out)],
                          cwd=REPO_ROOT, capture_output=True, text=True, timeout=400)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     assert "resumed" in res.stdout

@@ -7,7 +7,7 @@ import os
 import zipfile
 
 from experiments.bench_scale import _tree_memory_mb
-from experiments.superlink import REPO_ROOT, stage_app
+from flb.launch.superlink import REPO_ROOT, stage_app
 
 
 def test_the_staged_app_builds_the_same_fab_without_the_environment(tmp_path):

@@ -15,8 +15,8 @@ from client_app.packing import answer_bundle
 from experiments.faults import Fault, FaultyClientApp
 from flb.inprocess import client_context, delivered, run_inprocess
 from server_app.grid import PackedGrid
-from strategies.arrays import out_of_band, record_tensors, tensors_record
-from strategies.packing import PACK, bundle, unbundle, virtual_node
+from protocol.arrays import out_of_band, record_tensors, tensors_record
+from protocol.packing import PACK, bundle, unbundle, virtual_node
 from workloads.config import ConfigError, RunConfig
 
 BASE = {"dataset": "digits", "num-server-rounds": 4, "eval-every": 4, "global-batch-size": 64, "clients-per-round": 8}

@@ -30,6 +30,7 @@ import torch
 from workloads.cache import cached_arrays
 from workloads.errors import ConfigError, DataNotFoundError  # noqa: F401 - DataNotFoundError is raised here
 from workloads.files import atomic_write_bytes
+from workloads.node_files import eval_only_arrays
 
 VAL_SPLIT_SEED = 2509  # fixed: the validation split is the same for every run seed
 DIGITS_TEST_FRACTION = 0.2  # scikit-learn's digits ship without a test split
@@ -158,9 +159,7 @@ def load_splits(name: str, data_dir: str = "", val_fraction: float = 0.1, train_
     ``data-dir`` holding only ``<name>/eval.npz`` (``python -m deploy.split_data``: node-local
     data) gives the server's evaluation splits with an empty training split.
     """
-    from workloads.node_data import eval_only_arrays
-
-    if (eval_arrays := eval_only_arrays(name, data_dir, val_fraction, train_limit)) is not None:
+    if (eval_arrays := eval_only_arrays(resolve_data_dir(data_dir), name, val_fraction, train_limit)) is not None:
         return splits_from_arrays(eval_arrays)
     key = source_key(name, data_dir)
     if key is None:  # not on disk yet: download (into the cache folder), then key it

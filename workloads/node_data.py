@@ -17,16 +17,16 @@ the settings it was cut with (``meta``); a run with other settings is refused, n
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from workloads.cache import cached_arrays
+from workloads.data import load_splits, splits_from_arrays
 from workloads.errors import ConfigError
+from workloads.node_files import check_meta, read_node_file, save_node_file
+from workloads.partition import client_partition
 
-META_KEYS = ("dataset", "val_fraction", "train_limit", "partitioner", "dirichlet_alpha", "seed", "num_partitions")
 
 
 def _meta(cfg, num_partitions: int) -> dict[str, Any]:
@@ -37,65 +37,19 @@ def _meta(cfg, num_partitions: int) -> dict[str, Any]:
 
 def export_node_data(cfg, num_partitions: int, out: Path) -> list[Path]:
     """Write the server's evaluation file and one partition file per node; return their paths."""
-    from workloads.data import load_splits
-    from workloads.partition import client_partition
-
     splits = load_splits(cfg.dataset, cfg.data_dir, cfg.val_fraction, cfg.train_limit)
     meta = _meta(cfg, num_partitions)
     common = {"mean": splits.mean.numpy(), "std": splits.std.numpy(), "max_value": np.asarray(splits.max_value)}
     paths = [out / "server" / cfg.dataset / "eval.npz"]
-    _save(paths[0], {"x_val": splits.x_val.numpy(), "y_val": splits.y_val.numpy(), "x_test": splits.x_test.numpy(),
+    save_node_file(paths[0], {"x_val": splits.x_val.numpy(), "y_val": splits.y_val.numpy(), "x_test": splits.x_test.numpy(),
                      "y_test": splits.y_test.numpy(), **common}, meta)
     labels = splits.y_train.numpy()
     for i in range(num_partitions):
         idx = client_partition(labels, i, num_partitions, cfg.partitioner, cfg.dirichlet_alpha, cfg.seed)
         path = out / f"node-{i}" / cfg.dataset / "partition.npz"
-        _save(path, {"x": splits.x_train.numpy()[idx], "y": labels[idx], **common}, meta | {"partition_id": i})
+        save_node_file(path, {"x": splits.x_train.numpy()[idx], "y": labels[idx], **common}, meta | {"partition_id": i})
         paths.append(path)
     return paths
-
-
-def _save(path: Path, arrays: dict[str, np.ndarray], meta: dict[str, Any]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp.npz")
-    np.savez(tmp, meta=np.asarray(json.dumps(meta)), **arrays)
-    tmp.replace(path)
-
-
-def _read(path: Path) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
-    """The file's arrays (through the array cache) and its meta."""
-    stat = path.stat()
-
-    def build() -> dict[str, np.ndarray]:
-        with np.load(path, allow_pickle=False) as z:
-            return {k: z[k] for k in z.files}
-
-    arrays = cached_arrays("node-data", {"file": str(path.resolve()), "size": stat.st_size, "mtime": stat.st_mtime_ns}, build)
-    meta = json.loads(str(arrays.pop("meta")))
-    return arrays, meta
-
-
-def _check(meta: dict[str, Any], expected: dict[str, Any], where: str) -> None:
-    for key in META_KEYS:
-        if key in expected and expected[key] is not None and meta.get(key) != expected[key]:
-            raise ConfigError(
-                f"{where} was cut with {key.replace('_', '-')} = {meta.get(key)!r}, but this run has "
-                f"{expected[key]!r}. Allowed: the same settings, or a new export (python -m deploy.split_data)."
-            )
-
-
-def eval_only_arrays(name: str, data_dir: str, val_fraction: float, train_limit: int) -> dict[str, np.ndarray] | None:
-    """The server's splits from ``<data-dir>/<name>/eval.npz`` (empty training split), or None if there is none."""
-    from workloads.data import resolve_data_dir
-
-    folder = resolve_data_dir(data_dir)
-    path = folder / name / "eval.npz" if folder else None
-    if path is None or not path.is_file():
-        return None
-    arrays, meta = _read(path)
-    _check(meta, {"dataset": name, "val_fraction": val_fraction, "train_limit": train_limit}, f"run-config key 'data-dir' = '{folder}'")
-    shape = arrays["x_val"].shape[1:]
-    return {"x_train": np.zeros((0, *shape), np.uint8), "y_train": np.zeros(0, np.int64), **arrays}
 
 
 def load_partition(node_dir: str, cfg, partition_id: int | None, num_partitions: int | None):
@@ -113,15 +67,13 @@ def load_partition(node_dir: str, cfg, partition_id: int | None, num_partitions:
         If the file is missing, or was cut with other settings than this run's, or for another
         partition than the node's ``partition-id``.
     """
-    from workloads.data import splits_from_arrays
-
     path = Path(node_dir).expanduser() / cfg.dataset / "partition.npz"
     if not path.is_file():
         raise ConfigError(f"node-config key 'data-dir' = '{node_dir}': no {cfg.dataset}/partition.npz there. "
                           "Allowed: a folder written by python -m deploy.split_data.")
-    arrays, meta = _read(path)
+    arrays, meta = read_node_file(path)
     where = f"node-config key 'data-dir' = '{node_dir}'"
-    _check(meta, _meta(cfg, num_partitions) | {"num_partitions": num_partitions}, where)
+    check_meta(meta, _meta(cfg, num_partitions) | {"num_partitions": num_partitions}, where)
     if partition_id is not None and meta["partition_id"] != partition_id:
         raise ConfigError(f"{where} holds partition {meta['partition_id']}, but node-config key 'partition-id' = "
                           f"{partition_id}. Allowed: the same partition, or leave partition-id out.")

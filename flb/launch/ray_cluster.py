@@ -19,7 +19,7 @@ import subprocess
 import time
 from pathlib import Path
 
-from experiments.superlink import bin_path, free_port, stop_tree
+from flb.launch.superlink import bin_path, free_port, stop_tree
 
 
 class LocalRayCluster:

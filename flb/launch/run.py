@@ -1,9 +1,9 @@
-"""Launch one simulation safely: ``python -m experiments.run [--run-config ...] [--out DIR]``.
+"""Launch one simulation safely: ``python -m flb.launch [--run-config ...] [--out DIR]``.
 
 1. Parses the run config (pyproject defaults + ``--run-config``) and the federation config,
    and checks them, the data and the partition sizes before anything starts. Bad input exits
    with status 2 and a message naming the key, the value and what is allowed.
-2. Starts a private SuperLink (experiments/superlink.py), submits the app, streams its log.
+2. Starts a private SuperLink (flb/launch/superlink.py), submits the app, streams its log.
 3. Judges the run by its final status, always stops the SuperLink, and prints the results
    folder as its last line. Exit status 0 only for ``finished:completed``.
 
@@ -25,7 +25,7 @@ from typing import Any
 
 import tomli_w
 
-from experiments.superlink import REPO_ROOT, LocalSuperLink
+from flb.launch.superlink import REPO_ROOT, LocalSuperLink
 from workloads.config import RunConfig
 from workloads.errors import ConfigError
 from workloads.files import atomic_write_json, atomic_write_text
@@ -102,7 +102,7 @@ def prepare(run_config: str, federation_config: str, out: str, resume: str = "",
         import subprocess
 
         request = json.dumps({"args": [run_config, federation_config, out, resume]})
-        child = subprocess.run([sys.executable, "-c", "import experiments.run as r; r._prepare_child()"],
+        child = subprocess.run([sys.executable, "-c", "import flb.launch.run as r; r._prepare_child()"],
                                input=request, capture_output=True, text=True, cwd=REPO_ROOT)
         try:
             answer = json.loads(child.stdout.strip().splitlines()[-1])
@@ -123,7 +123,7 @@ def prepare(run_config: str, federation_config: str, out: str, resume: str = "",
         folder = Path(resume).expanduser().resolve()
         saved = folder / "run_config.toml"
         if not saved.exists():
-            raise ConfigError(f"--resume '{folder}': no run_config.toml there. Allowed: a results folder of python -m experiments.run.")
+            raise ConfigError(f"--resume '{folder}': no run_config.toml there. Allowed: a results folder of python -m flb.launch.")
         changed = sorted(set(overrides) - RESUMABLE_KEYS)
         if changed:
             raise ConfigError(f"--resume: run-config key '{changed[0]}' cannot change in a resumed run. "
@@ -183,7 +183,7 @@ def launch(cfg: RunConfig, fed: dict[str, Any], out_dir: Path, quiet: bool = Fal
 
 def main(argv: list[str] | None = None) -> int:
     """Command-line entry point."""
-    parser = argparse.ArgumentParser(prog="python -m experiments.run", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m flb.launch", description=__doc__.split("\n")[0])
     parser.add_argument("--run-config", default="", help='e.g. "dataset=cifar10 global-batch-size=512"')
     parser.add_argument("--federation-config", default="",
                         help="e.g. \"num-supernodes=8 client-resources-num-cpus=1\" (these are the defaults)")

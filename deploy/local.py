@@ -1,4 +1,4 @@
-"""Rehearse a field deployment on this machine: ``python -m experiments.deploy_local --nodes N``.
+"""Rehearse a field deployment on this machine: ``python -m deploy.local --nodes N``.
 
 Brings up a real SuperLink and N real SuperNodes on 127.0.0.1, the way the devices would run
 them (docs/deploy.md): TLS with a private CA, SuperNode authentication with one registered
@@ -27,8 +27,8 @@ from pathlib import Path
 import tomli_w
 
 from deploy.pki import make_node_keys, make_tls
-from experiments.run import prepare
-from experiments.superlink import REPO_ROOT, Deployment, LocalSuperLink, bin_path, flower_env, free_port, kill_tree, stop_tree
+from flb.launch.run import prepare
+from flb.launch.superlink import REPO_ROOT, Deployment, LocalSuperLink, bin_path, flower_env, free_port, kill_tree, stop_tree
 from workloads.errors import ConfigError
 from workloads.files import atomic_write_text
 
@@ -186,7 +186,7 @@ def rehearse(cfg, nodes: int, workdir: Path, insecure: bool, node_data: bool,
 
 def main(argv: list[str] | None = None) -> int:
     """Command-line entry point."""
-    p = argparse.ArgumentParser(prog="python -m experiments.deploy_local", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python -m deploy.local", description=__doc__.split("\n")[0])
     p.add_argument("--nodes", type=int, default=3)
     p.add_argument("--run-config", default="", help='e.g. "num-server-rounds=10 min-batch-fraction=0.6"')
     p.add_argument("--out", default="", help="results folder (default: results/<time>-<dataset>-s<seed>)")

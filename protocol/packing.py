@@ -24,7 +24,10 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
 from flwr.app import ConfigRecord, RecordDict
+
+from workloads.config import RunConfig
 
 PACK = "pack"  # the bundle's ConfigRecord
 PACKED_ACTION = "packed"  # bundles travel as "train.packed" or "query.packed"
@@ -89,3 +92,13 @@ def unbundle(content: RecordDict) -> tuple[list[RecordDict], dict[str, Any]]:
         if key not in ("count", "names", "sources") and len(values) != count:
             raise ValueError(f"bundle of {count} messages lists {len(values)} '{key}'")
     return parts, meta
+
+
+def bundle_threads(cfg: RunConfig, cpus: int, device: torch.device) -> int:
+    """How many clients of a bundle run at once: ``client-threads`` (0: ``cpus``) on a CPU, 1 on a GPU."""
+    return 1 if device.type != "cpu" else cfg.client_threads or cpus
+
+
+def step_threads(cfg: RunConfig, cpus: int, device: torch.device) -> int:
+    """Torch intra-op threads of one client step in a process given ``cpus`` CPUs (the memory estimate's key)."""
+    return 1 if cfg.virtual_clients and bundle_threads(cfg, cpus, device) > 1 else cpus

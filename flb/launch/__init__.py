@@ -1,0 +1,1 @@
+"""The launcher: one simulation on a private SuperLink, checked before it starts (``python -m flb.launch``)."""
