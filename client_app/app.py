@@ -36,7 +36,7 @@ from workloads.devices import memory_budget_mb, parse_profiles
 from workloads.config import ConfigError, RunConfig
 from protocol import messages as m
 from protocol.packing import PACKED_ACTION
-from workloads.training import batch_gradient, local_momentum_sgd, pick_device, step_seconds
+from workloads.training import batch_gradient, local_momentum_sgd, pick_device, sq_norm, step_seconds
 
 app = ClientApp()
 PROCESS_THREADS = torch.get_num_threads()  # the CPUs this process was given (Ray sets OMP_NUM_THREADS in its actors)
@@ -95,7 +95,7 @@ def train(msg: Message, context: Context) -> Message:
                 local.weight_decay, local.velocity_for(model))
         grad_sq = None
         if local.scaled:  # signed-noise: the server's noise statistics come from sums (strategies/round_plan.py)
-            grad_sq = sum(float(torch.linalg.vector_norm(g, dtype=torch.float64)) ** 2 for g in grads)
+            grad_sq = sq_norm(grads)
         if local.grad_scale != 1.0:  # signed-noise: this client's multiplier m_i, so the server needs only the sum
             grads = [g * local.grad_scale for g in grads]
         if job.device.type == "cuda":

@@ -24,6 +24,7 @@ from estimators.memory import MemoryEstimator
 from protocol.arrays import record_tensors
 from workloads.cache import set_root
 from workloads.config import RunConfig
+from workloads.devices import MIB
 from workloads.errors import ConfigError
 from workloads.data import Splits, load_splits
 from workloads.models import build_model
@@ -32,7 +33,6 @@ from workloads.partition import client_partition
 from workloads.registry import WORKLOADS, resolve_model
 from workloads.training import draw_batch, pick_device
 
-MIB = 2**20
 
 
 @dataclass(frozen=True)

@@ -8,7 +8,6 @@ ClientApp reports ``startup-s``: seconds from the process start to the handler's
 from __future__ import annotations
 
 import os
-import time
 
 
 def process_started_at() -> float:
@@ -22,7 +21,6 @@ def process_started_at() -> float:
 
 
 STARTED_AT = process_started_at()
-IMPORTED_AT = time.time()  # when this module (imported first by client_app.app) was imported
 
 
 def where() -> dict[str, str]:

@@ -41,11 +41,11 @@ import torchvision.models as tvm
 from torch import nn
 
 from estimators.memory import MemoryEstimator, measure_peak_bytes
+from workloads.devices import MIB
 from workloads.models import build_model
 
 CSV_PATH = Path(__file__).resolve().parent / "results" / "bench_memory.csv"
 NUM_CLASSES = 10
-MIB = 2**20
 
 
 class TokenTransformer(nn.Module):

@@ -17,11 +17,10 @@ from typing import Any
 
 from strategies.teacher_registry import check_teacher
 from workloads.config import RunConfig, check_batches_fit, split_global_batch
-from workloads.devices import memory_budget_mb, parse_profiles
+from workloads.devices import MIB, memory_budget_mb, parse_profiles
 from workloads.errors import ConfigError
 from workloads.registry import check_workload
 
-MIB = 2**20
 
 
 def parse_run_config(mapping: Mapping[str, Any]) -> RunConfig:

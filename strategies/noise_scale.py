@@ -31,6 +31,8 @@ from dataclasses import dataclass
 
 import torch
 
+from workloads.training import sq_norm
+
 
 @dataclass(frozen=True)
 class NoiseStats:
@@ -40,11 +42,6 @@ class NoiseStats:
     grad_sq: float  # unbiased |mu|^2 (may be <= 0 when noise dominates)
     b_simple: float  # tr_sigma / grad_sq, examples (nan when grad_sq <= 0)
     grad_norm: float = math.nan  # |G|, the norm of the aggregated gradient
-
-
-def sq_norm(tensors: Sequence[torch.Tensor]) -> float:
-    """Squared L2 norm of a list of tensors, accumulated in float64."""
-    return sum(float(torch.linalg.vector_norm(t, dtype=torch.float64)) ** 2 for t in tensors)
 
 
 def noise_stats(grad: Sequence[torch.Tensor], client_grads: Sequence[Sequence[torch.Tensor]],

@@ -138,11 +138,6 @@ def check_buffers(got: Mapping[str, torch.Tensor] | None, exp: Expected) -> str 
     return None
 
 
-def grad_norm(tensors: Sequence[torch.Tensor]) -> float:
-    """L2 norm of a list of tensors, accumulated in float64."""
-    return math.sqrt(sum(float(torch.linalg.vector_norm(t, dtype=torch.float64)) ** 2 for t in tensors))
-
-
 NORM_WINDOW = 10  # rounds of accepted norms the guard remembers
 
 

@@ -123,27 +123,9 @@ def step_seconds(
     return float(sorted(times)[len(times) // 2])
 
 
-def local_sgd(
-    model: nn.Module,
-    loss_fn: nn.Module,
-    inputs: InputFn,
-    batches: Sequence[tuple[torch.Tensor, torch.Tensor]],
-    lr: float,
-    micro_batch: int = 0,
-    lrs: Sequence[float] | None = None,
-) -> tuple[list[torch.Tensor], float]:
-    """Run plain SGD (no momentum, no weight decay) over ``batches``; return a pseudo-gradient.
-
-    Step j uses ``lrs[j]`` when given, else ``lr``.
-
-    Returns
-    -------
-    (pseudo_grad, mean_loss)
-        ``(w_0 - w_H) / lr`` per parameter: with one batch this equals that batch's gradient,
-        so the server applies local-steps=H updates with the same optimizer as H=1.
-    """
-    pseudo, loss, _ = local_momentum_sgd(model, loss_fn, inputs, batches, lr, micro_batch, lrs)
-    return pseudo, loss
+def sq_norm(tensors: Sequence[torch.Tensor]) -> float:
+    """Squared L2 norm of a list of tensors, accumulated in float64."""
+    return sum(float(torch.linalg.vector_norm(t, dtype=torch.float64)) ** 2 for t in tensors)
 
 
 def local_momentum_sgd(
