@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import time
+from dataclasses import dataclass
 
 from client_app.startup import STARTED_AT, where  # noqa: I001 - first: it records when the imports began
 
@@ -62,51 +63,29 @@ def train(msg: Message, context: Context) -> Message:
     entered = time.time()
     cfg, pid, nparts, job, budget_mb, source = _client(context)
     ins = m.TrainInstruction.from_content(msg.content)
-    b, micro, steps, lr, rnd, drawn, local = (ins.local_batch, ins.micro_batch, ins.local_steps, ins.lr,
-                                               ins.server_round, ins.drawn, ins.local)
     n = len(job.partition)
-    if b > n:
+    if ins.local_batch > n:
         raise ConfigError(
             f"run-config key 'global-batch-size' = {cfg.global_batch_size}: this client's local "
-            f"batch b_i = {b} exceeds its partition ({n} examples, partition-id {pid} of {nparts})."
+            f"batch b_i = {ins.local_batch} exceeds its partition ({n} examples, partition-id {pid} of {nparts})."
         )
-
-    plan = job.memory_plan(b, micro, budget_mb, source)  # before any data is drawn: a bad budget fails first
-    batches = job.draw(drawn, b, steps)
-
+    # the memory plan comes before any data is drawn: a bad budget fails first
+    plan = job.memory_plan(ins.local_batch, ins.micro_batch, budget_mb, source)
+    batches = job.draw(ins.drawn, ins.local_batch, ins.local_steps)
     model = job.model
     load_global(model, msg.content[m.ARRAYS])
     model.train()
-    gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + rnd * 1009 + pid)
-    inputs = job.inputs_fn(gen)
     cpu_peak_mb = float("nan")
-    if job.device.type == "cpu" and _check_memory(cfg, rnd):
-        cpu_peak_mb = _cpu_step_peak_mb(job, model, batches[0], plan.micro_batch, cfg.seed * 7 + rnd)
+    if job.device.type == "cpu" and _check_memory(cfg, ins.server_round):
+        cpu_peak_mb = _cpu_step_peak_mb(job, model, batches[0], plan.micro_batch, cfg.seed * 7 + ins.server_round)
     ready = time.time()
-    with step_peak(job.device, ()) if job.device.type == "cuda" else contextlib.nullcontext() as peak:
-        t0 = time.perf_counter()
-        velocity = None
-        if steps == 1 and local.plain:
-            loss = batch_gradient(model, job.loss_fn, inputs, *batches[0], plan.micro_batch)
-            grads = [p.grad.detach() for p in model.parameters()]
-        else:
-            grads, loss, velocity = local_momentum_sgd(
-                model, job.loss_fn, inputs, batches, lr, plan.micro_batch, local.lrs, local.momentum,
-                local.weight_decay, local.velocity_for(model))
-        grad_sq = None
-        if local.scaled:  # signed-noise: the server's noise statistics come from sums (strategies/round_plan.py)
-            grad_sq = sq_norm(grads)
-        if local.grad_scale != 1.0:  # signed-noise: this client's multiplier m_i, so the server needs only the sum
-            grads = [g * local.grad_scale for g in grads]
-        if job.device.type == "cuda":
-            torch.cuda.synchronize(job.device)
-        compute_s = time.perf_counter() - t0
-
+    gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + ins.server_round * 1009 + pid)
+    step = _step(job, model, batches, plan.micro_batch, ins, job.inputs_fn(gen))
     metrics = {
-        m.NUM_EXAMPLES: b,
-        m.TRAIN_LOSS: loss,
-        m.COMPUTE_S: compute_s,
-        m.PEAK_MEM_MB: peak.bytes / 2**20 if peak is not None else cpu_peak_mb,
+        m.NUM_EXAMPLES: ins.local_batch,
+        m.TRAIN_LOSS: step.loss,
+        m.COMPUTE_S: step.compute_s,
+        m.PEAK_MEM_MB: step.peak_mb if step.peak_mb is not None else cpu_peak_mb,
         m.PREDICTED_PEAK_MB: plan.predicted_mb,
         m.BUDGET_MB: plan.budget_mb,
         m.MAX_BATCH: plan.max_batch,
@@ -116,11 +95,43 @@ def train(msg: Message, context: Context) -> Message:
         m.STARTUP_S: entered - STARTED_AT,  # process start -> handler (imports; large on a SuperNode)
         m.SETUP_S: ready - entered,  # data, model, memory plan, draw (disk-cached after the first) and memory check
     }
-    if grad_sq is not None:
-        metrics[m.GRAD_SQ] = grad_sq  # |g_i|^2 before the multiplier (otherwise the server has g_i)
+    if step.grad_sq is not None:
+        metrics[m.GRAD_SQ] = step.grad_sq  # |g_i|^2 before the multiplier (otherwise the server has g_i)
     names = [name for name, _ in model.named_parameters()]
     buffers = {k: v.detach().cpu() for k, v in model.named_buffers()}
-    return Message(content=m.reply_content(names, grads, metrics, buffers, velocity, where()), reply_to=msg)
+    return Message(content=m.reply_content(names, step.grads, metrics, buffers, step.velocity, where()), reply_to=msg)
+
+
+@dataclass
+class _Step:
+    grads: list[torch.Tensor]
+    loss: float
+    velocity: list[torch.Tensor] | None  # the final local velocity (a local optimizer only)
+    grad_sq: float | None  # |g_i|^2 before the multiplier (rounds with multipliers only)
+    compute_s: float
+    peak_mb: float | None  # measured on a GPU; None on a CPU
+
+
+def _step(job: ClientJob, model: torch.nn.Module, batches, micro: int, ins: m.TrainInstruction, inputs) -> _Step:
+    """The timed step: the batch gradient, or H local steps of the plan's optimizer; then m_i."""
+    local = ins.local
+    with step_peak(job.device, ()) if job.device.type == "cuda" else contextlib.nullcontext() as peak:
+        t0 = time.perf_counter()
+        velocity = None
+        if ins.local_steps == 1 and local.plain:
+            loss = batch_gradient(model, job.loss_fn, inputs, *batches[0], micro)
+            grads = [p.grad.detach() for p in model.parameters()]
+        else:
+            grads, loss, velocity = local_momentum_sgd(
+                model, job.loss_fn, inputs, batches, ins.lr, micro, local.lrs, local.momentum,
+                local.weight_decay, local.velocity_for(model))
+        grad_sq = sq_norm(grads) if local.scaled else None  # signed-noise: the server's statistics come from sums
+        if local.grad_scale != 1.0:  # signed-noise: this client's multiplier m_i, so the server needs only the sum
+            grads = [g * local.grad_scale for g in grads]
+        if job.device.type == "cuda":
+            torch.cuda.synchronize(job.device)
+        compute_s = time.perf_counter() - t0
+    return _Step(grads, loss, velocity, grad_sq, compute_s, peak.bytes / 2**20 if peak is not None else None)
 
 
 def _check_memory(cfg: RunConfig, rnd: int) -> bool:

@@ -48,14 +48,7 @@ def answer_bundle(client_app: Callable[[Message, Context], Message], msg: Messag
         a deployed SuperNode can only be its own client).
     """
     cfg = RunConfig.from_mapping(context.run_config)
-    if cfg.virtual_clients < 1:
-        raise ConfigError("a bundle of virtual clients arrived, but run-config key 'virtual-clients' = 0.")
-    if context.node_config.get("data-dir"):
-        raise ConfigError(
-            f"run-config key 'virtual-clients' = {cfg.virtual_clients}: this node holds its own data "
-            f"(node-config data-dir = '{context.node_config['data-dir']}') and can only be its own client. "
-            "Allowed: virtual-clients = 0 on SuperNodes with node-local data."
-        )
+    _check_packed_node(cfg, context.node_config)
     parts, meta = unbundle(msg.content)
     md = msg.metadata
 
@@ -95,6 +88,18 @@ def answer_bundle(client_app: Callable[[Message, Context], Message], msg: Messag
             for record in content.array_records.values():
                 out_of_band(record)
     return Message(content=bundle(replies, {"errors": errors}), reply_to=msg)
+
+
+def _check_packed_node(cfg: RunConfig, node_config) -> None:
+    """Refuse a bundle where packing is off, or on a node that holds its own data."""
+    if cfg.virtual_clients < 1:
+        raise ConfigError("a bundle of virtual clients arrived, but run-config key 'virtual-clients' = 0.")
+    if node_config.get("data-dir"):
+        raise ConfigError(
+            f"run-config key 'virtual-clients' = {cfg.virtual_clients}: this node holds its own data "
+            f"(node-config data-dir = '{node_config['data-dir']}') and can only be its own client. "
+            "Allowed: virtual-clients = 0 on SuperNodes with node-local data."
+        )
 
 
 _POOLS: dict[int, ThreadPoolExecutor] = {}

@@ -201,44 +201,16 @@ def trace_steps(
 ) -> list[StepTrace]:
     """Record the live bytes of training steps of a copy of ``model``, one per batch size.
 
-    One copy is trained: a warm-up step at ``batch_sizes[0]`` (after it, gradients and optimizer
-    state exist), then one recorded step per size. The caller's model is not modified; random
-    draws (inputs, dropout) use a forked RNG seeded with 0.
-
-    Parameters
-    ----------
-    model : nn.Module
-        The model; keep it on the CPU (on CUDA, a device-resident original is counted too).
-    optimizer : {"sgd", "adam", "none"}
-        The step's optimizer ("none": gradients only, as flower-large-batch clients).
-    make_input : callable
-        ``make_input(b)`` returns the model input for ``b`` examples.
-    num_classes : int
-        Labels are int64 in ``[0, num_classes)``.
-    batch_sizes : sequence of int
-        Examples per recorded step.
-    micro_batch : int
-        Micro-batch size of every step (0: one pass).
-    device : str or torch.device
-        ``"cpu"`` or a CUDA device.
-    optimizer_once : bool
-        Run ``optimizer.step()`` only in the first recorded step (its allocations do not depend
-        on the batch; it is the slow part for large models).
-    warmup : {"step", "state"}
-        A full warm-up step at ``batch_sizes[0]``, or only zero gradients and an optimizer step
-        (the same state, without a forward/backward pass).
-    transform : callable, optional
-        Applied to each (micro-)batch inside the step, as the clients' ``inputs`` function
-        (uint8 -> normalised float, augmentation, move to the device); the batch then stays
-        as ``make_input`` made it, on the host.
-    set_to_none : bool
-        How each step clears the gradients first: True frees them (PyTorch's default
-        ``optimizer.zero_grad()``), False keeps them and zeroes them in place (the clients).
-        Every micro-batch after the first runs as a False step's forward/backward does.
-
-    Returns
-    -------
-    list of StepTrace
+    One copy is trained: a warm-up at ``batch_sizes[0]`` (``warmup="step"``: a full step;
+    ``"state"``: only zero gradients and an optimizer step, the same state without a pass),
+    then one recorded step per size, in micro-batches of ``micro_batch`` (0: one pass). The
+    caller's model is not modified (keep it on the CPU); random draws use a forked RNG seeded
+    with 0. ``make_input(b)`` makes the input of ``b`` examples, labels are int64 in
+    ``[0, num_classes)``, and ``transform`` is applied to each micro-batch inside the step, as
+    the clients' ``inputs`` function. ``optimizer_once``: ``optimizer.step()`` only in the first
+    recorded step (its allocations do not depend on the batch). ``set_to_none``: each step frees
+    the gradients first (PyTorch's default) or zeroes them in place (the clients; every
+    micro-batch after the first runs that way).
     """
     optimizer = check_optimizer(optimizer)
     sizes = [check_positive("batch_size", b) for b in batch_sizes]
@@ -270,42 +242,14 @@ def measure_peak_bytes(
 ) -> int:
     """Ground truth: peak of all live bytes during a real second training step, in bytes.
 
-    CPU: from the profiler's allocator events (see the module docstring); the count includes
-    the copy's parameters, buffers, gradients, optimizer state and the input batch, because
-    they are allocated inside the profiling session. CUDA: ``reset_peak_memory_stats()`` before
-    the second step, ``max_memory_allocated()`` after it, minus nothing: everything on the
-    device counts (pass a CPU-resident model so that only the trained copy is there).
-
-    Parameters
-    ----------
-    model : nn.Module
-        Not modified: a deep copy is trained.
-    input_shape : tuple of int
-        Shape of one example, e.g. ``(3, 32, 32)`` or ``(seq_len,)``.
-    num_classes : int
-        Number of classes of the labels.
-    optimizer : {"sgd", "adam", "none"}
-        The step's optimizer ("none": gradients only, as flower-large-batch clients).
-    batch_size : int
-        Examples in the step (>= 1).
-    device : str or torch.device
-        ``"cpu"`` or ``"cuda[:i]"``.
-    micro_batch_size : int, optional
-        Accumulate the batch in micro-batches of this many examples (None: one pass).
-    input_dtype : torch.dtype
-        dtype of the input (float32 images/features, int64 token ids).
-    make_input : callable, optional
-        ``make_input(b)`` -> input batch; overrides ``input_shape``/``input_dtype``.
-    transform : callable, optional
-        Per-(micro-)batch input function inside the step (see :func:`trace_steps`).
-    set_to_none : bool
-        Both steps free the gradients first (True: PyTorch's default ``optimizer.zero_grad()``)
-        or keep them and zero them in place (False: the flower-large-batch client step).
-
-    Returns
-    -------
-    int
-        Peak live bytes of the step.
+    A deep copy of ``model`` runs two steps of ``optimizer`` ("sgd", "adam", or "none":
+    gradients only, as our clients) on ``batch_size`` examples, in micro-batches of
+    ``micro_batch_size`` if given, with ``transform`` applied per micro-batch. ``set_to_none``:
+    the steps free the gradients first (PyTorch's default) or zero them in place (our clients).
+    CPU: from the profiler's allocator events (module docstring), which count the copy's
+    parameters, buffers, gradients, optimizer state and the input batch. CUDA:
+    ``max_memory_allocated()`` over the second step; everything on the device counts (pass a
+    CPU-resident model).
     """
     make_input = make_input or default_make_input(input_shape, input_dtype)
     micro = 0 if micro_batch_size is None else check_positive("micro_batch_size", micro_batch_size)

@@ -156,27 +156,14 @@ def run(config: Mapping[str, Any] | None = None, *, clients: int = 8, engine: st
     ConfigError
         Before anything runs, naming the key, the value and what is allowed.
     """
-    from workloads.errors import ConfigError
-
-    if engine not in ENGINES:
-        raise ConfigError(f"engine = {engine!r} is not allowed. Allowed: {', '.join(ENGINES)}.")
-    if on_error not in ("raise", "record"):
-        raise ConfigError(f"on_error = {on_error!r} is not allowed. Allowed: raise, record.")
-    if clients < 1:
-        raise ConfigError(f"clients = {clients}: must be >= 1.")
+    _check_run_args(engine, on_error, clients)
     cfg = full_config(config)
     key = run_key(cfg, clients, engine)
     folder = Path(out) if out else RUNS_DIR / f"{cfg['dataset']}-{cfg['teacher']}-B{cfg['global-batch-size']}-s{cfg['seed']}-{key}"
     folder = folder.expanduser().resolve()
     if not force and _finished(folder, cfg):
         return Run.load(folder, cached=True)
-    resume = (folder / "checkpoint.pt").exists() and not force
-    if folder.exists() and not resume:
-        if (folder / "rounds.csv").exists() and not force and out is not None and not (folder / "error.json").exists():
-            raise ConfigError(f"out = '{folder}' holds a different or unfinished run without a checkpoint. "
-                              "Allowed: another folder, or force=True to replace it.")
-        shutil.rmtree(folder)
-    cfg = cfg | {"out-dir": str(folder), "resume": resume}
+    cfg = cfg | {"out-dir": str(folder), "resume": _prepare_folder(folder, force, explicit=out is not None)}
     with round_progress(cfg["num-server-rounds"], progress, f"{cfg['teacher']} B={cfg['global-batch-size']} s{cfg['seed']}") as advance:
         try:
             if engine == "inprocess":
@@ -190,6 +177,30 @@ def run(config: Mapping[str, Any] | None = None, *, clients: int = 8, engine: st
                 raise
             atomic_write_json(folder / "error.json", {"error": f"{type(err).__name__}: {err}"})
     return Run.load(folder)
+
+
+def _check_run_args(engine: str, on_error: str, clients: int) -> None:
+    from workloads.errors import ConfigError
+
+    if engine not in ENGINES:
+        raise ConfigError(f"engine = {engine!r} is not allowed. Allowed: {', '.join(ENGINES)}.")
+    if on_error not in ("raise", "record"):
+        raise ConfigError(f"on_error = {on_error!r} is not allowed. Allowed: raise, record.")
+    if clients < 1:
+        raise ConfigError(f"clients = {clients}: must be >= 1.")
+
+
+def _prepare_folder(folder: Path, force: bool, explicit: bool) -> bool:
+    """Whether the run resumes from ``folder``'s checkpoint; otherwise empty the folder (refusing a foreign run)."""
+    from workloads.errors import ConfigError
+
+    resume = (folder / "checkpoint.pt").exists() and not force
+    if folder.exists() and not resume:
+        if (folder / "rounds.csv").exists() and not force and explicit and not (folder / "error.json").exists():
+            raise ConfigError(f"out = '{folder}' holds a different or unfinished run without a checkpoint. "
+                              "Allowed: another folder, or force=True to replace it.")
+        shutil.rmtree(folder)
+    return resume
 
 
 def _run_ray(cfg: dict[str, Any], clients: int, federation: str, advance) -> None:

@@ -7,7 +7,7 @@ One train round is one exchange per sampled client (message type ``train``):
   when a teacher's round plan asks for it, per-step learning rates, the server's momentum and
   weight decay with its ``velocity`` ArrayRecord, and this client's gradient multiplier m_i.
 - **Reply** (client -> server): ``grads`` (mean-loss gradient of b_i examples, or the
-  pseudo-gradient of H local steps), ``buffers`` (BatchNorm statistics, if any), ``momentum``
+  pseudo-gradient of H local steps), ``buffers`` (BatchNorm statistics, if any), ``velocity``
   (the final local velocity, only when the server's optimizer ran on the client), ``metrics``
   (``ReplyMetrics``) and ``info`` (where the client ran).
 
@@ -29,7 +29,7 @@ from protocol.arrays import record_tensors, tensors_record
 
 # Records of a message's content.
 ARRAYS, CONFIG, METRICS, INFO = "arrays", "config", "metrics", "info"
-GRADS, BUFFERS, MOMENTUM, VELOCITY = "grads", "buffers", "momentum", "velocity"
+GRADS, BUFFERS, VELOCITY = "grads", "buffers", "velocity"  # VELOCITY: the server's, or a client's final one
 
 # The instruction's config record.
 SERVER_ROUND, LOCAL_BATCH, MICRO_BATCH = "server-round", "local-batch-size", "micro-batch-size"
@@ -127,13 +127,13 @@ def round_of(content: RecordDict) -> int:
 
 def reply_content(names: Sequence[str], grads: Sequence[torch.Tensor], metrics: Mapping[str, Any],
                   buffers: Mapping[str, torch.Tensor] | None = None,
-                  momentum: Sequence[torch.Tensor] | None = None, info: Mapping[str, Any] | None = None) -> RecordDict:
+                  velocity: Sequence[torch.Tensor] | None = None, info: Mapping[str, Any] | None = None) -> RecordDict:
     """A train reply: gradient by parameter name, metrics, and the optional records."""
     content = RecordDict({GRADS: tensors_record(dict(zip(names, grads))), METRICS: MetricRecord(dict(metrics))})
     if buffers:
         content[BUFFERS] = tensors_record(buffers)
-    if momentum is not None:
-        content[MOMENTUM] = tensors_record(dict(zip(names, momentum)))
+    if velocity is not None:
+        content[VELOCITY] = tensors_record(dict(zip(names, velocity)))
     if info is not None:
         content[INFO] = ConfigRecord(dict(info))
     return content
@@ -145,7 +145,7 @@ class ReplyRecords:
 
     grads: dict[str, torch.Tensor]
     buffers: dict[str, torch.Tensor] | None
-    momentum: dict[str, torch.Tensor]
+    velocity: dict[str, torch.Tensor]  # empty unless the server's optimizer ran on the client
     metrics: dict[str, Any]
     info: dict[str, str]
 
@@ -161,7 +161,7 @@ def read_reply(content: RecordDict) -> ReplyRecords | str:
         return ReplyRecords(
             grads=record_tensors(content[GRADS], copy=False),
             buffers=record_tensors(content[BUFFERS]) if BUFFERS in content.array_records else None,
-            momentum=record_tensors(content[MOMENTUM], copy=False) if MOMENTUM in content.array_records else {},
+            velocity=record_tensors(content[VELOCITY], copy=False) if VELOCITY in content.array_records else {},
             metrics=dict(content[METRICS]),
             info={k: str(v)[:64] for k, v in content[INFO].items()} if INFO in content.config_records else {},
         )

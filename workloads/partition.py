@@ -51,27 +51,12 @@ def _compute_partitions(
     alpha: float,
     seed: int,
 ) -> tuple[np.ndarray, ...]:
-    """Split example indices ``0..N-1`` into ``num_partitions`` client partitions.
+    """Split example indices ``0..N-1`` into ``num_partitions`` sorted int64 index arrays.
 
-    Parameters
-    ----------
-    labels : bytes
-        The training labels as ``np.int64`` bytes (hashable, for the cache).
-    num_partitions : int
-        Number of clients (``num-partitions`` in the node config).
-    partitioner : str
-        ``"iid"`` (a seeded shuffle, then equal contiguous shards) or ``"dirichlet"``
-        (per-class proportions drawn from Dirichlet(alpha), flwr-datasets'
-        ``DirichletPartitioner``).
-    alpha : float
-        Dirichlet concentration; smaller is more skewed. Ignored for ``"iid"``.
-    seed : int
-        Seeds the shuffle / the Dirichlet draws.
-
-    Returns
-    -------
-    tuple[np.ndarray, ...]
-        One sorted int64 index array per partition; together they cover every index once.
+    ``labels`` are the training labels as int64 bytes (hashable, for the cache). ``iid``: a
+    seeded shuffle, then equal contiguous shards; ``dirichlet``: per-class proportions drawn from
+    Dirichlet(``alpha``) (flwr-datasets' ``DirichletPartitioner``; smaller is more skewed).
+    Together the partitions cover every index once.
     """
     from datasets import Dataset
     from flwr_datasets.partitioner import DirichletPartitioner, IidPartitioner

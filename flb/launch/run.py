@@ -99,46 +99,15 @@ def prepare(run_config: str, federation_config: str, out: str, resume: str = "",
     is about 500 MB of resident memory here, for as long as the run lasts.
     """
     if isolated:
-        import subprocess
-
-        request = json.dumps({"args": [run_config, federation_config, out, resume]})
-        child = subprocess.run([sys.executable, "-c", "import flb.launch.run as r; r._prepare_child()"],
-                               input=request, capture_output=True, text=True, cwd=REPO_ROOT)
-        try:
-            answer = json.loads(child.stdout.strip().splitlines()[-1])
-        except (IndexError, json.JSONDecodeError):
-            raise RuntimeError(f"the pre-flight check crashed (exit {child.returncode}):\n{child.stderr[-3000:]}") from None
-        if "error" in answer:
-            from workloads.errors import DataNotFoundError
-
-            raise (DataNotFoundError if answer["kind"] == "DataNotFoundError" else ConfigError)(answer["error"])
-        cfg = RunConfig.from_mapping(answer["config"])
-        return cfg, answer["federation"], Path(cfg.out_dir), answer["warnings"]
+        return _prepare_isolated(run_config, federation_config, out, resume)
     from server_app.preflight import parse_run_config, preflight
-    from server_app.results import RESUMABLE_KEYS
     from workloads.data import resolve_data_dir
 
     overrides = parse_pairs(run_config)
     if resume:
-        folder = Path(resume).expanduser().resolve()
-        saved = folder / "run_config.toml"
-        if not saved.exists():
-            raise ConfigError(f"--resume '{folder}': no run_config.toml there. Allowed: a results folder of python -m flb.launch.")
-        changed = sorted(set(overrides) - RESUMABLE_KEYS)
-        if changed:
-            raise ConfigError(f"--resume: run-config key '{changed[0]}' cannot change in a resumed run. "
-                              f"Allowed: {', '.join(sorted(RESUMABLE_KEYS - {'resume', 'out-dir'}))}.")
-        with open(saved, "rb") as f:
-            fused = tomllib.load(f) | overrides | {"resume": True, "out-dir": str(folder)}
-        fed_file = folder / "federation.json"
-        fed = parse_federation(federation_config, json.loads(fed_file.read_text()) if fed_file.exists() else None)
-        saved_nodes = json.loads(fed_file.read_text())["num-supernodes"] if fed_file.exists() else fed["num-supernodes"]
-        if fed["num-supernodes"] != saved_nodes:
-            raise ConfigError(f"--resume: federation-config key 'num-supernodes' = {fed['num-supernodes']}: must stay "
-                              f"{saved_nodes}, the partitions depend on it.")
+        fused, fed = _resumed(Path(resume).expanduser().resolve(), overrides, federation_config)
     else:
-        fused = project_defaults() | overrides
-        fed = parse_federation(federation_config)
+        fused, fed = project_defaults() | overrides, parse_federation(federation_config)
     cfg = parse_run_config(fused)
     data = resolve_data_dir(cfg.data_dir)
     stamp = time.strftime("%Y%m%d-%H%M%S")
@@ -146,6 +115,49 @@ def prepare(run_config: str, federation_config: str, out: str, resume: str = "",
     cfg = cfg.replace(out_dir=str(out_dir.expanduser().resolve()), data_dir=str(data) if data else "")
     warnings = preflight(cfg, fed["num-supernodes"], fed["client-resources-num-cpus"])
     return cfg, fed, Path(cfg.out_dir), warnings
+
+
+def _prepare_isolated(run_config: str, federation_config: str, out: str,
+                      resume: str) -> tuple[RunConfig, dict[str, Any], Path, list[str]]:
+    """``prepare`` in a child process; its errors raised here as the same exceptions."""
+    import subprocess
+
+    request = json.dumps({"args": [run_config, federation_config, out, resume]})
+    child = subprocess.run([sys.executable, "-c", "import flb.launch.run as r; r._prepare_child()"],
+                           input=request, capture_output=True, text=True, cwd=REPO_ROOT)
+    try:
+        answer = json.loads(child.stdout.strip().splitlines()[-1])
+    except (IndexError, json.JSONDecodeError):
+        raise RuntimeError(f"the pre-flight check crashed (exit {child.returncode}):\n{child.stderr[-3000:]}") from None
+    if "error" in answer:
+        from workloads.errors import DataNotFoundError
+
+        raise (DataNotFoundError if answer["kind"] == "DataNotFoundError" else ConfigError)(answer["error"])
+    cfg = RunConfig.from_mapping(answer["config"])
+    return cfg, answer["federation"], Path(cfg.out_dir), answer["warnings"]
+
+
+def _resumed(folder: Path, overrides: dict[str, Any],
+             federation_config: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The run config and federation of the earlier run in ``folder``, with the allowed changes."""
+    from server_app.results import RESUMABLE_KEYS
+
+    saved = folder / "run_config.toml"
+    if not saved.exists():
+        raise ConfigError(f"--resume '{folder}': no run_config.toml there. Allowed: a results folder of python -m flb.launch.")
+    changed = sorted(set(overrides) - RESUMABLE_KEYS)
+    if changed:
+        raise ConfigError(f"--resume: run-config key '{changed[0]}' cannot change in a resumed run. "
+                          f"Allowed: {', '.join(sorted(RESUMABLE_KEYS - {'resume', 'out-dir'}))}.")
+    with open(saved, "rb") as f:
+        fused = tomllib.load(f) | overrides | {"resume": True, "out-dir": str(folder)}
+    fed_file = folder / "federation.json"
+    fed = parse_federation(federation_config, json.loads(fed_file.read_text()) if fed_file.exists() else None)
+    saved_nodes = json.loads(fed_file.read_text())["num-supernodes"] if fed_file.exists() else fed["num-supernodes"]
+    if fed["num-supernodes"] != saved_nodes:
+        raise ConfigError(f"--resume: federation-config key 'num-supernodes' = {fed['num-supernodes']}: must stay "
+                          f"{saved_nodes}, the partitions depend on it.")
+    return fused, fed
 
 
 def _prepare_child() -> None:
