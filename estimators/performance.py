@@ -143,6 +143,7 @@ def _knee_residuals(x: np.ndarray, b: np.ndarray, t: np.ndarray) -> np.ndarray:
     return np.hstack([fit, prior])
 
 
+@np.errstate(all="ignore")
 def _knee_grid_start(b: np.ndarray, t: np.ndarray) -> np.ndarray:
     """Best point of a fixed grid over (alpha, p, q); floor and beta solved in closed form.
 
@@ -155,7 +156,7 @@ def _knee_grid_start(b: np.ndarray, t: np.ndarray) -> np.ndarray:
     S, PM1, Q = (g.ravel() for g in np.meshgrid(share, pm1, q, indexing="ij"))
     P = 1.0 + PM1
     tn, bn = t / t[0], b / b[-1]  # scale-free: fit t / t_0 against b / b_max
-    y = np.clip(tn[None, :] - S[:, None], 1e-12, None) ** P[:, None]  # (G, n)
+    y = np.clip(tn[None, :] - S[:, None], 1e-12, None) ** P[:, None]  # (G, n); may under/overflow: such rows are dropped
     xcol = bn[None, :] ** (Q * P)[:, None]
     w = 1.0 / y  # relative errors
     a11, a12, a22 = (w**2).sum(1), (w**2 * xcol).sum(1), (w**2 * xcol**2).sum(1)
@@ -169,6 +170,10 @@ def _knee_grid_start(b: np.ndarray, t: np.ndarray) -> np.ndarray:
                          np.log(2.0 * (Q - 1.0) / (1.0 - 2.0 * (Q - 1.0)))])
     x = np.clip(x, _KNEE_LOWER, _KNEE_UPPER)
     cost = (_knee_residuals(x, b, t) ** 2).sum(1)
+    cost[~(np.isfinite(cost) & np.isfinite(x).all(1))] = np.inf  # under- or overflow in the closed form
+    if not np.isfinite(cost).any():
+        return np.clip(np.array([np.log(0.1 * t[0]), np.log(0.9 * t[0]), np.log(t[-1] / b[-1]), np.log(3.0), -4.0]),
+                       _KNEE_LOWER, _KNEE_UPPER)
     return x[int(np.argmin(cost))]
 
 
