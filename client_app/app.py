@@ -18,7 +18,6 @@ the measured peak of the step (estimators/step_peak.py).
 from __future__ import annotations
 
 import contextlib
-import functools
 import time
 from dataclasses import dataclass
 
@@ -30,10 +29,11 @@ from flwr.clientapp import ClientApp
 
 from client_app.job import ClientJob, get_job, load_global, node_identity
 from client_app.packing import answer_bundle
+from client_app.run_config import client_run
 from protocol.packing import bundle_threads
 from estimators.performance import profile_batches
 from estimators.step_peak import step_peak
-from workloads.devices import memory_budget_mb, parse_profiles
+from workloads.devices import memory_budget_mb
 from workloads.config import ConfigError, RunConfig
 from protocol import messages as m
 from protocol.packing import PACKED_ACTION
@@ -43,17 +43,12 @@ app = ClientApp()
 PROCESS_THREADS = torch.get_num_threads()  # the CPUs this process was given (Ray sets OMP_NUM_THREADS in its actors)
 
 
-@functools.lru_cache(maxsize=16)
-def _run_config(items: tuple) -> RunConfig:
-    """The parsed run config (a Ray actor parses the same one for every client it serves)."""
-    return RunConfig.from_mapping(dict(items))
-
-
 def _client(context: Context) -> tuple[RunConfig, int, int, ClientJob, float, str]:
     """This node's run config, partition id and count, cached job, and memory budget (MiB) with its source."""
-    cfg = _run_config(tuple(sorted(context.run_config.items())))
+    run = client_run(context)  # parsed once per process and run (client_app/run_config.py)
+    cfg = run.cfg
     pid, nparts, data_dir = node_identity(context.node_config, cfg)
-    budget_mb, source = memory_budget_mb(context.node_config, parse_profiles(cfg.device_profiles), cfg.memory_budget_mb, pid)
+    budget_mb, source = memory_budget_mb(context.node_config, run.profiles, cfg.memory_budget_mb, pid)
     return cfg, pid, nparts, get_job(cfg, pid, nparts, data_dir), budget_mb, source
 
 
@@ -160,7 +155,7 @@ def _cpu_step_peak_mb(job, model: torch.nn.Module, batch, micro: int, seed: int)
 @app.query("identify")
 def identify(msg: Message, context: Context) -> Message:
     """Tell the server which partition this node holds (strategies/nodes.py); builds nothing."""
-    pid, nparts, _ = node_identity(context.node_config, RunConfig.from_mapping(context.run_config))
+    pid, nparts, _ = node_identity(context.node_config, client_run(context).cfg)
     return Message(RecordDict({m.METRICS: MetricRecord({m.PARTITION_ID: pid, m.NUM_PARTITIONS: nparts})}),
                    reply_to=msg)
 
@@ -200,7 +195,7 @@ def train_packed(msg: Message, context: Context) -> Message:
     On a CPU, ``client-threads`` of them run at a time (0: as many as this process has CPUs),
     except in rounds that measure memory, whose clients run one by one.
     """
-    cfg = _run_config(tuple(sorted(context.run_config.items())))
+    cfg = client_run(context).cfg
     return _answer(msg, context, cfg, lambda content: _check_memory(cfg, m.round_of(content)))
 
 
@@ -211,7 +206,7 @@ def query_packed(msg: Message, context: Context) -> Message:
     One by one (a capacity probe times the client's step), with the intra-op threads a client
     of a train bundle gets in this process.
     """
-    return _answer(msg, context, _run_config(tuple(sorted(context.run_config.items()))), lambda content: True)
+    return _answer(msg, context, client_run(context).cfg, lambda content: True)
 
 
 def _answer(msg: Message, context: Context, cfg: RunConfig, alone) -> Message:

@@ -28,6 +28,7 @@ import torch
 from flwr.app import Context, Message, Metadata, RecordDict
 
 from client_app.job import set_model_slot
+from client_app.run_config import client_run
 from protocol.arrays import out_of_band
 from protocol.packing import bundle, unbundle, virtual_partition
 from workloads.config import ConfigError, RunConfig
@@ -47,7 +48,7 @@ def answer_bundle(client_app: Callable[[Message, Context], Message], msg: Messag
         If the run has ``virtual-clients = 0``, or this node holds its own data (``data-dir``:
         a deployed SuperNode can only be its own client).
     """
-    cfg = RunConfig.from_mapping(context.run_config)
+    cfg = client_run(context).cfg
     _check_packed_node(cfg, context.node_config)
     parts, meta = unbundle(msg.content)
     md = msg.metadata

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import pytest
 import torch
-from flwr.app import ConfigRecord, Error, Message
+from flwr.app import ConfigRecord, Context, Error, Message, RecordDict
 
 from client_app.app import app as client_app
 from strategies.large_batch import LargeBatchStrategy, RoundFailure
 from strategies.teacher_registry import build_teacher
 from flb.inprocess import FakeGrid, client_context, delivered, reply_via_client, state_arrays
 from workloads.config import ConfigError, RunConfig
+from workloads.devices import DeviceProfile
 from workloads.models import build_model
 from workloads.training import draw_batch
 
@@ -107,3 +108,33 @@ def test_micro_batching_does_not_change_the_gradient():
         grads.append(torch.cat([torch.from_numpy(a.numpy()).reshape(-1) for a in reply.content["grads"].values()]))
         assert reply.content["metrics"]["micro-batch-size"] == (7 if micro else 64)
     assert float((grads[0] - grads[1]).norm() / grads[0].norm()) < 1e-6
+
+
+def test_client_parses_the_run_config_once_per_run_and_config(monkeypatch):
+    import client_app.run_config as rc
+
+    parsed, profiled = [], []
+    real_parse, real_profiles = RunConfig.from_mapping.__func__, rc.parse_profiles
+    monkeypatch.setattr(rc.RunConfig, "from_mapping", classmethod(lambda cls, m: parsed.append(dict(m)) or real_parse(cls, m)))
+    monkeypatch.setattr(rc, "parse_profiles", lambda text: profiled.append(text) or real_profiles(text))
+    monkeypatch.setattr(rc, "_CACHE", type(rc._CACHE)())
+    config = {"global-batch-size": 30, "device-profiles": "a:100,b:0"}
+
+    def context(run_id, run_config):
+        return Context(run_id=run_id, node_id=9, node_config={}, state=RecordDict(), run_config=dict(run_config))
+
+    first = rc.client_run(context(1, config))
+    for _ in range(3):  # further messages of the run, in fresh contexts, in any key order
+        assert rc.client_run(context(1, dict(reversed(config.items())))) is first
+        assert first.profiles == (DeviceProfile("a", 100.0), DeviceProfile("b", 0.0))
+    assert len(parsed) == 1 and profiled == ["a:100,b:0"]
+    assert rc.client_run(context(2, config)) is not first  # another run served by the same process
+    changed = rc.client_run(context(1, config | {"global-batch-size": 31}))  # the same run id, another config
+    assert changed.cfg.global_batch_size == 31 and len(parsed) == 3
+    rc.client_run(context(1, {"augment": True}))
+    with pytest.raises(ConfigError, match="'augment' = 1 has the wrong type"):  # 1 == True, but not the same config
+        rc.client_run(context(1, {"augment": 1}))
+    bad = rc.client_run(context(3, {"device-profiles": "phone"}))  # profiles are parsed (and fail) only when used
+    for _ in range(2):
+        with pytest.raises(ConfigError, match="'device-profiles' entry 'phone'"):
+            bad.profiles

@@ -11,6 +11,7 @@ import pytest
 from flb.launch.run import parse_federation, parse_pairs, prepare
 from server_app.preflight import parse_run_config
 from tests.conftest import REPO_ROOT
+from workloads import config_doc
 from workloads.config import RunConfig, check_batches_fit, split_global_batch
 from workloads.errors import ConfigError
 
@@ -19,6 +20,37 @@ def test_pyproject_defaults_equal_dataclass_defaults():
     with open(REPO_ROOT / "pyproject.toml", "rb") as f:
         table = tomllib.load(f)["tool"]["flwr"]["app"]["config"]
     assert table == RunConfig.defaults()
+
+
+def test_pyproject_and_docs_tables_are_generated_from_run_config():
+    found = config_doc.check()
+    assert not found, "\n".join([*found, f"Regenerate with: {config_doc.COMMAND}"])
+
+
+def test_every_key_has_a_one_line_doc():
+    docs = RunConfig.docs()
+    assert list(docs) == list(RunConfig.keys())
+    for key, doc in docs.items():
+        assert doc.strip() and "\n" not in doc and "|" not in doc, key  # one row of the markdown table
+
+
+def test_the_checker_names_the_key_that_differs_and_write_repairs_it(tmp_path):
+    for target in config_doc.TARGETS:
+        (tmp_path / target.path).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / target.path).write_text((REPO_ROOT / target.path).read_text())
+    pyproject, docs = tmp_path / "pyproject.toml", tmp_path / "docs" / "run-config.md"
+    pyproject.write_text(pyproject.read_text().replace("\nlr = 0.3\n", "\nlr = 0.5\n").replace("resume = false\n", ""))
+    docs.write_text(docs.read_text().replace("server SGD momentum", "SGD momentum"))
+    found = "\n".join(config_doc.check(tmp_path))
+    assert "pyproject.toml: key 'lr' differs" in found and "lr = 0.5" in found and "lr = 0.3" in found
+    assert "pyproject.toml: key 'resume' is missing" in found
+    assert "docs/run-config.md: key 'momentum' differs" in found
+    assert config_doc.main(["--root", str(tmp_path)]) == 1
+    before = docs.read_text()
+    assert config_doc.write(tmp_path) == ["pyproject.toml", "docs/run-config.md"]
+    assert config_doc.check(tmp_path) == [] and config_doc.write(tmp_path) == []
+    assert pyproject.read_text() == (REPO_ROOT / "pyproject.toml").read_text()
+    assert docs.read_text() == before.replace("| SGD momentum", "| server SGD momentum")  # the prose is kept
 
 
 def test_empty_run_config_gives_defaults():

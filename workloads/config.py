@@ -6,6 +6,10 @@ Flower hands the ServerApp and the ClientApp a flat ``run_config`` dict with keb
 types and out-of-range values with a message that names the key, the value and what is
 allowed. Nothing below the apps receives a ``Context``.
 
+``RunConfig`` is the one source of the keys: each field is a key (``foo_bar`` is ``foo-bar``)
+with its default and a one-line doc (``_key``). ``pyproject.toml``'s table and the table of
+``docs/run-config.md`` are generated from it (``python -m workloads.config_doc --write``).
+
 This module is a leaf: it imports nothing of the project but ``workloads.errors``. Names that
 registries own (datasets, models, teachers, device profiles) are checked by those registries,
 all at once by ``server_app.preflight.parse_run_config``.
@@ -28,54 +32,96 @@ DEVICES = ("auto", "cpu", "cuda")
 BATCH_POLICIES = ("fixed", "memory-max", "optimal")
 
 
+def _key(default: Any, doc: str) -> Any:
+    """A run-config key: its default and its one-line doc (markdown, the meaning column of docs/run-config.md)."""
+    return dataclasses.field(default=default, metadata={"doc": doc})
+
+
 @dataclass(frozen=True)
 class RunConfig:
     """Typed run configuration; field ``foo_bar`` is run-config key ``foo-bar``."""
 
-    dataset: str = "digits"  # workload name, see workloads.registry.WORKLOADS
-    data_dir: str = ""  # folder with <dataset>/*.npz; "" = $FLB_DATA_DIR, then download
-    model: str = "auto"  # "auto" = the workload's default model
-    partitioner: str = "iid"  # "iid" or "dirichlet" (over labels)
-    dirichlet_alpha: float = 0.5  # concentration of the Dirichlet label split
-    val_fraction: float = 0.1  # share of the training split held out for validation
-    train_limit: int = 0  # keep this many training examples (fixed random subset); 0 = all
-    num_server_rounds: int = 60  # rounds = global steps (with local-steps=1)
-    clients_per_round: int = 0  # K clients sampled per round; 0 = every connected node
-    virtual_clients: int = 0  # simulation: V clients packed onto the Flower nodes (strategies/packing.py); 0 = one per node
-    client_threads: int = 0  # virtual clients on a CPU: clients of a bundle computed at once (one core each); 0 = the process's CPUs
-    global_batch_size: int = 256  # B = sum of the local batches b_i, in examples
-    micro_batch_size: int = 0  # examples per forward/backward on a client; 0 = b_i
-    local_steps: int = 1  # H; 1 = gradient of the global batch, >1 = FedAvg-style
-    lr: float = 0.3  # peak server learning rate per global step
-    momentum: float = 0.9  # server SGD momentum
-    weight_decay: float = 5e-4  # L2 coefficient added to the gradient on the server
-    warmup_rounds: int = 2  # linear warm-up from lr/warmup to lr over this many rounds
-    schedule: str = "cosine"  # decay after warm-up: constant, cosine or linear
-    eval_every: int = 5  # central evaluation every this many rounds (and the last)
-    seed: int = 0  # seeds partitioning, client sampling, shuffles and model init
-    out_dir: str = ""  # results folder; "" = ./results/<timestamp>
-    teacher: str = "none"  # gradient teacher, see strategies/teacher_registry.py
-    teacher_steps: str = "0:4.0,0.33:2.0,0.66:1.0"  # step teacher: start:multiplier, ...
-    teacher_small_batch: int = 64  # b_s: the small batch a teacher targets (noise, lr scaling)
-    teacher_ema: float = 0.9  # adascale: EMA decay of the noise statistics per round
-    teacher_switch: float = 0.5  # post-local: rounds of the large-batch phase (a fraction of num-server-rounds below 1, else a count)
-    teacher_local_steps: int = 16  # post-local: local steps H per round after the switch; swap: steps of the last round
-    teacher_hyper_lr: float = 0.05  # learned: step of the per-tensor log-gains per round (normalised hypergradient)
-    teacher_val_batch: int = 64  # learned: validation examples per hypergradient (validation split only)
-    augment: bool = True  # random crop + flip on training batches (CIFAR-10 only)
-    device: str = "auto"  # "auto" = cuda when available, else cpu
-    device_profiles: str = ""  # simulated devices: name:memory_mb[:speed[:mbps[:ms]]], ...
-    memory_budget_mb: float = 0.0  # client memory budget when no profile/node config; 0 = none
-    memory_margin: float = 0.1  # share of a budget held back from the estimator's prediction
-    memory_check_every: int = 0  # CPU clients measure the step's peak (profiled replay): 0 = first and last round, N = also every N-th, -1 = never
-    batch_policy: str = "fixed"  # fixed (global-batch-size, even split), memory-max, optimal
-    batch_objective: str = "time"  # optimal: least time to a target, or least compute cost ("cost")
-    calibration_rounds: int = 2  # optimal: rounds at global-batch-size that measure the noise scale
-    min_batch_fraction: float = 1.0  # a round needs valid replies covering this share of the planned batch
-    round_timeout_s: float = 600.0  # seconds a round waits for replies; later ones count as failures
-    max_norm_ratio: float = 50.0  # reject |g_i| above this times the largest other / recent |g_j| (docs/faults.md); 0 = off
-    checkpoint_every: int = 10  # write checkpoint.pt every this many rounds (and at the end); 0 = at the end
-    resume: bool = False  # continue the run in out-dir from its checkpoint.pt
+    dataset: str = _key("digits", "`digits` (embedded), `mnist`, `cifar10`")
+    data_dir: str = _key(
+        "", "folder with `<dataset>/*.npz`; `\"\"` = `$FLB_DATA_DIR`, then the download cache, then a download")
+    model: str = _key(
+        "auto", "`auto` (digits: `mlp`, mnist: `cnn`, cifar10: `cnn`), `mlp`, `cnn`, `resnet18`, `resnet50`, `vgg11`")
+    partitioner: str = _key("iid", "`iid` or `dirichlet` over labels (flwr-datasets partitioners)")
+    dirichlet_alpha: float = _key(0.5, "Dirichlet concentration; smaller is more skewed")
+    val_fraction: float = _key(
+        0.1, "share of the training split held out for validation (fixed seed, same for every run seed)")
+    train_limit: int = _key(
+        0, "keep this many training examples (a fixed random subset, the same for every seed); `0` = all")
+    num_server_rounds: int = _key(60, "rounds; with `local-steps=1` one round is one global step")
+    clients_per_round: int = _key(0, "clients sampled per round; `0` = every connected node")
+    virtual_clients: int = _key(
+        0, "simulation only: `V` clients (partitions `0..V-1`) packed, each round, into one message per Flower node "
+           "([running.md](running.md#virtual-clients-many-clients-on-few-flower-nodes)); `0` = one client per Flower node")
+    client_threads: int = _key(
+        0, "virtual clients on a CPU: clients of a bundle a process computes at once, one core each "
+           "([more](#client-threads)); `0` = the process's CPUs, `1` = one after another")
+    global_batch_size: int = _key(256, "`B`, split evenly over the round's clients (`b_i` differ by at most 1)")
+    micro_batch_size: int = _key(0, "examples per forward/backward on a client; `0` = the whole `b_i` at once")
+    local_steps: int = _key(
+        1, "`1`: clients return their batch gradient; `H>1`: `H` local SGD steps, returned as `(w0 - wH)/lr`")
+    lr: float = _key(0.3, "peak server learning rate per global step")
+    momentum: float = _key(0.9, "server SGD momentum")
+    weight_decay: float = _key(5e-4, "L2 coefficient, added to the gradient on the server")
+    warmup_rounds: int = _key(2, "linear warm-up from `lr/warmup` to `lr`")
+    schedule: str = _key("cosine", "after warm-up: `constant`, `cosine` or `linear` decay")
+    eval_every: int = _key(5, "central evaluation (validation and test) every this many rounds, and at the last")
+    seed: int = _key(0, "seeds partitioning, client sampling, shuffles, augmentation and the initial model")
+    out_dir: str = _key("", "results folder; `\"\"` = `./results/<time>-<dataset>-s<seed>`")
+    teacher: str = _key(
+        "none", "gradient teacher: `none`, `step`, `noise`, `adascale`, `linear`, `sqrt`, `lars`, `post-local`, `swap`, "
+                "`signed-noise`, `learned` (see [teachers.md](teachers.md))")
+    teacher_steps: str = _key(
+        "0:4.0,0.33:2.0,0.66:1.0",
+        "`step`: `start:multiplier` entries; a start below 1 is a fraction of `num-server-rounds`, else a round count")
+    teacher_small_batch: int = _key(
+        64, "`b_s`, the small batch a teacher targets: the noise of `noise`, `signed-noise` and `learned`, "
+            "the reference batch of `linear`, `sqrt`, `adascale`")
+    teacher_ema: float = _key(0.9, "`adascale`: per-round EMA decay of its noise statistics")
+    teacher_switch: float = _key(
+        0.5, "`post-local`: rounds of the large-batch phase, a fraction of `num-server-rounds` below 1, "
+             "else a whole number of rounds; both phases need a round")
+    teacher_local_steps: int = _key(
+        16, "`post-local`: local steps `H` per round after the switch; `swap`: steps of the last round "
+            "(the refinement) ([more](#teacher-local-steps))")
+    teacher_hyper_lr: float = _key(
+        0.05, "`learned`: step of its per-tensor log-gains per round (a cosine, so unit-free); `0` keeps the gains at 1")
+    teacher_val_batch: int = _key(
+        64, "`learned`: validation examples per round for its hypergradient (the validation split only, at the server)")
+    augment: bool = _key(True, "random crop (pad 4) and horizontal flip of training batches, CIFAR-10 only")
+    device: str = _key("auto", "`auto` (CUDA when visible), `cpu`, `cuda`")
+    device_profiles: str = _key(
+        "", "simulated devices `name:memory_mb[:speed[:mbps[:ms]]]`, comma-separated; partition `i` gets entry "
+            "`i mod n`; `memory_mb` 0 = unlimited")
+    memory_budget_mb: float = _key(
+        0.0, "a client's memory budget when neither its node config nor a profile gives one; `0` = unlimited")
+    memory_margin: float = _key(0.1, "share of the budget held back from the estimator's prediction")
+    memory_check_every: int = _key(
+        0, "CPU clients measure their step's peak memory (a profiled replay, [more](#memory-check-every)) in the first "
+           "and the last round; `N` also every N-th round; `-1` = never. CUDA measures every round at no cost")
+    batch_policy: str = _key(
+        "fixed", "how `b_i` are set: `fixed` (`global-batch-size`, even split), `memory-max` (every client at its "
+                 "memory limit), `optimal` (the performance model's choice; see [performance.md](performance.md))")
+    batch_objective: str = _key(
+        "time", "`optimal`: least predicted time to a target (`time`) or least device-seconds (`cost`)")
+    calibration_rounds: int = _key(
+        2, "`optimal`: rounds at `global-batch-size` that measure the gradient noise scale before choosing")
+    min_batch_fraction: float = _key(
+        1.0, "a round goes ahead when its valid replies cover at least this share of the planned global batch "
+             "(the exact mean over the examples that arrived); `1.0` = every sampled client must succeed")
+    round_timeout_s: float = _key(
+        600.0, "seconds a round waits for replies; a later reply counts as a failed client. "
+               "The first round waits at least 120 s (client start-up)")
+    max_norm_ratio: float = _key(
+        50.0, "reject a client whose gradient norm exceeds this times the larger of the round's other clients' "
+              "largest norm and the largest norm of the last 10 rounds ([more](#max-norm-ratio)); `0` = off")
+    checkpoint_every: int = _key(
+        10, "write `checkpoint.pt` every this many rounds and after the last; `0` = after the last only")
+    resume: bool = _key(False, "continue the run in `out-dir` from its `checkpoint.pt` (set by `--resume DIR`)")
 
     @classmethod
     def keys(cls) -> tuple[str, ...]:
@@ -86,6 +132,11 @@ class RunConfig:
     def defaults(cls) -> dict[str, Any]:
         """Return the defaults as a kebab-case dict (the pyproject table)."""
         return {f.name.replace("_", "-"): f.default for f in fields(cls)}
+
+    @classmethod
+    def docs(cls) -> dict[str, str]:
+        """Return each key's one-line doc (markdown), kebab-case keys in field order."""
+        return {f.name.replace("_", "-"): f.metadata["doc"] for f in fields(cls)}
 
     @classmethod
     def from_mapping(cls, mapping: Mapping[str, Any]) -> RunConfig:
