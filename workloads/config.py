@@ -177,65 +177,47 @@ class RunConfig:
 
     def validate(self) -> None:
         """Check ranges and names; raise ConfigError naming key, value and what is allowed."""
-        _choice("partitioner", self.partitioner, PARTITIONERS)
-        _choice("schedule", self.schedule, SCHEDULES)
-        _choice("device", self.device, DEVICES)
-        _choice("batch-policy", self.batch_policy, BATCH_POLICIES)
+        for key, allowed in _CHOICES:
+            _choice(key, self.value(key), allowed)
+        for key in _POSITIVE:
+            _positive(key, self.value(key))
+        for key in _NON_NEGATIVE:
+            _positive(key, self.value(key), allow_zero=True)
+        for key in _FRACTIONS:  # [0, 1)
+            if not 0.0 <= self.value(key) < 1.0:
+                raise ConfigError(f"run-config key '{key}' = {self.value(key)!r}: must be in [0, 1).")
         if self.memory_check_every < -1:
             raise ConfigError(f"run-config key 'memory-check-every' = {self.memory_check_every}: must be >= -1 "
                               "(-1 never, 0 the first and last round, N also every N-th).")
-        _choice("batch-objective", self.batch_objective, ("time", "cost"))
-        _positive("calibration-rounds", self.calibration_rounds)
-        _positive("dirichlet-alpha", self.dirichlet_alpha)
-        _positive("num-server-rounds", self.num_server_rounds)
-        _positive("clients-per-round", self.clients_per_round, allow_zero=True)
-        _positive("virtual-clients", self.virtual_clients, allow_zero=True)
-        _positive("client-threads", self.client_threads, allow_zero=True)
-        if self.virtual_clients and self.clients_per_round > self.virtual_clients:
-            raise ConfigError(
-                f"run-config key 'clients-per-round' = {self.clients_per_round}: more than virtual-clients = "
-                f"{self.virtual_clients}. Allowed: 0 (all) or 1..{self.virtual_clients}."
-            )
-        _positive("global-batch-size", self.global_batch_size)
-        _positive("micro-batch-size", self.micro_batch_size, allow_zero=True)
-        _positive("local-steps", self.local_steps)
-        _positive("lr", self.lr)
-        _positive("weight-decay", self.weight_decay, allow_zero=True)
-        _positive("warmup-rounds", self.warmup_rounds, allow_zero=True)
-        _positive("eval-every", self.eval_every)
-        _positive("seed", self.seed, allow_zero=True)
-        _positive("train-limit", self.train_limit, allow_zero=True)
-        _positive("teacher-small-batch", self.teacher_small_batch)
-        _positive("teacher-local-steps", self.teacher_local_steps)
-        _positive("teacher-hyper-lr", self.teacher_hyper_lr, allow_zero=True)
-        _positive("teacher-val-batch", self.teacher_val_batch)
         if not (0.0 < self.teacher_switch < 1.0 or (self.teacher_switch >= 1 and float(self.teacher_switch).is_integer())):
             raise ConfigError(
                 f"run-config key 'teacher-switch' = {self.teacher_switch!r}: must be a fraction of num-server-rounds "
                 "in (0, 1) or a whole number of rounds >= 1."
             )
-        _positive("memory-budget-mb", self.memory_budget_mb, allow_zero=True)
-        if not 0.0 <= self.memory_margin < 1.0:
-            raise ConfigError(f"run-config key 'memory-margin' = {self.memory_margin!r}: must be in [0, 1).")
-        if not 0.0 <= self.teacher_ema < 1.0:
-            raise ConfigError(f"run-config key 'teacher-ema' = {self.teacher_ema!r}: must be in [0, 1).")
-        if not 0.0 <= self.momentum < 1.0:
-            raise ConfigError(f"run-config key 'momentum' = {self.momentum!r}: must be in [0, 1).")
         if not 0.0 < self.val_fraction < 0.5:
-            raise ConfigError(
-                f"run-config key 'val-fraction' = {self.val_fraction!r}: must be in (0, 0.5)."
-            )
+            raise ConfigError(f"run-config key 'val-fraction' = {self.val_fraction!r}: must be in (0, 0.5).")
         if not 0.0 < self.min_batch_fraction <= 1.0:
             raise ConfigError(
                 f"run-config key 'min-batch-fraction' = {self.min_batch_fraction!r}: must be in (0, 1] "
                 "(1 = every sampled client must deliver a valid gradient)."
             )
-        _positive("round-timeout-s", self.round_timeout_s)
         if self.max_norm_ratio != 0 and self.max_norm_ratio <= 1:
             raise ConfigError(
                 f"run-config key 'max-norm-ratio' = {self.max_norm_ratio!r}: must be 0 (guard off) or > 1."
             )
-        _positive("checkpoint-every", self.checkpoint_every, allow_zero=True)
+        self._check_batches()
+
+    def value(self, key: str) -> Any:
+        """The value of run-config ``key`` (kebab-case)."""
+        return getattr(self, key.replace("-", "_"))
+
+    def _check_batches(self) -> None:
+        """The batch keys against each other."""
+        if self.virtual_clients and self.clients_per_round > self.virtual_clients:
+            raise ConfigError(
+                f"run-config key 'clients-per-round' = {self.clients_per_round}: more than virtual-clients = "
+                f"{self.virtual_clients}. Allowed: 0 (all) or 1..{self.virtual_clients}."
+            )
         if self.micro_batch_size > self.global_batch_size:
             raise ConfigError(
                 f"run-config key 'micro-batch-size' = {self.micro_batch_size}: larger than global-batch-size = "
@@ -246,6 +228,15 @@ class RunConfig:
                 f"run-config key 'global-batch-size' = {self.global_batch_size}: must be at "
                 f"least clients-per-round = {self.clients_per_round} (one example per client)."
             )
+
+
+_CHOICES = (("partitioner", PARTITIONERS), ("schedule", SCHEDULES), ("device", DEVICES),
+            ("batch-policy", BATCH_POLICIES), ("batch-objective", ("time", "cost")))
+_POSITIVE = ("calibration-rounds", "dirichlet-alpha", "num-server-rounds", "global-batch-size", "local-steps", "lr",
+             "eval-every", "teacher-small-batch", "teacher-local-steps", "teacher-val-batch", "round-timeout-s")
+_NON_NEGATIVE = ("clients-per-round", "virtual-clients", "client-threads", "micro-batch-size", "weight-decay",
+                 "warmup-rounds", "seed", "train-limit", "teacher-hyper-lr", "memory-budget-mb", "checkpoint-every")
+_FRACTIONS = ("memory-margin", "teacher-ema", "momentum")
 
 
 def split_global_batch(global_batch: int, num_clients: int) -> list[int]:
