@@ -22,13 +22,15 @@ from dataclasses import dataclass
 
 import torch
 
+from protocol import messages as proto
+
 # Metrics the server reads from every train reply. ``peak-mem-mb`` is NaN in rounds in which a
 # CPU client does not measure its peak (``memory-check-every``).
 REQUIRED_METRICS = (
-    "num-examples", "train-loss", "compute-s", "peak-mem-mb", "predicted-peak-mb", "budget-mb",
-    "max-batch", "micro-batch-size", "partition-id",
+    proto.NUM_EXAMPLES, proto.TRAIN_LOSS, proto.COMPUTE_S, proto.PEAK_MEM_MB, proto.PREDICTED_PEAK_MB, proto.BUDGET_MB,
+    proto.MAX_BATCH, proto.MICRO_BATCH, proto.PARTITION_ID,
 )
-MAY_BE_NAN = frozenset({"peak-mem-mb"})
+MAY_BE_NAN = frozenset({proto.PEAK_MEM_MB})
 
 
 @dataclass(frozen=True)
@@ -53,11 +55,12 @@ def check_metrics(metrics: Mapping[str, object], exp: Expected) -> str | None:
             return f"metric '{key}' = {value!r} is not a number"
         if not math.isfinite(value) and not (key in MAY_BE_NAN and math.isnan(value)):
             return f"metric '{key}' = {value!r} is not finite"
-    if metrics["num-examples"] != exp.local_batch:
-        return f"num-examples = {metrics['num-examples']!r}; the server assigned {exp.local_batch}"
-    if metrics["partition-id"] != exp.partition_id:
-        return f"partition-id = {metrics['partition-id']!r}; this node identified as partition {exp.partition_id}"
-    for key in ("train-loss", "compute-s"):
+    if metrics[proto.NUM_EXAMPLES] != exp.local_batch:
+        return f"{proto.NUM_EXAMPLES} = {metrics[proto.NUM_EXAMPLES]!r}; the server assigned {exp.local_batch}"
+    if metrics[proto.PARTITION_ID] != exp.partition_id:
+        return (f"{proto.PARTITION_ID} = {metrics[proto.PARTITION_ID]!r}; this node identified as partition "
+                f"{exp.partition_id}")
+    for key in (proto.TRAIN_LOSS, proto.COMPUTE_S):
         if metrics[key] < 0:
             return f"metric '{key}' = {metrics[key]!r} is negative"
     return None
@@ -68,9 +71,9 @@ def check_grad_sq(metrics: Mapping[str, object]) -> str | None:
 
     Needed in rounds whose noise statistics come from sums (``RoundPlan.grad_scale``).
     """
-    value = metrics.get("grad-sq")
+    value = metrics.get(proto.GRAD_SQ)
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
-        return f"metric 'grad-sq' = {value!r}: a finite number >= 0 is required in a round with gradient multipliers"
+        return f"metric '{proto.GRAD_SQ}' = {value!r}: a finite number >= 0 is required in a round with gradient multipliers"
     return None
 
 

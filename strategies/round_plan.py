@@ -14,6 +14,8 @@ from typing import Any
 
 import torch
 
+from protocol.messages import LocalOptimizer
+
 from strategies.noise_scale import NoiseStats, noise_stats, noise_stats_from_sums, sq_norm
 
 
@@ -59,20 +61,17 @@ class RoundPlan:
                              f"samples {sorted(partitions)}")
 
 
-def client_config(plan: RoundPlan, partition_id: int, momentum: float, weight_decay: float) -> dict[str, Any]:
-    """The train-config entries a plan adds for one client (none for the default round).
+def client_config(plan: RoundPlan, partition_id: int, momentum: float, weight_decay: float) -> LocalOptimizer:
+    """What a plan asks of one client's step (``LocalOptimizer()``, the plain step, by default).
 
-    ``local-lrs`` (one rate per local step), ``momentum`` and ``weight-decay`` (the clients run the
-    server's optimizer, ``local_momentum``) and ``grad-scale`` (this client's multiplier m_i).
+    Per-step rates, the server's momentum and weight decay (the clients run the server's
+    optimizer, ``local_momentum``) and this client's multiplier m_i.
     """
-    extra: dict[str, Any] = {}
-    if plan.local_lrs is not None:
-        extra["local-lrs"] = [float(x) for x in plan.local_lrs]
-    if plan.local_momentum:
-        extra |= {"momentum": momentum, "weight-decay": weight_decay}
-    if plan.grad_scale is not None:
-        extra["grad-scale"] = float(plan.grad_scale[partition_id])
-    return extra
+    return LocalOptimizer(
+        lrs=None if plan.local_lrs is None else [float(x) for x in plan.local_lrs],
+        momentum=momentum if plan.local_momentum else 0.0, weight_decay=weight_decay if plan.local_momentum else 0.0,
+        grad_scale=float(plan.grad_scale[partition_id]) if plan.grad_scale is not None else 1.0,
+        scaled=plan.grad_scale is not None)
 
 
 def velocity_record(plan: RoundPlan, names: Sequence[str], velocity: Sequence[torch.Tensor] | None):

@@ -149,3 +149,18 @@ def test_the_checks_catch_what_they_forbid():
         "workloads.data -> estimators.memory (upward: workloads is below estimators)",
     ]
     assert cycles(graph) == [["workloads.data", "workloads.node_data"]]
+
+
+MAX_FUNCTION_LINES = 60
+
+
+def test_functions_are_short():
+    """Every function of the product and the studies fits on a screen (tests and notebooks aside)."""
+    long = []
+    for name, path in project_modules().items():
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                lines = node.end_lineno - node.lineno + 1
+                if lines > MAX_FUNCTION_LINES:
+                    long.append(f"{name}.{node.name}: {lines} lines")
+    assert not long, f"functions over {MAX_FUNCTION_LINES} lines:\n  " + "\n  ".join(sorted(long))
