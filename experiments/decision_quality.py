@@ -17,22 +17,21 @@ For each run: the virtual time (``virtual_total_s``: measured compute scaled by 
 speeds, plus links and the server) at the first round whose test accuracy reaches the target.
 Reported: mean +- std per B, the best B of the sweep, the optimal policy's time, and the last
 line ``ratio=<x>``: the optimal policy's mean time over the best sweep mean (goal <= 1.05).
-Every run is appended to ``<out>/decision_quality_runs.jsonl``; an interrupted run resumes.
+Every run goes through ``flb.sweep`` and is cached as flb caches every run: one results folder
+per run under ``<out>/runs``, named by a digest of its full config; a finished run is read back
+instead of trained again, and an interrupted one continues from its checkpoint.
 """
 
 from __future__ import annotations
 
 import argparse
 import math
-import shutil
-import time
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
 import flb
-from experiments.run_log import RunLog
 from workloads.files import atomic_write_text
 
 CLIENTS = 6
@@ -41,37 +40,24 @@ BASE = {"dataset": "digits", "model": "mlp", "teacher": "adascale", "teacher-sma
         "schedule": "constant", "warmup-rounds": 2, "eval-every": 1, "device-profiles": PROFILES}
 LR_GRID = (0.05, 0.1, 0.2, 0.4, 0.8)
 SWEEP = tuple(2**k for k in range(3, 11))  # 8 .. 1024
+OPTIMAL = {"global-batch-size": 64, "batch-policy": "optimal", "calibration-rounds": 2}
 
 
-class Runs:
-    """Run configs in-process once each; results cached in a JSON-lines file."""
-
-    def __init__(self, out: Path) -> None:
-        self.out = out
-        self.log = RunLog(out / "decision_quality_runs.jsonl")
-
-    def run(self, name: str, config: dict) -> dict:
-        key = RunLog.key_of(config)
-        if (done := self.log.get(key)) is not None:
-            return done
-        start = time.perf_counter()
-        shutil.rmtree(self.out / "runs" / name, ignore_errors=True)  # not in the log: an interrupted run's folder
-        rounds = flb.run(config, clients=CLIENTS, out=self.out / "runs" / name, progress=False, force=True).rounds
-        rounds = rounds[rounds["round"] > 0]
-        row = {"key": key, "name": name, "wall_s": time.perf_counter() - start,
-               "round": rounds["round"].tolist(), "global_batch": rounds["global_batch"].tolist(),
-               "virtual_total_s": rounds["virtual_total_s"].tolist(),
-               "val_accuracy": rounds["val_accuracy"].tolist(), "test_accuracy": rounds["test_accuracy"].tolist()}
-        self.log.add(row)
-        print(f"  {name:<28} final val {row['val_accuracy'][-1]:.3f} test {row['test_accuracy'][-1]:.3f} "
-              f"B {row['global_batch'][-1]}  ({row['wall_s']:.0f} s)", flush=True)
-        return row
+def train(labels: list[str], points: list[dict], seed: int, base: dict, out: Path) -> list[flb.Run]:
+    """Run (or read back from ``<out>/runs``) every point with ``seed``; print the runs trained."""
+    runs = flb.sweep(points, seeds=[seed], base=base, clients=CLIENTS, out=out / "runs", progress=False).runs
+    for label, run in zip(labels, runs):
+        if not run.cached:
+            f = run.final
+            print(f"  {label:<28} final val {f['val_accuracy']:.3f} test {f['test_accuracy']:.3f} "
+                  f"B {int(f['global_batch'])}  ({f['wall_s']:.0f} s)", flush=True)
+    return runs
 
 
-def time_to_target(row: dict, target: float) -> tuple[float, float]:
+def time_to_target(rounds: pd.DataFrame, target: float) -> tuple[float, float]:
     """(virtual seconds, rounds) at the first round with test accuracy >= target; inf if never."""
-    for rnd, t, acc in zip(row["round"], row["virtual_total_s"], row["test_accuracy"]):
-        if acc is not None and not math.isnan(acc) and acc >= target:
+    for rnd, t, acc in zip(rounds["round"], rounds["virtual_total_s"], rounds["test_accuracy"]):
+        if rnd > 0 and not math.isnan(acc) and acc >= target:
             return float(t), float(rnd)
     return math.inf, math.inf
 
@@ -90,24 +76,24 @@ def main(argv: list[str] | None = None) -> float:
     lr_grid, sweep, seeds = (LR_GRID[1:3], (16, 256), 1) if args.quick else (LR_GRID, SWEEP, args.seeds)
     rounds = 8 if args.quick else args.rounds
     args.out.mkdir(parents=True, exist_ok=True)
-    runs = Runs(args.out)
     base = BASE | {"num-server-rounds": rounds}
 
     print(f"1. learning rate on validation (B=64, seed 0, {rounds} rounds)")
-    tuning = {lr: runs.run(f"tune-lr{lr}", base | {"global-batch-size": 64, "lr": lr, "seed": 0}) for lr in lr_grid}
-    lr = max(tuning, key=lambda v: tuning[v]["val_accuracy"][-1])
-    print(f"   chosen lr={lr} (validation {tuning[lr]['val_accuracy'][-1]:.3f})")
+    tuned = train([f"tune-lr{lr}" for lr in lr_grid], [{"global-batch-size": 64, "lr": lr} for lr in lr_grid], 0, base, args.out)
+    val = {lr: run.final["val_accuracy"] for lr, run in zip(lr_grid, tuned)}
+    lr = max(val, key=val.get)
+    print(f"   chosen lr={lr} (validation {val[lr]:.3f})")
 
     rows = []
     print(f"2. sweep over B, seeds 1..{seeds}; 3. batch-policy=optimal")
     for seed in range(1, seeds + 1):
-        for B in sweep:
-            r = runs.run(f"fixed-B{B}-s{seed}", base | {"global-batch-size": B, "lr": lr, "seed": seed})
-            rows.append({"policy": f"fixed B={B}", "B": B, "seed": seed, **dict(zip(("time_s", "rounds"), time_to_target(r, args.target)))})
-        r = runs.run(f"optimal-s{seed}", base | {"global-batch-size": 64, "lr": lr, "seed": seed, "batch-policy": "optimal",
-                                                 "calibration-rounds": 2})
-        rows.append({"policy": "optimal", "B": r["global_batch"][-1], "seed": seed,
-                     **dict(zip(("time_s", "rounds"), time_to_target(r, args.target)))})
+        labels = [f"fixed-B{B}-s{seed}" for B in sweep] + [f"optimal-s{seed}"]
+        runs = train(labels, [{"global-batch-size": B} for B in sweep] + [OPTIMAL], seed, base | {"lr": lr}, args.out)
+        for B, run in zip(sweep, runs):
+            rows.append({"policy": f"fixed B={B}", "B": B, "seed": seed,
+                         **dict(zip(("time_s", "rounds"), time_to_target(run.rounds, args.target)))})
+        rows.append({"policy": "optimal", "B": int(runs[-1].final["global_batch"]), "seed": seed,
+                     **dict(zip(("time_s", "rounds"), time_to_target(runs[-1].rounds, args.target)))})
     df = pd.DataFrame(rows)
     atomic_write_text(args.out / "decision_quality.csv", df.to_csv(index=False))
 

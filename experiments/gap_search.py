@@ -17,7 +17,9 @@ Protocol for one setting, for the small batch and for ``ratio`` times it (equal 
 2. run seeds 1, 2, 3 at the chosen learning rate; report test accuracy as mean and std.
 
 Every finished run is appended as one JSON line to ``--out``; a run already there is skipped,
-so an interrupted search resumes.
+so an interrupted search resumes. These runs are plain PyTorch, not app runs, so they are not in
+flb's run cache (results folders keyed by the app's run config); the committed JSONL is also what
+``experiments/generalization_gap.py`` reads as its small batch at equal epochs.
 """
 
 from __future__ import annotations

@@ -15,9 +15,9 @@ Methods (each a row of ``METHODS``): ``small`` and ``large`` (no teacher); the t
 ``step``, ``noise``, ``adascale``, ``linear`` (Goyal), ``post-local`` (Lin et al. 2020),
 ``swap`` (Gupta et al. 2020), ``signed-noise`` (small-batch noise that survives secure
 aggregation) and ``learned`` (per-tensor gains fitted on the validation split). ``sqrt`` and
-``lars`` of experiments/paper_claim.py are left out: at a fixed B sqrt is plain large batch with
-a reparametrised learning rate (it tied ``large`` exactly there), and LARS was no better than
-plain large batch there either; the CPU hours go to the new teachers. ``linear`` and ``noise``
+``lars`` of the earlier paper-claim study (docs/teachers.md) are left out: at a fixed B sqrt is
+plain large batch with a reparametrised learning rate (it tied ``large`` exactly there), and
+LARS was no better than plain large batch there either; the CPU hours go to the new teachers. ``linear`` and ``noise``
 are not run by default either (``SKIPPED``); ``--methods`` runs any of them.
 
 Protocol (the same for every method):
@@ -107,7 +107,7 @@ METHODS: dict[str, Method] = {m.name: m for m in (
     Method("learned", True, "learned", 0.025),  # noise with learned gains; signed-noise's grid chose 0.025 of 0.0125..0.05
 )}
 # Not run by default (CPU hours): at a fixed B, Goyal's linear rule is plain large batch with the
-# learning rate reparametrised (tuned, it tied `large` exactly in experiments/paper_claim.py), and
+# learning rate reparametrised (tuned, it tied `large` exactly in the earlier paper-claim study), and
 # `noise` adds the same small-batch noise as `signed-noise`, which also survives secure aggregation.
 SKIPPED = ("linear", "noise")
 POST_LOCAL_H = 16  # Lin et al. use H = 16 on CIFAR-10 (ResNet-20, 16 workers)

@@ -9,7 +9,8 @@
 Every run goes through the launcher's pre-flight checks (server_app/preflight.py), writes the
 usual results folder, and is cached: its folder is named by a digest of its full config, the
 number of clients and the engine, and a finished folder is read back instead of trained again.
-A folder left by an interrupted run continues from its checkpoint.
+A folder left by an interrupted run continues from its checkpoint (or starts again, if the run
+stopped before its first one).
 """
 
 from __future__ import annotations
@@ -101,15 +102,19 @@ def run_key(config: Mapping[str, Any], clients: int, engine: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:12]
 
 
-def _finished(folder: Path, config: Mapping[str, Any]) -> bool:
-    """Whether ``folder`` holds this config's run, finished or stopped by a training failure (``error.json``)."""
-    done = (folder / "model.pt").exists() or (folder / "error.json").exists()
-    if not done or not (folder / "config.json").exists():
+def _same_run(folder: Path, config: Mapping[str, Any]) -> bool:
+    """Whether ``folder`` holds a run (finished or not) of this config."""
+    if not (folder / "config.json").exists():
         return False
     saved = json.loads((folder / "config.json").read_text())["run_config"]
     defaults = _defaults()  # a key added after the run was saved: the run had its default behaviour
-    same = all(saved.get(k, defaults.get(k)) == v for k, v in config.items() if k not in ("out-dir", "resume", "data-dir"))
-    if not same:
+    return all(saved.get(k, defaults.get(k)) == v for k, v in config.items() if k not in ("out-dir", "resume", "data-dir"))
+
+
+def _finished(folder: Path, config: Mapping[str, Any]) -> bool:
+    """Whether ``folder`` holds this config's run, finished or stopped by a training failure (``error.json``)."""
+    done = (folder / "model.pt").exists() or (folder / "error.json").exists()
+    if not done or not _same_run(folder, config):
         return False
     return (folder / "error.json").exists() or int(pd.read_csv(folder / "rounds.csv")["round"].iloc[-1]) == int(config["num-server-rounds"])
 
@@ -163,7 +168,7 @@ def run(config: Mapping[str, Any] | None = None, *, clients: int = 8, engine: st
     folder = folder.expanduser().resolve()
     if not force and _finished(folder, cfg):
         return Run.load(folder, cached=True)
-    cfg = cfg | {"out-dir": str(folder), "resume": _prepare_folder(folder, force, explicit=out is not None)}
+    cfg = cfg | {"out-dir": str(folder), "resume": _prepare_folder(folder, cfg, force, explicit=out is not None)}
     with round_progress(cfg["num-server-rounds"], progress, f"{cfg['teacher']} B={cfg['global-batch-size']} s{cfg['seed']}") as advance:
         try:
             if engine == "inprocess":
@@ -190,15 +195,15 @@ def _check_run_args(engine: str, on_error: str, clients: int) -> None:
         raise ConfigError(f"clients = {clients}: must be >= 1.")
 
 
-def _prepare_folder(folder: Path, force: bool, explicit: bool) -> bool:
+def _prepare_folder(folder: Path, cfg: dict[str, Any], force: bool, explicit: bool) -> bool:
     """Whether the run resumes from ``folder``'s checkpoint; otherwise empty the folder (refusing a foreign run)."""
     from workloads.errors import ConfigError
 
     resume = (folder / "checkpoint.pt").exists() and not force
-    if folder.exists() and not resume:
-        if (folder / "rounds.csv").exists() and not force and explicit and not (folder / "error.json").exists():
-            raise ConfigError(f"out = '{folder}' holds a different or unfinished run without a checkpoint. "
-                              "Allowed: another folder, or force=True to replace it.")
+    if folder.exists() and not resume:  # this config's run stopped before its first checkpoint starts again
+        if (folder / "rounds.csv").exists() and not force and explicit and not (folder / "error.json").exists() \
+                and not _same_run(folder, cfg):
+            raise ConfigError(f"out = '{folder}' holds a different run. Allowed: another folder, or force=True to replace it.")
         shutil.rmtree(folder)
     return resume
 

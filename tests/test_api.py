@@ -44,6 +44,18 @@ def test_a_run_that_stops_early_is_recorded_when_asked(tmp_path):
     assert again.cached and again.error == run.error
 
 
+def test_a_run_stopped_before_its_first_checkpoint_starts_again(tmp_path):
+    first = flb.run(BASE, clients=2, out=tmp_path, progress=False)
+    for name in ("model.pt", "checkpoint.pt"):  # as a run interrupted before its first checkpoint leaves it
+        (tmp_path / name).unlink()
+    again = flb.run(BASE, clients=2, out=tmp_path, progress=False)
+    assert not again.cached and again.rounds["train_loss"].iloc[1:].tolist() == first.rounds["train_loss"].iloc[1:].tolist()
+    for name in ("model.pt", "checkpoint.pt"):
+        (tmp_path / name).unlink()
+    with pytest.raises(ConfigError, match="holds a different run"):  # another config's run is not replaced
+        flb.run(BASE | {"lr": 0.05}, clients=2, out=tmp_path, progress=False)
+
+
 def test_the_ray_engine_gives_the_same_run(tmp_path, one_thread):
     config = BASE | {"num-server-rounds": 2}
     ray = flb.run(config, clients=2, engine="ray", out=tmp_path / "ray", progress=False)

@@ -19,7 +19,9 @@ def test_smoke_sweeps_and_runs_the_optimal_policy(tmp_path, capsys):
     assert len(finite) >= 2 and (finite.time_s > 0).all()
     assert ratio > 0
     assert f"ratio={ratio:.4f}" in capsys.readouterr().out
-    # a second invocation recalls every run from the log instead of training again
-    before = (tmp_path / "decision_quality_runs.jsonl").read_text()
+    # a second invocation reads every run back from flb's cache instead of training again
+    before = {p: p.read_text() for p in (tmp_path / "runs").glob("*/rounds.csv")}
+    assert len(before) == 5  # 2 learning rates, 2 batches, the optimal policy
     decision_quality.main(["--quick", "--out", str(tmp_path)])
-    assert (tmp_path / "decision_quality_runs.jsonl").read_text() == before
+    assert {p: p.read_text() for p in (tmp_path / "runs").glob("*/rounds.csv")} == before  # wall_s would differ
+    assert "final val" not in capsys.readouterr().out  # the line of a run trained
