@@ -405,8 +405,7 @@ def learned_gains(final: pd.DataFrame) -> pd.DataFrame | None:
     return pd.concat(frames).groupby("round")[cols].mean().reset_index()
 
 
-def main(argv: list[str] | None = None) -> pd.DataFrame:
-    """Run the benchmark (or read it back) and write its outputs; return the summary."""
+def _parse(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--data-dir", default=os.environ.get("FLB_DATA_DIR", ""))
     p.add_argument("--methods", default=",".join(m for m in METHODS if m not in SKIPPED),
@@ -420,7 +419,12 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
     p.add_argument("--quiet", action="store_true")
     p.add_argument("--report", action="store_true", help="train nothing: summarise the runs finished so far")
     p.add_argument("--markdown", action="store_true", help="also print the summary as markdown tables")
-    args = p.parse_args(argv)
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> pd.DataFrame:
+    """Run the benchmark (or read it back) and write its outputs; return the summary."""
+    args = _parse(argv)
     import torch
 
     torch.set_num_threads(1)
@@ -450,6 +454,11 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
     if final_df.empty:
         print("no run finished yet:", *bench.pending, sep="\n  ")
         return pd.DataFrame()
+    return _write_and_report(final_df, tuning_df, out, suffix, bench, setting, args.markdown)
+
+
+def _write_and_report(final_df: pd.DataFrame, tuning_df: pd.DataFrame, out: Path, suffix: str, bench: Bench,
+                      setting: Setting, as_markdown: bool) -> pd.DataFrame:
     atomic_write_text(out / f"generalization_gap{suffix}.csv", final_df.to_csv(index=False))
     atomic_write_text(out / f"generalization_gap_tuning{suffix}.csv", tuning_df.to_csv(index=False))
     learned = learned_gains(final_df)
@@ -463,7 +472,7 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
         print(line)
     for line in bench.pending:
         print(f"not finished yet: {line}")
-    if args.markdown:
+    if as_markdown:
         print(markdown(summary, len(setting.seeds)))
     eq = final_df[(final_df.budget == "equal-epochs") & (final_df.global_batch == setting.large)]
     for method, g in eq.groupby("method", sort=False):
