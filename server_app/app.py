@@ -42,8 +42,8 @@ def main(grid: Grid, context: Context) -> None:
     if cfg.resume:
         ckpt = results.load_checkpoint()
         if ckpt is not None:
-            strategy.load_state_dict(ckpt["strategy"], ckpt["round"])
-            done, wall0 = int(ckpt["round"]), float(ckpt["wall_s"])
+            strategy.server_state, wall0 = ckpt
+            done = strategy.server_state.round
         results.keep_through(done if ckpt is not None else -1)
         log(INFO, "resuming %s after round %d of %d", out, done, cfg.num_server_rounds)
     log(INFO, "flower-large-batch: %s / %s (%.3g M params), %d train / %d val / %d test examples, "
@@ -65,7 +65,7 @@ def main(grid: Grid, context: Context) -> None:
             evaluation["test_loss"], evaluation["test_accuracy"] = evaluate(model, loss_fn, inputs, splits.x_test, splits.y_test)
         row = results.finish_round(rnd, evaluation, wall0 + time.perf_counter() - t_start)
         if rnd > 0 and (last or (cfg.checkpoint_every and rnd % cfg.checkpoint_every == 0)):
-            results.save_checkpoint(rnd, strategy.state_dict(), row["wall_s"])
+            results.save_checkpoint(strategy.server_state, row["wall_s"])
         log(INFO, "[round %d/%d] B=%d%s lr=%.4g train_loss=%s val_acc=%s test_acc=%s wall=%.1fs",
             rnd, cfg.num_server_rounds, row["global_batch"],
             f" ({row['failed_clients']} failed)" if row.get("failed_clients") else "", row["lr"],
