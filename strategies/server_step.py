@@ -335,7 +335,7 @@ def _finite_step(state: ServerState, plan: StepPlan, params: list[torch.Tensor],
     bad = [n for n, g in zip(plan.setup.param_names, grad) if not bool(torch.isfinite(g).all())]
     raise DivergenceError(
         f"round {plan.round}: the server step would make the global model non-finite (lr = {lr:.4g}"
-        f"{', non-finite teacher output in ' + ', '.join(bad[:3]) if bad else ''}). The step was undone; "
+        f"{', non-finite teacher output in ' + ', '.join(bad[:3]) if bad else ''}). The step was not applied; "
         "the run stops with the model of the previous round, and checkpoint.pt keeps the last checkpoint. "
         "A smaller lr (or a longer warmup-rounds) usually helps.", check)
 
