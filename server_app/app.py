@@ -15,6 +15,7 @@ from server_app.preflight import parse_run_config
 from server_app.results import RunResults, resolve_out_dir
 from strategies.large_batch import LargeBatchStrategy
 from strategies.teacher_registry import build_teacher
+from workloads.config import RunConfig
 from workloads.data import load_splits
 from workloads.models import build_model
 from workloads.registry import WORKLOADS, resolve_model
@@ -38,14 +39,7 @@ def main(grid: Grid, context: Context) -> None:
     results = RunResults(out, cfg, extra={"model": model_name, "parameters": n_params})
     strategy = LargeBatchStrategy(cfg, model.state_dict(), [name for name, _ in model.named_parameters()],
                                   build_teacher(cfg), sink=results)
-    done, wall0 = 0, 0.0
-    if cfg.resume:
-        ckpt = results.load_checkpoint()
-        if ckpt is not None:
-            strategy.load_state_dict(ckpt["strategy"], ckpt["round"])
-            done, wall0 = int(ckpt["round"]), float(ckpt["wall_s"])
-        results.keep_through(done if ckpt is not None else -1)
-        log(INFO, "resuming %s after round %d of %d", out, done, cfg.num_server_rounds)
+    done, wall0 = _resume(cfg, results, strategy) if cfg.resume else (0, 0.0)
     log(INFO, "flower-large-batch: %s / %s (%.3g M params), %d train / %d val / %d test examples, "
         "results in %s", cfg.dataset, model_name, n_params / 1e6, len(splits.y_train),
         len(splits.y_val), len(splits.y_test), out)
@@ -65,7 +59,7 @@ def main(grid: Grid, context: Context) -> None:
             evaluation["test_loss"], evaluation["test_accuracy"] = evaluate(model, loss_fn, inputs, splits.x_test, splits.y_test)
         row = results.finish_round(rnd, evaluation, wall0 + time.perf_counter() - t_start)
         if rnd > 0 and (last or (cfg.checkpoint_every and rnd % cfg.checkpoint_every == 0)):
-            results.save_checkpoint(rnd, strategy.state_dict(), row["wall_s"])
+            results.save_checkpoint(strategy.server_state, row["wall_s"])
         log(INFO, "[round %d/%d] B=%d%s lr=%.4g train_loss=%s val_acc=%s test_acc=%s wall=%.1fs",
             rnd, cfg.num_server_rounds, row["global_batch"],
             f" ({row['failed_clients']} failed)" if row.get("failed_clients") else "", row["lr"],
@@ -85,6 +79,18 @@ def main(grid: Grid, context: Context) -> None:
             results.flush()  # rows committed since the last write, also when a round failed
     path = results.save_model(strategy.state)
     log(INFO, "final model: %s", path)
+
+
+def _resume(cfg: RunConfig, results: RunResults, strategy: LargeBatchStrategy) -> tuple[int, float]:
+    """Load the checkpoint's ServerState into the strategy; (rounds done, wall seconds so far)."""
+    ckpt = results.load_checkpoint()
+    done, wall0 = 0, 0.0
+    if ckpt is not None:
+        strategy.server_state, wall0 = ckpt
+        done = strategy.server_state.round
+    results.keep_through(done if ckpt is not None else -1)
+    log(INFO, "resuming %s after round %d of %d", results.out_dir, done, cfg.num_server_rounds)
+    return done, wall0
 
 
 class FlowerStrategyChatter(logging.Filter):

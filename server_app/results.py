@@ -8,7 +8,7 @@ Files (all written atomically: a temporary file, then a rename; mode 0644):
 - ``failures.csv``: one row per failed, invalid or late client (``round, node_id,
   partition_id, local_batch, reason``);
 - ``batch_plan.json``: what an adaptive batch policy probed and chose;
-- ``checkpoint.pt``: everything needed to continue (``RunResults.save_checkpoint``);
+- ``checkpoint.pt``: everything needed to continue, one ``ServerState`` (``RunResults.save_checkpoint``);
 - ``model.pt``: the final ``state_dict``.
 
 ``RunResults`` is the strategy's ``RoundSink``: the strategy hands it each round's training
@@ -29,13 +29,16 @@ import csv
 import io
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from workloads.config import RunConfig
 from workloads.errors import ConfigError
 from workloads.files import atomic_torch_save, atomic_write_json, atomic_write_text, remove_stale_temporaries
+
+if TYPE_CHECKING:
+    from strategies.server_state import ServerState
 
 ROUND_COLUMNS = [
     "round", "global_batch", "planned_batch", "failed_clients", "samples_seen", "lr", "train_loss",
@@ -207,15 +210,20 @@ class RunResults:
                 atomic_write_text(path, _csv_text(rows, first))
 
     # checkpoints ------------------------------------------------------------------
-    def save_checkpoint(self, rnd: int, strategy_state: dict[str, Any], wall_s: float) -> Path:
-        """Write checkpoint.pt: the strategy's state after round ``rnd``, the wall clock and the config."""
+    def save_checkpoint(self, state: ServerState, wall_s: float) -> Path:
+        """Write checkpoint.pt: the server's state (``ServerState.to_dict``), the wall clock and the config.
+
+        ``round`` (the rounds completed) is also stored beside the state, where format 1 had it.
+        """
         path = self.out_dir / "checkpoint.pt"
-        atomic_torch_save(path, {"format": CHECKPOINT_FORMAT, "round": rnd, "wall_s": wall_s,
-                                 "run_config": self.cfg.to_mapping(), "strategy": strategy_state})
+        atomic_torch_save(path, {"format": CHECKPOINT_FORMAT, "round": state.round, "wall_s": wall_s,
+                                 "run_config": self.cfg.to_mapping(), "strategy": state.to_dict()})
         return path
 
-    def load_checkpoint(self) -> dict[str, Any] | None:
-        """Read checkpoint.pt (None if there is none) and check that it belongs to this config.
+    def load_checkpoint(self) -> tuple[ServerState, float] | None:
+        """Read checkpoint.pt: its ``ServerState`` and wall clock (None if there is none).
+
+        A checkpoint written before the state held its round number gets it from beside the state.
 
         Raises
         ------
@@ -235,7 +243,9 @@ class RunResults:
                     f"run-config key '{key}' = {now.get(key)!r}, but the checkpoint in {self.out_dir} was written "
                     f"with {then!r}. Allowed on resume: the same value (only {', '.join(sorted(RESUMABLE_KEYS))} may change)."
                 )
-        return ckpt
+        from strategies.server_state import ServerState
+
+        return ServerState.from_dict({"round": ckpt["round"], **ckpt["strategy"]}), float(ckpt["wall_s"])
 
     def save_model(self, state: dict[str, torch.Tensor]) -> Path:
         """Save the final ``state_dict`` as model.pt."""

@@ -21,7 +21,8 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from logging import INFO
 from typing import Any
 
@@ -123,8 +124,41 @@ def optimal_plan(
     return {c.partition_id: b for c, b in zip(capacities, choice.split)}, choice
 
 
-class PolicyState:
-    """The adaptive policies' state: probed capacities, the plan, and the calibration rounds.
+@dataclass(frozen=True)
+class PolicyMemory:
+    """What the adaptive policies carry between rounds (a field of the checkpointed ``ServerState``).
+
+    A value: ``BatchPolicy.plan`` and ``observe`` return a new one and never change this one.
+    """
+
+    capacities: tuple[ClientCapacity, ...] | None = None  # the probe's answers
+    current: Mapping[int, int] | None = None  # b_i per partition id
+    batch_plan: Mapping[str, Any] = field(default_factory=dict)  # what the policy chose and why (batch_plan.json)
+    calibration: tuple[tuple[float, float], ...] = ()  # (b_simple, server_s) of calibration rounds
+
+    def observe(self, cfg: RunConfig, rnd: int, b_simple: float, server_s: float) -> PolicyMemory:
+        """Record a calibration round's noise scale and server time (``optimal`` only)."""
+        if cfg.batch_policy == "optimal" and rnd <= cfg.calibration_rounds:
+            return dataclasses.replace(self, calibration=(*self.calibration, (b_simple, server_s)))
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain values for a checkpoint."""
+        return {"capacities": None if self.capacities is None else [c.to_dict() for c in self.capacities],
+                "current": None if self.current is None else dict(self.current), "batch_plan": dict(self.batch_plan),
+                "calibration": list(self.calibration)}
+
+    @classmethod
+    def from_dict(cls, state: dict[str, Any]) -> PolicyMemory:
+        """Inverse of ``to_dict``."""
+        caps = state["capacities"]
+        return cls(None if caps is None else tuple(ClientCapacity.from_dict(c) for c in caps),
+                   None if state["current"] is None else {int(k): int(v) for k, v in state["current"].items()},
+                   dict(state["batch_plan"]), tuple(tuple(c) for c in state["calibration"]))
+
+
+class BatchPolicy:
+    """The adaptive policies: probe the clients, then plan b_i per partition (state in a ``PolicyMemory``).
 
     Plans are keyed by partition id, so they survive new node ids (a restarted simulation or
     SuperNode). When the set of connected partitions changes, the clients are probed again.
@@ -132,68 +166,50 @@ class PolicyState:
 
     def __init__(self, cfg: RunConfig, profiles: tuple[DeviceProfile, ...], model_bytes: float) -> None:
         self.cfg, self.profiles, self.model_bytes = cfg, profiles, model_bytes
-        self.capacities: list[ClientCapacity] | None = None
-        self.current: dict[int, int] | None = None  # b_i per partition id
-        self.batch_plan: dict[str, Any] = {}  # what the policy chose and why (batch_plan.json)
-        self.calibration: list[tuple[float, float]] = []  # (b_simple, server_s) of calibration rounds
 
-    def plan(self, rnd: int, usable: dict[int, int], grid: Grid, timeout_s: float) -> tuple[dict[int, int] | None, float, bool]:
-        """b_i per partition for round ``rnd`` (None: the fixed even split), probe virtual seconds, replanned?"""
+    def plan(self, memory: PolicyMemory, rnd: int, usable: dict[int, int], grid: Grid,
+             timeout_s: float) -> tuple[PolicyMemory, Mapping[int, int] | None, float, bool]:
+        """Plan round ``rnd``: the new memory, b_i per partition (None: the fixed even split), probe virtual s, replanned?"""
         policy = self.cfg.batch_policy
         if policy == "fixed":
-            return None, 0.0, False
+            return memory, None, 0.0, False
         probe_virtual_s, replanned = 0.0, False
-        if self.capacities is not None and {c.partition_id for c in self.capacities} != set(usable.values()):
+        if memory.capacities is not None and {c.partition_id for c in memory.capacities} != set(usable.values()):
             log(INFO, "batch policy %s: the connected partitions changed; probing and planning again", policy)
-            self.capacities = self.current = None
-        if self.capacities is None:
+            memory = dataclasses.replace(memory, capacities=None, current=None)
+        if memory.capacities is None:
             t0 = time.perf_counter()
-            self.capacities = probe_clients(grid, list(usable), self.profiles, self.model_bytes, timeout_s)
-            probe_virtual_s = max(c.probe_s for c in self.capacities)
-            self.batch_plan = {"policy": policy, "probe_s": time.perf_counter() - t0, "probe_virtual_s": probe_virtual_s,
-                               "clients": [{"node_id": c.node_id, "partition_id": c.partition_id, "max_batch": c.max_batch,
-                                            "comm_s": c.comm_s, "step_s_at_max": float(c.step_model(c.max_batch))}
-                                           for c in self.capacities]}
+            caps = probe_clients(grid, list(usable), self.profiles, self.model_bytes, timeout_s)
+            probe_virtual_s = max(c.probe_s for c in caps)
+            batch_plan = {"policy": policy, "probe_s": time.perf_counter() - t0, "probe_virtual_s": probe_virtual_s,
+                          "clients": [{"node_id": c.node_id, "partition_id": c.partition_id, "max_batch": c.max_batch,
+                                       "comm_s": c.comm_s, "step_s_at_max": float(c.step_model(c.max_batch))}
+                                      for c in caps]}
+            memory = dataclasses.replace(memory, capacities=tuple(caps), batch_plan=batch_plan)
             replanned = True
             log(INFO, "batch policy %s: probed %d clients in %.1f s; memory limits %s", policy,
-                len(self.capacities), self.batch_plan["probe_s"], [c.max_batch for c in self.capacities])
+                len(caps), batch_plan["probe_s"], [c.max_batch for c in caps])
         if policy == "memory-max":
-            self.current = self.current or memory_max_plan(self.capacities)
-            return self.current, probe_virtual_s, replanned
+            if not memory.current:
+                memory = dataclasses.replace(memory, current=memory_max_plan(list(memory.capacities)))
+            return memory, memory.current, probe_virtual_s, replanned
         if rnd <= self.cfg.calibration_rounds:
-            return None, probe_virtual_s, replanned
-        if self.current is None:
-            self._plan_optimal()
+            return memory, None, probe_virtual_s, replanned
+        if memory.current is None:
+            memory = self._plan_optimal(memory)
             replanned = True
-        return self.current, probe_virtual_s, replanned
+        return memory, memory.current, probe_virtual_s, replanned
 
-    def _plan_optimal(self) -> None:
-        noise = [b for b, _ in self.calibration if np.isfinite(b) and b > 0]
+    def _plan_optimal(self, memory: PolicyMemory) -> PolicyMemory:
+        noise = [b for b, _ in memory.calibration if np.isfinite(b) and b > 0]
         noise_scale = float(np.median(noise)) if noise else float(self.cfg.global_batch_size)
-        server_s = float(np.median([t for _, t in self.calibration])) if self.calibration else 0.0
-        self.current, choice = optimal_plan(self.capacities, noise_scale, server_s, self.cfg.batch_objective)
-        self.batch_plan |= {"noise_scale": noise_scale, "noise_measured": bool(noise), "server_s": server_s,
-                            "objective": self.cfg.batch_objective, "global_batch": choice.global_batch,
-                            "split": {str(p): b for p, b in self.current.items()}, "predicted_round_s": choice.round_s,
-                            "candidates": [dict(zip(("B", "round_s", "rel_time", "rel_cost"), row)) for row in choice.table]}
+        server_s = float(np.median([t for _, t in memory.calibration])) if memory.calibration else 0.0
+        current, choice = optimal_plan(list(memory.capacities), noise_scale, server_s, self.cfg.batch_objective)
+        batch_plan = {**memory.batch_plan, "noise_scale": noise_scale, "noise_measured": bool(noise),
+                      "server_s": server_s, "objective": self.cfg.batch_objective, "global_batch": choice.global_batch,
+                      "split": {str(p): b for p, b in current.items()}, "predicted_round_s": choice.round_s,
+                      "candidates": [dict(zip(("B", "round_s", "rel_time", "rel_cost"), row)) for row in choice.table]}
         log(INFO, "batch policy optimal (%s): B_noise %.0f%s -> global batch %d, split by partition %s, "
             "predicted round %.3f s", self.cfg.batch_objective, noise_scale,
             "" if noise else " (not measured: global-batch-size)", choice.global_batch, choice.split, choice.round_s)
-
-    def observe(self, rnd: int, b_simple: float, server_s: float) -> None:
-        """Record a calibration round's noise scale and server time (``optimal`` only)."""
-        if self.cfg.batch_policy == "optimal" and rnd <= self.cfg.calibration_rounds:
-            self.calibration.append((b_simple, server_s))
-
-    def state_dict(self) -> dict[str, Any]:
-        """Plain values for a checkpoint."""
-        return {"capacities": None if self.capacities is None else [c.to_dict() for c in self.capacities],
-                "current": self.current, "batch_plan": self.batch_plan, "calibration": list(self.calibration)}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore what ``state_dict`` returned."""
-        caps = state["capacities"]
-        self.capacities = None if caps is None else [ClientCapacity.from_dict(c) for c in caps]
-        self.current = None if state["current"] is None else {int(k): int(v) for k, v in state["current"].items()}
-        self.batch_plan = dict(state["batch_plan"])
-        self.calibration = [tuple(c) for c in state["calibration"]]
+        return dataclasses.replace(memory, current=current, batch_plan=batch_plan)

@@ -12,11 +12,11 @@ import torch
 
 from strategies.noise_scale import sq_norm
 from strategies.server_opt import lr_at
-from strategies.teachers import TeacherInput, TeacherOutput
+from strategies.teachers import SeededTeacher, Teacher, TeacherInput, TeacherOutput
 from workloads.config import RunConfig
 
 
-class NoiseTeacher:
+class NoiseTeacher(SeededTeacher):
     """``teacher = "noise"``: give G the gradient noise of a small batch b_s.
 
     z = (K - 1)^(-1/2) * sum_i s_i sqrt(b_i) (g_i - G), with independent Rademacher signs s_i,
@@ -32,16 +32,8 @@ class NoiseTeacher:
     name = "noise"
 
     def __init__(self, small_batch: int, seed: int) -> None:
+        super().__init__(seed + 7_777)  # the signs' generator
         self.small_batch = small_batch
-        self.generator = torch.Generator().manual_seed(seed + 7_777)
-
-    def state_dict(self) -> dict:
-        """The sign generator's state (a checkpoint restores the same future noise)."""
-        return {"generator": self.generator.get_state()}
-
-    def load_state_dict(self, state: dict) -> None:
-        """Restore what ``state_dict`` returned."""
-        self.generator.set_state(state["generator"])
 
     def __call__(self, inp: TeacherInput) -> TeacherOutput:
         """Return G plus rebuilt small-batch noise."""
@@ -62,7 +54,7 @@ class NoiseTeacher:
         return TeacherOutput(out, metrics={"scale": 1.0, "noise_norm": noise_norm})
 
 
-class AdaScaleTeacher:
+class AdaScaleTeacher(Teacher):
     """``teacher = "adascale"``: AdaScale SGD (Johnson et al. 2020, arXiv 2007.05105).
 
     With scale S = B / b_s, the gain r = (s2 + |mu|^2) / (s2/S + |mu|^2) in [1, S], where

@@ -48,7 +48,7 @@ from collections.abc import Callable, Sequence
 import torch
 
 from strategies.gradient_noise import NoiseTeacher
-from strategies.teachers import TeacherInput, TeacherOutput
+from strategies.teachers import Teacher, TeacherInput, TeacherOutput
 from workloads.config import RunConfig
 
 LOG_GAIN_MAX = math.log(16.0)  # gains stay within [1/16, 16]
@@ -61,7 +61,7 @@ def cosine(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a.double() * b.double()).sum()) / (na * nb) if na > 0 and nb > 0 else 0.0
 
 
-class LearnedTeacher:
+class LearnedTeacher(Teacher):
     """``teacher = "learned"``: noise plus per-tensor gains fitted on the validation loss (module docstring).
 
     Parameters

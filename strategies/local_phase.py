@@ -35,7 +35,7 @@ from collections.abc import Mapping
 
 from strategies.round_plan import RoundPlan
 from strategies.server_opt import lr_at
-from strategies.teachers import TeacherInput, TeacherOutput
+from strategies.teachers import Teacher, TeacherInput, TeacherOutput
 from workloads.config import RunConfig
 from workloads.errors import ConfigError
 
@@ -69,7 +69,7 @@ def switch_round(cfg: RunConfig) -> int:
     return s
 
 
-class LocalPhaseTeacher:
+class LocalPhaseTeacher(Teacher):
     """``post-local`` and ``swap``: large-batch rounds, then rounds of H local steps (module docstring)."""
 
     def __init__(self, cfg: RunConfig) -> None:

@@ -1,8 +1,8 @@
 """A teacher's plan for a round (``RoundPlan``), and what it changes in the round's messages.
 
-A teacher may define ``plan(server_round, batches) -> RoundPlan``; the strategy calls it after
-sampling, before the messages go out. The helpers here turn a plan into the clients' train
-config and the server's view of the replies, so strategies/large_batch.py stays glue.
+A teacher's ``plan(server_round, batches) -> RoundPlan`` (strategies/teachers.py) is called by
+``plan_round`` (strategies/server_step.py) after sampling, before the messages go out. The
+helpers here turn a plan into the clients' train config and the server's view of the replies.
 """
 
 from __future__ import annotations

@@ -45,7 +45,7 @@ from collections.abc import Mapping
 import torch
 
 from strategies.round_plan import RoundPlan
-from strategies.teachers import TeacherInput, TeacherOutput
+from strategies.teachers import SeededTeacher, TeacherInput, TeacherOutput
 
 
 def noise_beta(total: int, small_batch: int) -> float:
@@ -71,23 +71,24 @@ def balanced_signs(batches: Mapping[int, int], generator: torch.Generator) -> di
     return {p: (up if p in plus else down) for p in pids}
 
 
-class SignedNoiseTeacher:
+class SignedNoiseTeacher(SeededTeacher):
     """``teacher = "signed-noise"``: per-client multipliers m_i = 1 + beta t_i (module docstring)."""
 
     name = "signed-noise"
 
     def __init__(self, small_batch: int, seed: int) -> None:
+        super().__init__(seed + 9_973)  # the signs' generator
         self.small_batch = small_batch
-        self.generator = torch.Generator().manual_seed(seed + 9_973)
-        self.beta = 0.0
+        self.beta = 0.0  # this round's, set by ``plan``
 
     def state_dict(self) -> dict:
-        """The sign generator's state (a checkpoint restores the same future multipliers)."""
-        return {"generator": self.generator.get_state()}
+        """The sign generator's state and this round's beta (a checkpoint restores the same future multipliers)."""
+        return {**super().state_dict(), "beta": self.beta}
 
     def load_state_dict(self, state: dict) -> None:
-        """Restore what ``state_dict`` returned."""
-        self.generator.set_state(state["generator"])
+        """Restore what ``state_dict`` returned (a checkpoint without beta: 0 until the next ``plan``)."""
+        super().load_state_dict(state)
+        self.beta = float(state.get("beta", 0.0))
 
     def multipliers(self, batches: Mapping[int, int]) -> dict[int, float]:
         """m_i = 1 + beta t_i per partition id (all 1 with one client or B <= b_s)."""

@@ -8,13 +8,9 @@ from strategies.gradient_noise import AdaScaleTeacher, NoiseTeacher
 from strategies.learned_teacher import LearnedTeacher
 from strategies.local_phase import LOCAL_TEACHERS, LocalPhaseTeacher, switch_round
 from strategies.signed_noise import SignedNoiseTeacher
-from strategies.teachers import (
-    IdentityTeacher, LarsTeacher, ScalingTeacher, StepTeacher, TeacherInput, TeacherOutput, parse_steps,
-)
+from strategies.teachers import IdentityTeacher, LarsTeacher, ScalingTeacher, StepTeacher, Teacher, parse_steps
 from workloads.config import RunConfig
 from workloads.errors import ConfigError
-
-Teacher = Callable[[TeacherInput], TeacherOutput]
 
 TEACHERS: dict[str, Callable[[RunConfig], Teacher]] = {
     "none": lambda cfg: IdentityTeacher(),
@@ -57,13 +53,3 @@ def build_teacher(cfg: RunConfig) -> Teacher:
     """Construct the teacher named by the run-config key ``teacher``."""
     return TEACHERS[cfg.teacher](cfg)
 
-
-def teacher_state(teacher: Teacher) -> dict:
-    """A teacher's checkpointable state (``{}`` for stateless teachers)."""
-    return teacher.state_dict() if hasattr(teacher, "state_dict") else {}
-
-
-def load_teacher_state(teacher: Teacher, state: dict) -> None:
-    """Restore a teacher from ``teacher_state``'s output."""
-    if hasattr(teacher, "load_state_dict"):
-        teacher.load_state_dict(state)

@@ -5,10 +5,12 @@ batch so that training keeps the generalisation of small batches; the paper eval
 step-function stand-in. The strategy calls the teacher once per round, after aggregation and
 before the server optimizer, with a ``TeacherInput``; it applies the returned gradient with
 the scheduled learning rate times ``lr_scale`` and logs ``metrics`` as ``teacher_<name>``
-columns of rounds.csv. A teacher keeps its own state on itself (``state_dict`` and
-``load_state_dict`` put it into checkpoints), and may set the next round's local steps, server
-momentum, learning rate and per-client gradient multipliers through
-``plan(server_round, batches) -> RoundPlan``.
+columns of rounds.csv. Every teacher is a ``Teacher``: besides the call it may set the next
+round's local steps, server momentum, learning rate and per-client gradient multipliers through
+``plan(server_round, batches) -> RoundPlan``, and whatever it carries from round to round is
+its ``state_dict``, which the server keeps in its ``ServerState`` (strategies/server_state.py):
+the server step loads it into the teacher before each use and reads it back after, so a
+teacher's state outside ``state_dict`` does not survive a round (or a checkpoint).
 
 This module holds the interface and the teachers that need no noise statistics:
 
@@ -26,13 +28,14 @@ strategies/learned_teacher.py; the registry is in strategies/teacher_registry.py
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from abc import ABC, abstractmethod
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
 
 from strategies.noise_scale import NoiseStats
-from strategies.round_plan import RoundPlan  # noqa: F401 - part of the teacher interface
+from strategies.round_plan import RoundPlan
 from workloads.errors import ConfigError
 
 LARS_TRUST = 1e-3  # eta in You et al. 2017; only its product with lr matters, lr is tuned
@@ -61,7 +64,46 @@ class TeacherOutput:
     metrics: dict[str, float] = field(default_factory=dict)
 
 
-class IdentityTeacher:
+class Teacher(ABC):
+    """The interface the server calls: ``plan`` before a round, the call after aggregation, and the state.
+
+    The defaults are those of a stateless teacher that changes nothing in the round's plan.
+    """
+
+    name: str = ""
+
+    def plan(self, server_round: int, batches: Mapping[int, int]) -> RoundPlan:
+        """The round's ``RoundPlan``; ``batches`` maps its partition ids to b_i (default: the run config's round)."""
+        return RoundPlan()
+
+    @abstractmethod
+    def __call__(self, inp: TeacherInput) -> TeacherOutput:
+        """The gradient the server optimizer applies, an LR multiplier and metrics."""
+
+    def state_dict(self) -> dict:
+        """What the teacher carries to the next round (``{}``: nothing)."""
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore what ``state_dict`` returned."""
+
+
+class SeededTeacher(Teacher):
+    """A teacher that draws from its own torch generator, whose state is its ``state_dict``."""
+
+    def __init__(self, seed: int) -> None:
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def state_dict(self) -> dict:
+        """The generator's state (a checkpoint restores the same future draws)."""
+        return {"generator": self.generator.get_state()}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore what ``state_dict`` returned."""
+        self.generator.set_state(state["generator"])
+
+
+class IdentityTeacher(Teacher):
     """``teacher = "none"``: apply the large-batch gradient unchanged."""
 
     name = "none"
@@ -101,7 +143,7 @@ def parse_steps(text: str, num_rounds: int) -> list[tuple[int, float]]:
     return out
 
 
-class StepTeacher:
+class StepTeacher(Teacher):
     """``teacher = "step"``: multiply G by a piecewise-constant factor over rounds."""
 
     name = "step"
@@ -119,7 +161,7 @@ class StepTeacher:
         return TeacherOutput([g * m for g in inp.grad], metrics={"scale": m})
 
 
-class ScalingTeacher:
+class ScalingTeacher(Teacher):
     """``linear`` / ``sqrt``: scale the learning rate by (B / b_s) or sqrt(B / b_s).
 
     ``lr`` in the run config is then the small-batch learning rate for b_s examples.
@@ -134,7 +176,7 @@ class ScalingTeacher:
         return TeacherOutput(inp.grad, lr_scale=factor, metrics={"scale": factor})
 
 
-class LarsTeacher:
+class LarsTeacher(Teacher):
     """``teacher = "lars"``: layer-wise adaptive rate scaling (You, Gitman & Ginsburg 2017).
 
     For every weight tensor w (ndim > 1; biases and norm parameters are left alone, as is

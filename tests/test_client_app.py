@@ -94,7 +94,7 @@ def test_sampler_position_comes_from_the_server_not_the_client():
         assert torch.equal(a, b)  # two fresh contexts, the same examples
         grads.append(a)
         strategy.aggregate_train(rnd, replies[:1])
-    assert strategy.drawn == {0: 300}
+    assert strategy.server_state.drawn == {0: 300}
     assert not torch.equal(grads[0], grads[1])
 
 

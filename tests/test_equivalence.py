@@ -87,7 +87,7 @@ def test_rounds_equal_centralised_sgd(micro):
         fed = _flat([strategy.state[n] for n, _ in central.named_parameters()])
         step_err = _rel_err(fed - before, _flat(central) - before)
         assert step_err < 1e-5, f"round {rnd}: federated step differs from SGD by {step_err:.2e}"
-    assert strategy.samples_seen == 23 * cfg.num_server_rounds
+    assert strategy.server_state.samples_seen == 23 * cfg.num_server_rounds
 
 
 def test_local_steps_equal_weighted_fedavg():
@@ -114,4 +114,4 @@ def test_local_steps_equal_weighted_fedavg():
     fed = _flat([strategy.state[n] for n, _ in model.named_parameters()])
     err = _rel_err(fed - start, fedavg - start)
     assert err < 1e-5, f"local-steps=3 differs from weighted FedAvg by {err:.2e}"
-    assert strategy.samples_seen == 20 * 3
+    assert strategy.server_state.samples_seen == 20 * 3

@@ -78,16 +78,16 @@ def test_one_local_step_from_the_server_velocity_is_the_large_batch_step():
         _round(cfg, local, rnd)
     for k in plain.state:
         torch.testing.assert_close(local.state[k], plain.state[k], rtol=1e-5, atol=1e-7)
-    for a, b in zip(local.optimizer.velocity, plain.optimizer.velocity):
+    for a, b in zip(local.server_state.velocity, plain.server_state.velocity):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
-    assert local.optimizer.momentum == 0.0 and local.optimizer.weight_decay == 0.0  # the clients applied both
+    assert local.plan.momentum == 0.0 and local.plan.weight_decay == 0.0  # the clients applied both
 
 
 def test_local_momentum_round_averages_the_clients_sgd_runs():
     lrs = (0.1, 0.05, 0.02)
     cfg, strategy = _strategy(Planned({2: RoundPlan(local_steps=3, lr=0.05, local_lrs=lrs, local_momentum=True)}))
     _round(cfg, strategy, 1)
-    w0, v0 = copy.deepcopy(strategy.state), [v.clone() for v in strategy.optimizer.velocity]
+    w0, v0 = copy.deepcopy(strategy.state), [v.clone() for v in strategy.server_state.velocity]
     msgs = _round(cfg, strategy, 2)
     model = build_model("mlp", (1, 8, 8), 10, 0)
     loss_fn = torch.nn.CrossEntropyLoss()
@@ -114,5 +114,5 @@ def test_local_momentum_round_averages_the_clients_sgd_runs():
         mean_w = sum(b * w[i] for b, w in zip(batches, weights)) / total
         mean_v = sum(b * v[i] for b, v in zip(batches, velocities)) / total
         torch.testing.assert_close(strategy.state[name], mean_w, rtol=1e-5, atol=1e-6)
-        torch.testing.assert_close(strategy.optimizer.velocity[i], mean_v, rtol=1e-5, atol=1e-6)
-    assert strategy.samples_seen == 23 + 3 * 23
+        torch.testing.assert_close(strategy.server_state.velocity[i], mean_v, rtol=1e-5, atol=1e-6)
+    assert strategy.server_state.samples_seen == 23 + 3 * 23

@@ -165,5 +165,5 @@ def test_a_teacher_plan_sets_local_steps_and_server_momentum():
         (msg,) = list(strategy.configure_train(rnd, state_arrays(strategy.state), ConfigRecord(), FakeGrid([9])))
         steps.append(msg.content["config"]["local-steps"])
         strategy.aggregate_train(rnd, [reply_via_client(client_app, msg, client_context(9, 0, 1, run_config))])
-        assert strategy.optimizer.momentum == (0.9 if rnd == 1 else 0.0)
-    assert steps == [1, 3] and strategy.samples_seen == 30 + 3 * 30 and strategy.drawn == {0: 120}
+        assert strategy.plan.momentum == (0.9 if rnd == 1 else 0.0)
+    assert steps == [1, 3] and strategy.server_state.samples_seen == 30 + 3 * 30 and strategy.server_state.drawn == {0: 120}

@@ -1,0 +1,374 @@
+"""One round of the server as functions of typed values: ``plan_round``, then ``server_step``.
+
+``plan_round(state, setup, usable, k, batches)`` draws the round's K clients by partition id,
+assigns their local batches b_i and asks the teacher for its ``RoundPlan``
+(strategies/round_plan.py). ``server_step(state, replies, plan)`` checks every reply
+(strategies/reply_check.py), averages the valid gradients weighted by b_i into the gradient of
+the global batch (strategies/aggregation.py), passes it through the teacher
+(strategies/teachers.py) and applies the server optimizer (strategies/server_opt.py). With H > 1
+local steps the clients return pseudo-gradients (w_0 - w_H) / lr instead, which makes
+FedAvg-style baselines the same code path.
+
+Both take a ``ServerState`` (strategies/server_state.py) and return the next one, leaving the one
+they were given as it was; neither sees a Flower object: the replies are ``ClientReply`` values,
+which the Flower strategy (strategies/large_batch.py) reads from its messages. The teacher is
+an object, but its state lives in ``ServerState.teacher``: it is loaded into the teacher before
+each use and read back after.
+
+Faults: an invalid, failed or late reply drops that client from the round; the step is then
+the exact mean over the examples that did arrive, B' = sum of their b_i, as long as B' is at
+least ``min-batch-fraction`` of the planned B (else ``RoundFailure``). A step that would make the
+weights non-finite raises ``DivergenceError``, and the state stays the previous round's. Both
+errors carry the round's ``ReplyCheck``, so that the failures can still be recorded.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from collections import OrderedDict
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from estimators.performance import client_virtual_seconds
+from protocol import messages as proto
+from strategies.aggregation import aggregate_buffers, weighted_mean
+from strategies.nodes import sample_nodes
+from strategies.noise_scale import NoiseStats
+from strategies.reply_check import (
+    NORM_WINDOW, Expected, check_buffers, check_grad_sq, check_metrics, check_tensors, norm_outliers,
+)
+from strategies.round_plan import RoundPlan, round_stats
+from strategies.server_opt import ServerSGD, lr_at
+from strategies.server_state import ServerState
+from strategies.teachers import Teacher, TeacherInput, TeacherOutput
+from workloads.config import RunConfig, split_global_batch
+from workloads.devices import DeviceProfile, parse_profiles, profile_for
+
+
+@dataclass(frozen=True)
+class RunSetup:
+    """What stays fixed for the whole run: the config, the model's layout, the teacher, the device profiles."""
+
+    cfg: RunConfig
+    param_names: tuple[str, ...]  # trainable parameters, in ``model.parameters()`` order
+    param_shapes: Mapping[str, tuple[int, ...]]
+    buffer_names: tuple[str, ...]  # the model's other tensors (BatchNorm statistics)
+    teacher: Teacher  # its state is ``ServerState.teacher``
+    profiles: tuple[DeviceProfile, ...]
+    model_bytes: int
+
+    @classmethod
+    def create(cls, cfg: RunConfig, model: Mapping[str, torch.Tensor], param_names: Sequence[str],
+               teacher: Teacher) -> RunSetup:
+        """The setup of a run of ``model`` (a ``state_dict``) whose trainable tensors are ``param_names``."""
+        names = tuple(param_names)
+        return cls(cfg, names, {n: tuple(model[n].shape) for n in names}, tuple(k for k in model if k not in set(names)),
+                   teacher, parse_profiles(cfg.device_profiles),
+                   sum(v.numel() * v.element_size() for v in model.values()))
+
+
+@dataclass(frozen=True)
+class StepPlan:
+    """One round as it was sent: what ``server_step`` checks the replies against, and applies."""
+
+    setup: RunSetup
+    round: int  # 1-based, over the whole run (a resumed run continues the count)
+    assigned: Mapping[int, tuple[int, int]]  # node id -> (partition id, b_i); a partition below 0 is not known yet
+    lr: float  # the round's learning rate before the teacher's lr_scale
+    local_steps: int  # H
+    teacher_plan: RoundPlan = RoundPlan()
+    sent_at: float = math.nan  # time.perf_counter() when the messages went out (round_trip_s)
+
+    @property
+    def planned(self) -> int:
+        """B, the examples the round asked for."""
+        return sum(b for _, b in self.assigned.values())
+
+    @property
+    def momentum(self) -> float:
+        """The server optimizer's momentum this round (0 when the clients ran it: ``local_momentum``)."""
+        tp = self.teacher_plan
+        if tp.local_momentum:
+            return 0.0
+        return self.setup.cfg.momentum if tp.server_momentum is None else tp.server_momentum
+
+    @property
+    def weight_decay(self) -> float:
+        """The server optimizer's weight decay this round (0 when the clients applied it)."""
+        return 0.0 if self.teacher_plan.local_momentum else self.setup.cfg.weight_decay
+
+
+@dataclass(frozen=True)
+class ClientReply:
+    """One train reply as read from its message, not checked yet. Tensors are read only (views of the reply)."""
+
+    node_id: int
+    partition_id: int = -1  # as the node directory knows it (below 0: not known)
+    grads: Mapping[str, torch.Tensor] = field(default_factory=dict)
+    metrics: Mapping[str, Any] = field(default_factory=dict)
+    buffers: Mapping[str, torch.Tensor] | None = None
+    velocity: Mapping[str, torch.Tensor] = field(default_factory=dict)  # the client's final velocity, if sent
+    info: Mapping[str, str] = field(default_factory=dict)  # where it ran (host, pid, Ray node), as the client says
+    error: str | None = None  # why it cannot be used as sent: the client's error, an unreadable reply, ...
+
+
+@dataclass
+class ValidReply:
+    """A reply that passed every check."""
+
+    node_id: int
+    partition_id: int
+    batch: int  # b_i, examples
+    grads: list[torch.Tensor]  # in param_names order; views of the reply's bytes: read them, never write
+    buffers: Mapping[str, torch.Tensor] | None
+    metrics: dict[str, float]
+    norm: float  # |g_i|
+    info: Mapping[str, str]  # for clients.csv only
+    velocity: list[torch.Tensor] | None = None  # the client's final velocity (RoundPlan.local_momentum); read only
+
+
+@dataclass(frozen=True)
+class ReplyCheck:
+    """The round's replies, checked."""
+
+    valid: list[ValidReply]  # ordered by partition id
+    failures: list[dict[str, Any]]  # failures.csv rows, ordered by partition and node id
+    missing: list[int]  # sampled nodes that sent no reply
+
+
+@dataclass(frozen=True)
+class StepRecord:
+    """What a round leaves besides the next state."""
+
+    row: dict[str, Any]  # rounds.csv (the ServerApp adds the evaluation)
+    clients: list[dict[str, Any]]  # clients.csv, one row per valid reply
+    check: ReplyCheck
+
+
+class StepError(RuntimeError):
+    """A round that changed nothing; ``check`` holds its checked replies (None if not checked)."""
+
+    def __init__(self, message: str, check: ReplyCheck | None = None) -> None:
+        super().__init__(message)
+        self.check = check
+
+
+class RoundFailure(StepError):
+    """Too few valid replies: the round's examples fall below ``min-batch-fraction`` of the plan."""
+
+
+class DivergenceError(StepError):
+    """The server step would have made the global model non-finite; it was not applied."""
+
+
+def plan_round(state: ServerState, setup: RunSetup, usable: Mapping[int, int], k: int,
+               batches: Mapping[int, int] | None = None) -> tuple[ServerState, StepPlan]:
+    """Round ``state.round + 1``: draw ``k`` of the ``usable`` nodes (node id -> partition id) and plan it.
+
+    ``batches`` gives b_i per partition (a batch policy's plan); None splits ``global-batch-size``
+    evenly. Returns the state with the sampler and the teacher advanced, and the round's plan.
+    """
+    cfg, rnd = setup.cfg, state.round + 1
+    rng = state.sampler()
+    sampled = sample_nodes(usable, k, rng)
+    sizes = [batches[usable[n]] for n in sampled] if batches is not None else split_global_batch(cfg.global_batch_size, k)
+    assigned = {n: (usable[n], b) for n, b in zip(sampled, sizes)}
+    teacher = setup.teacher
+    teacher.load_state_dict(state.teacher)
+    teacher_plan = teacher.plan(rnd, {p: b for p, b in assigned.values()})
+    steps = teacher_plan.local_steps or cfg.local_steps
+    teacher_plan.check(steps, [p for p, _ in assigned.values()])
+    lr = teacher_plan.lr if teacher_plan.lr is not None else lr_at(
+        rnd, cfg.num_server_rounds, cfg.lr, cfg.warmup_rounds, cfg.schedule)
+    state = dataclasses.replace(state, rng=rng.bit_generator.state, teacher=teacher.state_dict())
+    return state, StepPlan(setup, rnd, assigned, lr, steps, teacher_plan)
+
+
+def check_replies(replies: Sequence[ClientReply], plan: StepPlan, state: ServerState) -> ReplyCheck:
+    """Split the round's replies into valid ones and failure rows.
+
+    Every sampled node must send exactly one reply that passes ``reply_check``; the norm guard
+    then runs over the clients that passed everything else.
+    """
+    by_node: dict[int, list[ClientReply]] = {}
+    for r in replies:
+        by_node.setdefault(r.node_id, []).append(r)
+    candidates: list[ValidReply] = []
+    failures: list[dict[str, Any]] = []
+
+    def fail(node: int, reason: str, known: int = -1) -> None:
+        pid, b = plan.assigned.get(node, (-1, 0))
+        failures.append({"round": plan.round, "node_id": node, "partition_id": known if pid < 0 else pid,
+                         "local_batch": b, "reason": reason})
+
+    for node, group in by_node.items():
+        first = group[0]
+        if node not in plan.assigned:
+            fail(node, "replied, but was not sampled this round", first.partition_id)
+        elif len(group) > 1:
+            fail(node, f"sent {len(group)} replies to one message", first.partition_id)
+        elif first.error is not None:
+            fail(node, first.error, first.partition_id)
+        elif isinstance(checked := _check_reply(first, plan, state), str):
+            fail(node, checked, first.partition_id)
+        else:
+            candidates.append(checked)
+    missing = [node for node in plan.assigned if node not in by_node]
+    for node in missing:
+        fail(node, f"no reply within round-timeout-s = {plan.setup.cfg.round_timeout_s:g} s")
+    max_ratio, recent = plan.setup.cfg.max_norm_ratio, max(state.norm_history, default=0.0)
+    outliers = norm_outliers([r.norm for r in candidates], max_ratio, recent)
+    for r, out in zip(candidates, outliers):
+        if out:
+            reference = max(max(c.norm for c in candidates if c is not r), recent)
+            fail(r.node_id, f"gradient norm {r.norm:.4g} is {r.norm / reference:.3g} times the reference "
+                 f"{reference:.4g} (the largest other client's, or of the last {NORM_WINDOW} rounds; "
+                 f"max-norm-ratio = {max_ratio:g})", r.partition_id)
+    valid = sorted((r for r, out in zip(candidates, outliers) if not out), key=lambda r: r.partition_id)
+    return ReplyCheck(valid, sorted(failures, key=lambda f: (f["partition_id"], f["node_id"])), missing)
+
+
+def _check_reply(reply: ClientReply, plan: StepPlan, state: ServerState) -> ValidReply | str:
+    """A ``ValidReply``, or the reason this sampled node's one reply is invalid."""
+    setup, tp = plan.setup, plan.teacher_plan
+    pid, b = plan.assigned[reply.node_id]
+    pid = reply.partition_id if pid < 0 else pid  # a lazy directory learned it from this reply
+    expected = Expected(setup.param_shapes, {k: state.model[k] for k in setup.buffer_names}, b, plan.local_steps, pid)
+    sq_norms: list[float] = []
+    reason = (check_metrics(reply.metrics, expected)
+              or check_tensors("gradient", reply.grads, setup.param_shapes, sq_norms)
+              or check_buffers(reply.buffers, expected)
+              or (check_tensors("velocity", reply.velocity, setup.param_shapes) if tp.local_momentum else None)
+              or (check_grad_sq(reply.metrics) if tp.grad_scale is not None else None))
+    if reason:
+        return reason
+    numbers = {k: float(v) for k, v in reply.metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    velocity = [reply.velocity[n] for n in setup.param_names] if tp.local_momentum else None
+    return ValidReply(reply.node_id, pid, b, [reply.grads[n] for n in setup.param_names], reply.buffers, numbers,
+                      math.sqrt(sum(sq_norms)), reply.info, velocity)
+
+
+def server_step(state: ServerState, replies: Sequence[ClientReply], plan: StepPlan, *,
+                received_at: float | None = None) -> tuple[ServerState, StepRecord]:
+    """Check the replies, average the valid gradients by b_i, apply the teacher and the optimizer.
+
+    ``received_at`` (``time.perf_counter()``, default: now) is when the replies arrived, for the
+    record's ``round_trip_s``. Raises ``RoundFailure`` or ``DivergenceError`` (module docstring).
+    """
+    received_at = time.perf_counter() if received_at is None else received_at
+    setup, tp = plan.setup, plan.teacher_plan
+    check = check_replies(replies, plan, state)
+    _require_enough(check, plan)
+    t0 = time.perf_counter()
+    valid = check.valid
+    grads, batches = [r.grads for r in valid], [r.batch for r in valid]
+    global_grad = weighted_mean(grads, batches)
+    stats = round_stats(tp, global_grad, grads, batches, [r.metrics.get(proto.GRAD_SQ, 0.0) for r in valid],
+                        [r.partition_id for r in valid], [r.norm ** 2 for r in valid])
+    params = [state.model[name] for name in setup.param_names]
+    taught, teacher_state, teacher_s = _teach(state, plan, TeacherInput(
+        global_grad, grads, batches, plan.round, lr=plan.lr, params=params, weight_decay=setup.cfg.weight_decay,
+        stats=stats))
+    lr = plan.lr * taught.lr_scale
+    params, velocity = _finite_step(state, plan, params, taught.grad, lr, check)
+    if tp.local_momentum:
+        velocity = weighted_mean([r.velocity for r in valid], batches)
+    model = OrderedDict(state.model)
+    model.update(zip(setup.param_names, params))
+    if setup.buffer_names:
+        model.update(aggregate_buffers([r.buffers for r in valid], batches))
+    server_s = time.perf_counter() - t0
+
+    drawn = dict(state.drawn)
+    for r in valid:
+        drawn[r.partition_id] = drawn.get(r.partition_id, 0) + r.batch * plan.local_steps
+    virtual = [client_virtual_seconds(r.metrics[proto.COMPUTE_S], profile_for(setup.profiles, r.partition_id),
+                                      setup.model_bytes) for r in valid]
+    virtual_s = max(virtual) + server_s
+    state = dataclasses.replace(
+        state, model=model, velocity=velocity, teacher=teacher_state, drawn=drawn, round=plan.round,
+        norm_history=(*state.norm_history, max(r.norm for r in valid))[-NORM_WINDOW:],
+        samples_seen=state.samples_seen + sum(batches) * plan.local_steps, virtual_total=state.virtual_total + virtual_s,
+        policy=state.policy.observe(setup.cfg, plan.round, stats.b_simple, server_s))
+    timing = {"virtual_s": virtual_s, "round_trip_s": received_at - plan.sent_at, "server_s": server_s,
+              "teacher_time_s": teacher_s}
+    return state, StepRecord(_round_row(state, plan, check, stats, taught, lr, timing),
+                             _client_rows(plan, valid, virtual), check)
+
+
+def _require_enough(check: ReplyCheck, plan: StepPlan) -> None:
+    """Raise ``RoundFailure`` unless the valid replies cover ``min-batch-fraction`` of the planned examples."""
+    fraction, planned = plan.setup.cfg.min_batch_fraction, plan.planned
+    arrived, needed = sum(r.batch for r in check.valid), fraction * planned
+    if check.valid and arrived >= needed * (1 - 1e-12):
+        return
+    names = "; ".join(f"node {f['node_id']} (partition {f['partition_id']}): {f['reason']}" for f in check.failures)
+    raise RoundFailure(
+        f"round {plan.round}: valid replies cover {arrived} of the {planned} planned examples, below "
+        f"min-batch-fraction = {fraction:g} ({math.ceil(needed)} needed). "
+        f"{len(check.failures)} of {len(plan.assigned)} clients failed: {names}", check)
+
+
+def _teach(state: ServerState, plan: StepPlan, inp: TeacherInput) -> tuple[TeacherOutput, dict, float]:
+    """The teacher's output with its state from ``state``, its state after, and the seconds it took."""
+    teacher = plan.setup.teacher
+    teacher.load_state_dict(state.teacher)
+    start = time.perf_counter()
+    taught = teacher(inp)
+    seconds = time.perf_counter() - start
+    return taught, teacher.state_dict(), seconds
+
+
+def _finite_step(state: ServerState, plan: StepPlan, params: list[torch.Tensor], grad: list[torch.Tensor],
+                 lr: float, check: ReplyCheck) -> tuple[list[torch.Tensor], list[torch.Tensor] | None]:
+    """New parameters and velocity after the optimizer step; ``DivergenceError`` if a weight became non-finite."""
+    new = [p.clone() for p in params]
+    velocity = None if state.velocity is None else [v.clone() for v in state.velocity]
+    optimizer = ServerSGD(momentum=plan.momentum, weight_decay=plan.weight_decay, velocity=velocity)
+    optimizer.step(new, grad, lr)
+    if all(bool(torch.isfinite(p).all()) for p in new):
+        return new, optimizer.velocity
+    bad = [n for n, g in zip(plan.setup.param_names, grad) if not bool(torch.isfinite(g).all())]
+    raise DivergenceError(
+        f"round {plan.round}: the server step would make the global model non-finite (lr = {lr:.4g}"
+        f"{', non-finite teacher output in ' + ', '.join(bad[:3]) if bad else ''}). The step was not applied; "
+        "the run stops with the model of the previous round, and checkpoint.pt keeps the last checkpoint. "
+        "A smaller lr (or a longer warmup-rounds) usually helps.", check)
+
+
+def _round_row(state: ServerState, plan: StepPlan, check: ReplyCheck, stats: NoiseStats, taught: TeacherOutput,
+               lr: float, timing: dict[str, float]) -> dict[str, Any]:
+    """The round's row of rounds.csv (``state`` is the state after the round)."""
+    valid = check.valid
+    global_batch = sum(r.batch for r in valid)
+    peaks = [r.metrics[proto.PEAK_MEM_MB] for r in valid if not math.isnan(r.metrics[proto.PEAK_MEM_MB])]
+    return {
+        "round": plan.round, "clients": len(valid), "planned_batch": plan.planned, "failed_clients": len(check.failures),
+        "global_batch": global_batch, "samples_seen": state.samples_seen, "lr": lr,
+        "train_loss": sum(r.batch * r.metrics[proto.TRAIN_LOSS] for r in valid) / global_batch,
+        "grad_norm": stats.grad_norm, "tr_sigma": stats.tr_sigma, "grad_sq": stats.grad_sq, "b_simple": stats.b_simple,
+        "virtual_s": timing["virtual_s"], "virtual_total_s": state.virtual_total,
+        "client_compute_s_max": max(r.metrics[proto.COMPUTE_S] for r in valid),
+        "client_peak_mem_mb_max": max(peaks) if peaks else math.nan,
+        "round_trip_s": timing["round_trip_s"], "server_s": timing["server_s"], "teacher_time_s": timing["teacher_time_s"],
+        **{f"teacher_{k}": v for k, v in ({"scale": 1.0, "noise_norm": 0.0} | taught.metrics).items()},
+    }
+
+
+def _client_rows(plan: StepPlan, valid: list[ValidReply], virtual: list[float]) -> list[dict[str, Any]]:
+    """The round's rows of clients.csv."""
+    return [
+        {"round": plan.round, "node_id": r.node_id, "partition_id": r.partition_id, "local_batch": r.batch,
+         "micro_batch": int(r.metrics[proto.MICRO_BATCH]), "train_loss": r.metrics[proto.TRAIN_LOSS],
+         "grad_norm": r.norm, "compute_s": r.metrics[proto.COMPUTE_S], "virtual_s": v,
+         "budget_mb": r.metrics[proto.BUDGET_MB], "predicted_peak_mb": r.metrics[proto.PREDICTED_PEAK_MB],
+         "peak_mem_mb": r.metrics[proto.PEAK_MEM_MB], "max_batch": int(r.metrics[proto.MAX_BATCH]),
+         "startup_s": r.metrics.get(proto.STARTUP_S, math.nan), "setup_s": r.metrics.get(proto.SETUP_S, math.nan),
+         "worker": f"{r.info.get('host', '')}:{r.info.get('pid', '')}", "ray_node": r.info.get(proto.RAY_NODE, "")}
+        for r, v in zip(valid, virtual)
+    ]
