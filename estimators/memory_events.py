@@ -118,7 +118,7 @@ def cpu_memory_profile():
 
     The autograd profiler under ``torch.profiler.profile``, used directly: the latter's start does
     ``hasattr(torch, "_inductor")`` to read one CUDA-graph flag, which imports inductor, dynamo,
-    sympy and triton, 170 MB more resident memory in every client process (measured, torch 2.14).
+    sympy and triton: far more resident memory in every client process.
     """
     from torch.autograd.profiler import profile
 

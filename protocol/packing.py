@@ -8,7 +8,7 @@ node, and the ClientApp's ``packed`` handlers (client_app/packing.py) answer eac
 message as that virtual client and bundle the replies. Every client's gradient is checked,
 summed and recorded on its own, exactly as without packing.
 
-Why: Flower's simulation engine costs about 14 ms per message on the 2-core machine, and its
+Why: Flower's simulation engine costs milliseconds per message, and its
 dispatch loop asks every registered node for messages on each sweep (a scan of all queued
 messages per node: N nodes x K messages), so 10,000 registered nodes with 100 messages a
 round spend seconds per round in Flower alone. Packed, a round is a few messages among a

@@ -7,7 +7,7 @@ order in which gradients are summed. The server therefore asks every new node on
 partition id (a ``query.identify`` message) and orders, samples and assigns by partition id.
 
 Asking costs one message per node, and in Flower's simulation each message costs a ClientApp
-call (about 20 ms on the 2-core machine): 10,000 virtual clients took 219 s to identify. With
+call, which for 10,000 virtual clients takes minutes (docs/running.md). With
 more than ``IDENTIFY_ALL_MAX`` nodes, clients sampled per round (``clients-per-round`` > 0) and
 the ``fixed`` batch policy, the directory is *lazy* instead: it asks nobody, the round's clients
 are drawn from the connected nodes in node-id order, and each node's partition is learned from
@@ -74,7 +74,7 @@ class NodeDirectory:
 
         A node that does not answer (or answers with an error) is not usable this round and is
         asked again next round. The run's first query waits at least ``STARTUP_WAIT_S``: it is
-        what starts the clients (Ray actors take about 13 s on the 2-core machine), and it ends
+        what starts the clients (Ray actors take seconds to start), and it ends
         as soon as every node has answered. When two nodes claim the same partition, only the one with the
         lower node id is used, and a warning names both: their gradients would be duplicates.
         """

@@ -96,8 +96,7 @@ def round_stats(plan: RoundPlan, grad: Sequence[torch.Tensor], client_grads: Seq
 
     ``client_sq``: |g_i|^2 as the server computed them from the replies, with ``grad`` their
     b-weighted mean. Then sum_i b_i |g_i - G|^2 = sum_i b_i |g_i|^2 - B |G|^2 gives the same
-    statistics without another pass over every client's gradient (100 clients of the MNIST CNN:
-    about 0.1 s a round); the spread is clamped at 0 against rounding.
+    statistics without another pass over every client's gradient; the spread is clamped at 0 against rounding.
     """
     if plan.grad_scale is None and client_sq is not None:
         total, mean_sq = float(sum(batches)), sq_norm(grad)

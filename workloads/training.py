@@ -43,7 +43,7 @@ def draw_batch(n: int, b: int, seed: int, epoch: int, cursor: int) -> tuple[torc
     seed : int
         Seeds the permutation of every epoch (with the epoch number).
     epoch, cursor : int
-        Where the previous draw stopped (kept in ``context.state`` by the ClientApp).
+        Where the previous draw stopped (from the server's ``drawn-examples``).
 
     Returns
     -------
