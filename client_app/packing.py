@@ -30,7 +30,7 @@ from flwr.app import Context, Message, Metadata, RecordDict
 from client_app.job import set_model_slot
 from client_app.run_config import client_run
 from protocol.arrays import out_of_band
-from protocol.packing import bundle, unbundle, virtual_partition
+from protocol.packing import ERRORS, NODES, TYPES, bundle, unbundle, virtual_partition
 from workloads.config import ConfigError, RunConfig
 
 
@@ -54,11 +54,11 @@ def answer_bundle(client_app: Callable[[Message, Context], Message], msg: Messag
     md = msg.metadata
 
     def answer(j: int) -> tuple[RecordDict, str]:
-        node = int(meta["nodes"][j])
+        node = int(meta[NODES][j])
         inner = Message(content=parts[j], metadata=Metadata(
             run_id=md.run_id, message_id=f"{md.message_id}.{j}", src_node_id=md.src_node_id, dst_node_id=node,
             reply_to_message_id="", group_id=md.group_id, created_at=md.created_at, ttl=md.ttl,
-            message_type=str(meta["types"][j]),
+            message_type=str(meta[TYPES][j]),
         ))
         node_config = dict(context.node_config) | {"partition-id": virtual_partition(node),
                                                     "num-partitions": cfg.virtual_clients}
@@ -88,7 +88,7 @@ def answer_bundle(client_app: Callable[[Message, Context], Message], msg: Messag
         for content in replies:
             for record in content.array_records.values():
                 out_of_band(record)
-    return Message(content=bundle(replies, {"errors": errors}), reply_to=msg)
+    return Message(content=bundle(replies, {ERRORS: errors}), reply_to=msg)
 
 
 def _check_packed_node(cfg: RunConfig, node_config) -> None:

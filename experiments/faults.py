@@ -35,6 +35,8 @@ import numpy as np
 import torch
 from flwr.app import ArrayRecord, Message, MessageType, MetricRecord, RecordDict
 
+from protocol import messages as proto
+
 KINDS = ("crash", "hang", "nan", "inf", "scale", "broadcast", "extra", "missing", "int-grad", "lie",
          "no-metric", "nan-metric", "buffer-nan", "counter")
 
@@ -81,9 +83,9 @@ class FaultyClientApp:
 
 def corrupt(reply: Message, fault: Fault) -> Message:
     """Return a copy of a valid train reply with ``fault`` applied to its content."""
-    grads = {k: v.clone() for k, v in reply.content["grads"].to_torch_state_dict().items()}
-    metrics = dict(reply.content["metrics"])
-    buffers = (reply.content["buffers"].to_torch_state_dict() if "buffers" in reply.content.array_records else None)
+    grads = {k: v.clone() for k, v in reply.content[proto.GRADS].to_torch_state_dict().items()}
+    metrics = dict(reply.content[proto.METRICS])
+    buffers = (reply.content[proto.BUFFERS].to_torch_state_dict() if proto.BUFFERS in reply.content.array_records else None)
     first = next(iter(grads))
     if fault.kind in ("nan", "inf"):
         grads[first].view(-1)[0] = float("nan") if fault.kind == "nan" else float("inf")
@@ -98,11 +100,11 @@ def corrupt(reply: Message, fault: Fault) -> Message:
     elif fault.kind == "int-grad":
         grads[first] = grads[first].long()
     elif fault.kind == "lie":
-        metrics["num-examples"] = int(fault.value)
+        metrics[proto.NUM_EXAMPLES] = int(fault.value)
     elif fault.kind == "no-metric":
         del metrics["compute-s"]
     elif fault.kind == "nan-metric":
-        metrics["train-loss"] = float("nan")
+        metrics[proto.TRAIN_LOSS] = float("nan")
     elif fault.kind in ("buffer-nan", "counter"):
         if buffers is None:
             raise ValueError(f"fault {fault.kind!r} needs a model with buffers (BatchNorm)")
@@ -113,9 +115,9 @@ def corrupt(reply: Message, fault: Fault) -> Message:
                 break
             if fault.kind == "counter" and not v.is_floating_point():
                 v.fill_(int(fault.value))
-    content = RecordDict({"grads": ArrayRecord(grads), "metrics": MetricRecord(metrics)})
+    content = RecordDict({proto.GRADS: ArrayRecord(grads), proto.METRICS: MetricRecord(metrics)})
     if buffers is not None:
-        content["buffers"] = ArrayRecord(buffers)
+        content[proto.BUFFERS] = ArrayRecord(buffers)
     return Message(content=content, metadata=copy.deepcopy(reply.metadata))
 
 

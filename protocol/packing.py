@@ -31,6 +31,7 @@ from workloads.config import RunConfig
 
 PACK = "pack"  # the bundle's ConfigRecord
 PACKED_ACTION = "packed"  # bundles travel as "train.packed" or "query.packed"
+NODES, TYPES, ERRORS = "nodes", "types", "errors"  # per-inner lists: destinations and types out, errors back
 
 
 def virtual_node(partition_id: int) -> int:

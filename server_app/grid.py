@@ -25,7 +25,7 @@ from flwr.common.logger import log
 from flwr.serverapp import Grid
 
 from strategies.nodes import QUARANTINE_S, STARTUP_WAIT_S
-from protocol.packing import PACKED_ACTION, bundle, unbundle, virtual_node
+from protocol.packing import ERRORS, NODES, PACKED_ACTION, TYPES, bundle, unbundle, virtual_node
 
 POLL_S = 0.02  # seconds between polls for replies (a round waits half of it on average)
 
@@ -101,7 +101,7 @@ class PackedGrid:
         for node, chunk in chunks.items():
             types = [m.metadata.message_type for m in chunk]
             category = MessageType.TRAIN if types[0].startswith(MessageType.TRAIN) else MessageType.QUERY
-            content = bundle([m.content for m in chunk], {"nodes": [m.metadata.dst_node_id for m in chunk], "types": types})
+            content = bundle([m.content for m in chunk], {NODES: [m.metadata.dst_node_id for m in chunk], TYPES: types})
             bundles.append(Message(content, message_type=f"{category}.{PACKED_ACTION}", dst_node_id=node))
         replies = self._grid.send_and_receive(bundles, timeout=timeout)
         sent_to = getattr(self._grid, "destinations", {})
@@ -128,7 +128,7 @@ class PackedGrid:
         if not error:
             try:
                 parts, meta = unbundle(reply.content)
-                errors = [str(e) for e in meta["errors"]]
+                errors = [str(e) for e in meta[ERRORS]]
                 if len(parts) != len(chunk):
                     raise ValueError(f"{len(parts)} replies for {len(chunk)} messages")
             except (KeyError, TypeError, ValueError) as err:

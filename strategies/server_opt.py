@@ -18,6 +18,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from workloads.training import sgd_step
+
 
 def lr_at(server_round: int, num_rounds: int, base_lr: float, warmup_rounds: int, schedule: str) -> float:
     """Learning rate of round ``server_round`` (1-based).
@@ -53,19 +55,4 @@ class ServerSGD:
         ``momentum`` may change between steps (a teacher's phase switch): the velocity starts
         (``v = d``) at the first step with a non-zero momentum, and is kept while it is 0.
         """
-        with torch.no_grad():
-            fresh = bool(self.momentum) and not self.velocity
-            if fresh:
-                self.velocity = [torch.empty_like(p) for p in params]
-            for i, (p, g) in enumerate(zip(params, grads)):
-                d = g.to(p.dtype)
-                if self.weight_decay:
-                    d = d.add(p, alpha=self.weight_decay)
-                if self.momentum:
-                    v = self.velocity[i]
-                    if fresh:
-                        v.copy_(d)
-                    else:
-                        v.mul_(self.momentum).add_(d)
-                    d = v
-                p.add_(d, alpha=-lr)
+        self.velocity = sgd_step(params, grads, lr, self.momentum, self.weight_decay, self.velocity)

@@ -128,6 +128,31 @@ def sq_norm(tensors: Sequence[torch.Tensor]) -> float:
     return sum(float(torch.linalg.vector_norm(t, dtype=torch.float64)) ** 2 for t in tensors)
 
 
+@torch.no_grad()
+def sgd_step(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor], lr: float, momentum: float = 0.0,
+             weight_decay: float = 0.0, velocity: list[torch.Tensor] | None = None) -> list[torch.Tensor] | None:
+    """One ``torch.optim.SGD`` step (dampening 0) on ``params`` in place; returns the velocity.
+
+    d = g + weight_decay * w; v = d at the first step with momentum (no ``velocity`` yet), else
+    v = momentum * v + d; w <- w - lr * v (w <- w - lr * d without momentum, the velocity kept).
+    """
+    fresh = bool(momentum) and not velocity
+    if fresh:
+        velocity = [None] * len(params)
+    for i, (p, g) in enumerate(zip(params, grads)):
+        d = g.to(p.dtype)
+        if weight_decay:
+            d = d.add(p, alpha=weight_decay)
+        if momentum:
+            if fresh:
+                velocity[i] = d.clone()
+            else:
+                velocity[i].mul_(momentum).add_(d)
+            d = velocity[i]
+        p.add_(d, alpha=-lr)
+    return velocity
+
+
 def local_momentum_sgd(
     model: nn.Module,
     loss_fn: nn.Module,
@@ -159,18 +184,7 @@ def local_momentum_sgd(
     losses = []
     for j, (x, y) in enumerate(batches):
         losses.append(batch_gradient(model, loss_fn, inputs, x, y, micro_batch))
-        step = lr if lrs is None else lrs[j]
-        with torch.no_grad():
-            fresh = bool(momentum) and v is None
-            if fresh:  # no velocity yet: v = d, as torch.optim.SGD starts it
-                v = [p.grad.add(p, alpha=weight_decay) for p in params]
-            for i, p in enumerate(params):
-                d = p.grad.add(p, alpha=weight_decay) if weight_decay else p.grad
-                if momentum:
-                    if not fresh:
-                        v[i].mul_(momentum).add_(d)
-                    d = v[i]
-                p.add_(d, alpha=-step)
+        v = sgd_step(params, [p.grad for p in params], lr if lrs is None else lrs[j], momentum, weight_decay, v)
     with torch.no_grad():
         pseudo = [(w0 - p.detach()) / lr for w0, p in zip(start, params)]
     return pseudo, sum(losses) / len(losses), v
