@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
 from protocol.arrays import record_tensors, tensors_record
 
@@ -114,10 +114,6 @@ class TrainInstruction:
         conf = content[CONFIG]
         return cls(int(conf[SERVER_ROUND]), int(conf[LOCAL_BATCH]), int(conf[MICRO_BATCH]), int(conf[LOCAL_STEPS]),
                    float(conf[LR]), int(conf[DRAWN]), LocalOptimizer.from_content(content))
-
-    @classmethod
-    def from_message(cls, msg: Message) -> TrainInstruction:
-        return cls.from_content(msg.content)
 
 
 def round_of(content: RecordDict) -> int:
