@@ -40,6 +40,8 @@ class ServerState:
     norm_history: tuple[float, ...] = ()  # the largest accepted |g_i| of each of the last NORM_WINDOW rounds
     policy: PolicyMemory = field(default_factory=PolicyMemory)  # what an adaptive batch policy probed and chose
     round: int = 0  # rounds completed
+    client_momentum: Mapping[int, list[torch.Tensor]] = field(default_factory=dict)  # centered-clip: partition -> m_i
+    failed_rounds: int = 0  # consecutive rounds skipped for too few valid replies (max-failed-rounds)
 
     @classmethod
     def initial(cls, model: Mapping[str, torch.Tensor], seed: int, teacher: Mapping[str, Any]) -> ServerState:
@@ -60,6 +62,8 @@ class ServerState:
             "teacher": self.teacher, "rng": self.rng, "samples_seen": self.samples_seen,
             "virtual_total": self.virtual_total, "drawn": dict(self.drawn), "norm_history": list(self.norm_history),
             "policy": self.policy.to_dict(), "round": self.round,
+            "client_momentum": {int(k): list(v) for k, v in self.client_momentum.items()},
+            "failed_rounds": self.failed_rounds,
         }
 
     @classmethod
@@ -72,4 +76,6 @@ class ServerState:
             virtual_total=float(state["virtual_total"]), drawn={int(k): int(v) for k, v in state["drawn"].items()},
             norm_history=tuple(float(n) for n in state.get("norm_history", [])),
             policy=PolicyMemory.from_dict(state["policy"]), round=int(state["round"]),
+            client_momentum={int(k): list(v) for k, v in state.get("client_momentum", {}).items()},
+            failed_rounds=int(state.get("failed_rounds", 0)),
         )

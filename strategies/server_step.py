@@ -40,8 +40,15 @@ from strategies.aggregation import aggregate_buffers, weighted_mean
 from strategies.nodes import sample_nodes
 from strategies.noise_scale import NoiseStats
 from strategies.reply_check import (
-    NORM_WINDOW, Expected, check_buffers, check_grad_sq, check_metrics, check_tensors, norm_outliers,
+    NORM_WINDOW,
+    Expected,
+    check_buffers,
+    check_grad_sq,
+    check_metrics,
+    check_tensors,
+    norm_outliers,
 )
+from strategies.robust import Aggregator, worker_momenta
 from strategies.round_plan import RoundPlan, round_stats
 from strategies.server_opt import ServerSGD, lr_at
 from strategies.server_state import ServerState
@@ -61,6 +68,7 @@ class RunSetup:
     teacher: Teacher  # its state is ``ServerState.teacher``
     profiles: tuple[DeviceProfile, ...]
     model_bytes: int
+    aggregator: Aggregator = Aggregator()
 
     @classmethod
     def create(cls, cfg: RunConfig, model: Mapping[str, torch.Tensor], param_names: Sequence[str],
@@ -69,7 +77,7 @@ class RunSetup:
         names = tuple(param_names)
         return cls(cfg, names, {n: tuple(model[n].shape) for n in names}, tuple(k for k in model if k not in set(names)),
                    teacher, parse_profiles(cfg.device_profiles),
-                   sum(v.numel() * v.element_size() for v in model.values()))
+                   sum(v.numel() * v.element_size() for v in model.values()), Aggregator.from_config(cfg))
 
 
 @dataclass(frozen=True)
@@ -93,14 +101,16 @@ class StepPlan:
     def momentum(self) -> float:
         """The server optimizer's momentum this round (0 when the clients ran it: ``local_momentum``)."""
         tp = self.teacher_plan
-        if tp.local_momentum:
+        if tp.local_momentum or self.setup.aggregator.name == "centered-clip":  # (then in each client's m_i)
             return 0.0
         return self.setup.cfg.momentum if tp.server_momentum is None else tp.server_momentum
 
     @property
     def weight_decay(self) -> float:
-        """The server optimizer's weight decay this round (0 when the clients applied it)."""
-        return 0.0 if self.teacher_plan.local_momentum else self.setup.cfg.weight_decay
+        """The server optimizer's weight decay this round (0 when the clients or their momenta hold it)."""
+        if self.teacher_plan.local_momentum or self.setup.aggregator.name == "centered-clip":
+            return 0.0
+        return self.setup.cfg.weight_decay
 
 
 @dataclass(frozen=True)
@@ -271,13 +281,16 @@ def server_step(state: ServerState, replies: Sequence[ClientReply], plan: StepPl
     stats = round_stats(tp, global_grad, grads, batches, [r.metrics.get(proto.GRAD_SQ, 0.0) for r in valid],
                         [r.partition_id for r in valid], [r.norm ** 2 for r in valid])
     params = [state.model[name] for name in setup.param_names]
+    direction, momenta = _aggregate(state, plan, grads, batches, [r.partition_id for r in valid], params, global_grad)
     taught, teacher_state, teacher_s = _teach(state, plan, TeacherInput(
-        global_grad, grads, batches, plan.round, lr=plan.lr, params=params, weight_decay=setup.cfg.weight_decay,
+        direction, grads, batches, plan.round, lr=plan.lr, params=params, weight_decay=setup.cfg.weight_decay,
         stats=stats))
     lr = plan.lr * taught.lr_scale
     params, velocity = _finite_step(state, plan, params, taught.grad, lr, check)
     if tp.local_momentum:
         velocity = weighted_mean([r.velocity for r in valid], batches)
+    elif setup.aggregator.name == "centered-clip":
+        velocity = direction  # the next round's center
     model = OrderedDict(state.model)
     model.update(zip(setup.param_names, params))
     if setup.buffer_names:
@@ -292,6 +305,7 @@ def server_step(state: ServerState, replies: Sequence[ClientReply], plan: StepPl
     virtual_s = max(virtual) + server_s
     state = dataclasses.replace(
         state, model=model, velocity=velocity, teacher=teacher_state, drawn=drawn, round=plan.round,
+        client_momentum=momenta, failed_rounds=0,
         norm_history=(*state.norm_history, max(r.norm for r in valid))[-NORM_WINDOW:],
         samples_seen=state.samples_seen + sum(batches) * plan.local_steps, virtual_total=state.virtual_total + virtual_s,
         policy=state.policy.observe(setup.cfg, plan.round, stats.b_simple, server_s))
@@ -299,6 +313,26 @@ def server_step(state: ServerState, replies: Sequence[ClientReply], plan: StepPl
               "teacher_time_s": teacher_s}
     return state, StepRecord(_round_row(state, plan, check, stats, taught, lr, timing),
                              _client_rows(plan, valid, virtual), check)
+
+
+def _aggregate(state: ServerState, plan: StepPlan, grads: list[list[torch.Tensor]], batches: list[int],
+               partitions: list[int], params: list[torch.Tensor], mean: list[torch.Tensor]
+               ) -> tuple[list[torch.Tensor], Mapping[int, list[torch.Tensor]]]:
+    """The round's direction (``aggregator``; ``mean`` is the exact step) and the clients' momenta after it.
+
+    ``centered-clip`` clips each client's momentum m_i = beta * m_i + g_i + wd * w (the server's
+    momentum and weight decay move into the clients' momenta) around the previous direction.
+    """
+    aggregator, cfg = plan.setup.aggregator, plan.setup.cfg
+    if aggregator.name == "mean":
+        return mean, state.client_momentum
+    if aggregator.name != "centered-clip":
+        return aggregator(grads, batches), state.client_momentum
+    if cfg.weight_decay:
+        grads = [[g.to(torch.float32) + cfg.weight_decay * p for g, p in zip(gi, params)] for gi in grads]
+    momenta = worker_momenta(grads, partitions, cfg.momentum, state.client_momentum, state.velocity)
+    direction = aggregator([momenta[p] for p in partitions], batches, state.velocity)
+    return direction, {**state.client_momentum, **momenta}
 
 
 def _require_enough(check: ReplyCheck, plan: StepPlan) -> None:

@@ -25,6 +25,7 @@ TEACHERS: dict[str, Callable[[RunConfig], Teacher]] = {
     "signed-noise": lambda cfg: SignedNoiseTeacher(cfg.teacher_small_batch, cfg.seed),
     "learned": lambda cfg: LearnedTeacher(cfg, _validation_gradient(cfg)),
 }
+LR_ONLY_TEACHERS = ("none", "step", "linear", "sqrt")  # the teachers a robust aggregator allows
 
 
 def _validation_gradient(cfg: RunConfig):
@@ -42,6 +43,12 @@ def check_teacher(cfg: RunConfig) -> None:
     parse_steps(cfg.teacher_steps, cfg.num_server_rounds)
     if cfg.teacher in LOCAL_TEACHERS:
         switch_round(cfg)
+    if cfg.aggregator != "mean" and cfg.teacher not in LR_ONLY_TEACHERS:
+        raise ConfigError(
+            f"run-config key 'teacher' = {cfg.teacher!r} with aggregator = {cfg.aggregator!r}: this teacher reads "
+            "each client's gradient (its statistics or its multipliers), which a Byzantine client controls. "
+            f"Allowed with a robust aggregator: {', '.join(LR_ONLY_TEACHERS)} (they only set the learning rate)."
+        )
     if cfg.teacher == "signed-noise" and cfg.min_batch_fraction < 1.0:
         raise ConfigError(
             f"run-config key 'min-batch-fraction' = {cfg.min_batch_fraction!r}: teacher 'signed-noise' balances its "

@@ -30,6 +30,7 @@ SCHEDULES = ("constant", "cosine", "linear")
 PARTITIONERS = ("iid", "dirichlet")
 DEVICES = ("auto", "cpu", "cuda")
 BATCH_POLICIES = ("fixed", "memory-max", "optimal")
+AGGREGATORS = ("mean", "centered-clip", "median", "trimmed-mean", "krum")  # strategies/robust.py
 
 
 def _key(default: Any, doc: str) -> Any:
@@ -119,6 +120,22 @@ class RunConfig:
     max_norm_ratio: float = _key(
         50.0, "reject a client whose gradient norm exceeds this times the larger of the round's other clients' "
               "largest norm and the largest norm of the last 10 rounds ([more](#max-norm-ratio)); `0` = off")
+    round_retries: int = _key(
+        2, "times a round whose valid replies fall short of `min-batch-fraction` sends the failed clients' "
+           "unchanged instructions again, within its deadline ([more](#round-retries))")
+    max_failed_rounds: int = _key(
+        5, "consecutive rounds that may end short of `min-batch-fraction` (skipped: the model unchanged) before the "
+           "run stops; `0` = the first such round stops the run")
+    aggregator: str = _key(
+        "mean", "`mean` (the exact large-batch step), `centered-clip`, `median`, `trimmed-mean`, `krum` "
+                "([faults.md](faults.md#robust-aggregators))")
+    cc_radius: float = _key(
+        0.0, "`centered-clip`: clipping radius tau, in gradient units; `0` = the weighted median of the clients' "
+             "distances to the previous aggregate, every round")
+    cc_iterations: int = _key(3, "`centered-clip`: clipping iterations L per round")
+    byzantine_fraction: float = _key(
+        0.2, "`krum`: assumes floor(fraction * K) Byzantine clients; `trimmed-mean`: share of the weight (b_i) "
+             "trimmed at each end, per coordinate")
     checkpoint_every: int = _key(
         10, "write `checkpoint.pt` every this many rounds and after the last; `0` = after the last only")
     resume: bool = _key(False, "continue the run in `out-dir` from its `checkpoint.pt` (set by `--resume DIR`)")
@@ -201,6 +218,9 @@ class RunConfig:
                 f"run-config key 'min-batch-fraction' = {self.min_batch_fraction!r}: must be in (0, 1] "
                 "(1 = every sampled client must deliver a valid gradient)."
             )
+        if not 0.0 <= self.byzantine_fraction < 0.5:
+            raise ConfigError(f"run-config key 'byzantine-fraction' = {self.byzantine_fraction!r}: must be in [0, 0.5) "
+                              "(a robust aggregator needs an honest majority).")
         if self.max_norm_ratio != 0 and self.max_norm_ratio <= 1:
             raise ConfigError(
                 f"run-config key 'max-norm-ratio' = {self.max_norm_ratio!r}: must be 0 (guard off) or > 1."
@@ -231,11 +251,13 @@ class RunConfig:
 
 
 _CHOICES = (("partitioner", PARTITIONERS), ("schedule", SCHEDULES), ("device", DEVICES),
-            ("batch-policy", BATCH_POLICIES), ("batch-objective", ("time", "cost")))
+            ("batch-policy", BATCH_POLICIES), ("batch-objective", ("time", "cost")), ("aggregator", AGGREGATORS))
 _POSITIVE = ("calibration-rounds", "dirichlet-alpha", "num-server-rounds", "global-batch-size", "local-steps", "lr",
-             "eval-every", "teacher-small-batch", "teacher-local-steps", "teacher-val-batch", "round-timeout-s")
+             "eval-every", "teacher-small-batch", "teacher-local-steps", "teacher-val-batch", "round-timeout-s",
+             "cc-iterations")
 _NON_NEGATIVE = ("clients-per-round", "virtual-clients", "client-threads", "micro-batch-size", "weight-decay",
-                 "warmup-rounds", "seed", "train-limit", "teacher-hyper-lr", "memory-budget-mb", "checkpoint-every")
+                 "warmup-rounds", "seed", "train-limit", "teacher-hyper-lr", "memory-budget-mb", "checkpoint-every",
+                 "round-retries", "max-failed-rounds", "cc-radius")
 _FRACTIONS = ("memory-margin", "teacher-ema", "momentum")
 
 

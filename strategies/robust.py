@@ -1,0 +1,162 @@
+"""Robust aggregation of the clients' gradients: centered clipping, weighted median, trimmed mean, Krum.
+
+Each takes K clients' tensors (the same shapes for every client) and weights w_i = b_i, and
+returns one list of tensors, like ``aggregation.weighted_mean``. None of them equals the mean
+over the union batch (the exact large-batch step) in general; the mean does.
+
+- ``centered_clip`` (Karimireddy, He and Jaggi, ICML 2021, "Learning from History for
+  Byzantine Robust Optimization", Algorithm 1): starting from the previous aggregate v,
+  L times ``v <- v + sum_i w_i * clip_tau(x_i - v) / sum_i w_i`` with
+  ``clip_tau(d) = d * min(1, tau / |d|)``. The paper feeds it the workers' momenta
+  m_i = beta * m_i + g_i (``worker_momenta``); every honest vector then varies little from
+  one round to the next, which is what defeats attacks spread over time.
+- ``weighted_median``: per coordinate, the smallest value whose cumulative weight reaches
+  half the total (Yin et al. 2018, coordinate-wise median, here weighted by b_i).
+- ``trimmed_mean``: per coordinate, the weighted mean after removing ``trim`` of the total
+  weight from each end (Yin et al. 2018, weighted by b_i; a boundary client counts in part).
+- ``krum`` (Blanchard et al. 2017): the one client whose squared distances to its
+  K - f - 2 nearest others sum least; the weights are not used.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from strategies.aggregation import weighted_mean
+from workloads.config import AGGREGATORS, RunConfig
+
+
+def flatten(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+    """One float32 vector of every entry of ``tensors``, in order."""
+    return torch.cat([t.reshape(-1).to(torch.float32) for t in tensors])
+
+
+def unflatten(vector: torch.Tensor, like: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """``vector`` cut into tensors of the shapes of ``like`` (float32)."""
+    out, start = [], 0
+    for t in like:
+        out.append(vector[start:start + t.numel()].reshape(t.shape).clone())
+        start += t.numel()
+    return out
+
+
+def _stack(arrays: Sequence[Sequence[torch.Tensor]], weights: Sequence[float]) -> tuple[torch.Tensor, torch.Tensor]:
+    if len(arrays) != len(weights) or not arrays:
+        raise ValueError(f"need one weight per client, got {len(arrays)} clients and {len(weights)} weights")
+    w = torch.tensor([float(x) for x in weights], dtype=torch.float64)
+    if float(w.sum()) <= 0 or float(w.min()) < 0:
+        raise ValueError(f"weights must be non-negative with a positive sum, got {list(weights)}")
+    return torch.stack([flatten(a) for a in arrays]), w
+
+
+def centered_clip(x: torch.Tensor, w: torch.Tensor, center: torch.Tensor, radius: float, iterations: int) -> torch.Tensor:
+    """Iterated centered clipping of the rows of ``x`` (K x D) around ``center`` (D); ``radius`` 0 = auto.
+
+    ``radius`` (tau) is in the units of the rows; 0 takes the weighted median of the first
+    iteration's distances |x_i - center|, which honest clients set as long as they hold more than
+    half of the weight.
+    """
+    v = center.to(torch.float64)
+    x, share = x.to(torch.float64), (w / w.sum()).to(torch.float64)
+    for it in range(iterations):
+        d = x - v
+        dist = d.norm(dim=1)
+        if it == 0 and radius <= 0:
+            radius = float(weighted_median(dist[:, None], w)[0])
+        scale = torch.clamp(radius / dist.clamp_min(1e-30), max=1.0)
+        v = v + (share * scale) @ d
+    return v.to(torch.float32)
+
+
+def weighted_median(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """Per column of ``x`` (K x D): the smallest value whose cumulative weight reaches half of ``w.sum()``."""
+    values, order = torch.sort(x, dim=0)
+    cum = torch.cumsum(w.to(torch.float64)[order], dim=0)
+    first = (cum < cum[-1:] * 0.5 * (1 - 1e-12)).sum(dim=0, keepdim=True)
+    return values.gather(0, first.clamp(max=x.shape[0] - 1))[0]
+
+
+def trimmed_mean(x: torch.Tensor, w: torch.Tensor, trim: float) -> torch.Tensor:
+    """Per column of ``x`` (K x D): the weighted mean after removing ``trim`` of the weight from each end."""
+    if not 0.0 <= trim < 0.5:
+        raise ValueError(f"trim must be in [0, 0.5), got {trim}")
+    values, order = torch.sort(x.to(torch.float64), dim=0)
+    ws = w.to(torch.float64)[order]
+    cum = torch.cumsum(ws, dim=0)
+    total = cum[-1:]
+    low, high = trim * total, (1 - trim) * total
+    kept = (torch.minimum(cum, high) - torch.maximum(cum - ws, low)).clamp_min(0)
+    return ((kept * values).sum(dim=0) / kept.sum(dim=0)).to(torch.float32)
+
+
+def krum(x: torch.Tensor, f: int) -> int:
+    """The index of the row of ``x`` (K x D) with the least sum of squared distances to its K - f - 2 nearest."""
+    k = x.shape[0]
+    near = max(1, k - f - 2)
+    if k == 1:
+        return 0
+    dist = torch.cdist(x.to(torch.float64), x.to(torch.float64)) ** 2
+    dist.fill_diagonal_(math.inf)
+    scores = torch.sort(dist, dim=1).values[:, :min(near, k - 1)].sum(dim=1)
+    return int(torch.argmin(scores))
+
+
+@dataclass(frozen=True)
+class Aggregator:
+    """The run's aggregation rule (run-config keys ``aggregator``, ``cc-radius``, ``cc-iterations``,
+    ``byzantine-fraction``)."""
+
+    name: str = "mean"
+    radius: float = 0.0  # centered-clip: tau; 0 = the weighted median distance (auto)
+    iterations: int = 3  # centered-clip: L
+    byzantine_fraction: float = 0.2  # krum: f = floor(fraction * K); trimmed-mean: the weight trimmed at each end
+
+    @classmethod
+    def from_config(cls, cfg: RunConfig) -> Aggregator:
+        """The aggregator the run config names."""
+        return cls(cfg.aggregator, cfg.cc_radius, cfg.cc_iterations, cfg.byzantine_fraction)
+
+    def __post_init__(self) -> None:
+        if self.name not in AGGREGATORS:
+            raise ValueError(f"aggregator {self.name!r} is unknown; allowed: {', '.join(AGGREGATORS)}")
+
+    def __call__(self, arrays: Sequence[Sequence[torch.Tensor]], weights: Sequence[float],
+                 center: Sequence[torch.Tensor] | None = None) -> list[torch.Tensor]:
+        """The aggregate of ``arrays[i]`` (client i's tensors) with weights b_i; ``center``: centered-clip's v."""
+        if self.name == "mean":
+            return weighted_mean(arrays, weights)
+        x, w = _stack(arrays, weights)
+        if self.name == "centered-clip":
+            start = torch.zeros(x.shape[1]) if center is None else flatten(center)
+            out = centered_clip(x, w, start, self.radius, self.iterations)
+        elif self.name == "median":
+            out = weighted_median(x, w)
+        elif self.name == "trimmed-mean":
+            out = trimmed_mean(x, w, self.byzantine_fraction)
+        else:
+            out = x[krum(x, int(self.byzantine_fraction * len(arrays)))]
+        return unflatten(out, arrays[0])
+
+
+def worker_momenta(grads: Sequence[Sequence[torch.Tensor]], partitions: Sequence[int], beta: float,
+                   previous: Mapping[int, Sequence[torch.Tensor]], center: Sequence[torch.Tensor] | None
+                   ) -> dict[int, list[torch.Tensor]]:
+    """Each client's momentum m_i = beta * m_i + g_i, kept by the server per partition id.
+
+    Clients run in a fresh process every round, so the server keeps m_i; a client can send any
+    g_i it likes, hence any m_i, so this gives an attacker nothing it would not have with
+    momentum on the device. A client seen for the first time starts from the previous
+    aggregate ``center`` (zero in round 1). Returns the momenta of ``partitions`` only.
+    """
+    out = {}
+    for pid, g in zip(partitions, grads):
+        history = previous.get(pid, center)
+        if history is None or not beta:
+            out[pid] = [t.to(torch.float32).clone() for t in g]
+        else:
+            out[pid] = [h.to(torch.float32) * beta + t.to(torch.float32) for h, t in zip(history, g)]
+    return out

@@ -1,0 +1,98 @@
+"""Robust aggregators (strategies/robust.py): their numbers, and how the server step uses them."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from strategies.robust import (
+    Aggregator,
+    centered_clip,
+    krum,
+    trimmed_mean,
+    weighted_median,
+)
+from strategies.server_state import ServerState
+from strategies.server_step import plan_round, server_step
+from tests.test_server_step import MODEL, NAMES, _replies, _setup
+from workloads.config import RunConfig
+from workloads.errors import ConfigError
+
+
+def test_weighted_median_and_trimmed_mean_by_hand():
+    x = torch.tensor([[1.0, 10.0], [2.0, -5.0], [3.0, 0.0], [100.0, 1.0]])
+    assert weighted_median(x, torch.tensor([1.0, 1.0, 1.0, 1.0])).tolist() == [2.0, 0.0]
+    # weight 5 on the second client: it holds more than half of the weight, so it is the median
+    assert weighted_median(x, torch.tensor([1.0, 5.0, 1.0, 1.0])).tolist() == [2.0, -5.0]
+    # trim 25% of the weight (1 of 4) at each end: the mean of the middle two
+    torch.testing.assert_close(trimmed_mean(x, torch.ones(4), 0.25), torch.tensor([2.5, 0.5]))
+    # weights 2,1,1,4 (total 8), trim 1 at each end: column 0 sorted 1(2),2(1),3(1),100(4) keeps 1(1),2,3,100(3)
+    w = torch.tensor([2.0, 1.0, 1.0, 4.0])
+    assert trimmed_mean(x, w, 0.125)[0].item() == pytest.approx((1 + 2 + 3 + 300) / 6)
+    torch.testing.assert_close(trimmed_mean(x, w, 0.0), (w[:, None] * x).sum(0) / w.sum())
+
+
+def test_krum_picks_the_client_in_the_honest_cluster():
+    gen = torch.Generator().manual_seed(0)
+    honest = 0.1 * torch.randn(7, 50, generator=gen) + 1.0
+    attackers = torch.full((2, 50), -5.0) + 0.001 * torch.randn(2, 50, generator=gen)  # a tight pair, far away
+    x = torch.cat([attackers, honest])
+    assert krum(x, f=2) >= 2
+
+
+def test_centered_clip_bounds_each_clients_pull():
+    """With one iteration, each client moves the center by at most w_i / W * tau."""
+    center = torch.zeros(3)
+    x = torch.tensor([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0], [1000.0, 0.0, 0.0]])
+    v = centered_clip(x, torch.ones(3), center, radius=2.0, iterations=1)
+    torch.testing.assert_close(v, torch.tensor([1.0 / 3 + 2.0 / 3, 1.0 / 3, 0.0]))
+    # radius 0 = auto: the weighted median distance (1.0 here), so the far client pulls by 1/3 only
+    auto = centered_clip(x, torch.ones(3), center, radius=0.0, iterations=1)
+    torch.testing.assert_close(auto, torch.tensor([2.0 / 3, 1.0 / 3, 0.0]))
+    # a huge radius is the plain weighted mean
+    torch.testing.assert_close(centered_clip(x, torch.tensor([1.0, 2.0, 3.0]), center, 1e12, 1),
+                               torch.tensor([3001.0 / 6, 2.0 / 6, 0.0]))
+
+
+def _run(setup, rounds: int = 4) -> ServerState:
+    state = ServerState.initial(MODEL, seed=1, teacher={})
+    for _ in range(rounds):
+        state, plan = plan_round(state, setup, {7: 0, 8: 1, 9: 2}, k=3)
+        state, _ = server_step(state, _replies(plan), plan)
+    return state
+
+
+def test_centered_clip_with_an_unbounded_radius_is_the_mean_with_server_momentum():
+    """Clients' momenta m_i = beta m_i + g_i + wd w average to the server's heavy-ball velocity."""
+    config = {"momentum": 0.9, "weight-decay": 0.01, "global-batch-size": 9}
+    mean = _run(_setup(**config))
+    clipped = _run(_setup(**config, **{"aggregator": "centered-clip", "cc-radius": 1e12, "cc-iterations": 1}))
+    for n in NAMES:
+        torch.testing.assert_close(clipped.model[n], mean.model[n], rtol=1e-5, atol=1e-6)
+    assert sorted(clipped.client_momentum) == [0, 1, 2] and mean.client_momentum == {}
+    # the default (auto) radius clips honest clients too: not the mean step any more
+    auto = _run(_setup(**config, aggregator="centered-clip"))
+    assert not torch.allclose(auto.model["w"], mean.model["w"], atol=1e-4)
+
+
+@pytest.mark.parametrize("name", ["median", "trimmed-mean", "krum"])
+def test_other_aggregators_step_with_their_aggregate(name):
+    setup = _setup(aggregator=name, momentum=0.0, **{"weight-decay": 0.0, "global-batch-size": 9})
+    state, plan = plan_round(ServerState.initial(MODEL, seed=1, teacher={}), setup, {7: 0, 8: 1, 9: 2}, k=3)
+    replies = _replies(plan)
+    new, _ = server_step(state, replies, plan)
+    expected = Aggregator.from_config(setup.cfg)([[r.grads[n] for n in NAMES] for r in replies], [3, 3, 3])
+    for n, e in zip(NAMES, expected):
+        torch.testing.assert_close(new.model[n], MODEL[n] - 0.1 * e)
+
+
+def test_a_robust_aggregator_refuses_a_teacher_that_reads_client_gradients():
+    from strategies.teacher_registry import check_teacher
+
+    check_teacher(RunConfig.from_mapping({"aggregator": "median", "teacher": "step"}))
+    with pytest.raises(ConfigError, match=r"'teacher' = 'adascale' with aggregator = 'krum'.*Allowed with a robust"):
+        check_teacher(RunConfig.from_mapping({"aggregator": "krum", "teacher": "adascale"}))
+    with pytest.raises(ConfigError, match=r"'byzantine-fraction' = 0.5: must be in \[0, 0.5\)"):
+        RunConfig.from_mapping({"byzantine-fraction": 0.5})
+    with pytest.raises(ConfigError, match="'aggregator'"):
+        RunConfig.from_mapping({"aggregator": "geomed"})
