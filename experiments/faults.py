@@ -121,12 +121,16 @@ def corrupt(reply: Message, fault: Fault) -> Message:
     return Message(content=content, metadata=copy.deepcopy(reply.metadata))
 
 
-def random_dropouts(fraction: float, seed: int) -> Callable[[int, int, int], bool]:
-    """A predicate ``(round, partition, num_partitions) -> dropped?``: ``round(fraction * n)`` random partitions per round."""
+def independent_dropouts(probability: float, seed: int) -> Schedule:
+    """A schedule in which every train message to every client crashes with ``probability``, independently.
 
-    def dropped(rnd: int, pid: int, num_partitions: int) -> bool:
-        k = int(round(fraction * num_partitions))
-        chosen = np.random.default_rng([seed, rnd]).choice(num_partitions, size=k, replace=False)
-        return pid in set(chosen.tolist())
+    A retried message of the same round is another draw (the n-th attempt of partition p in
+    round r draws from ``default_rng([seed, r, p, n])``), so runs are reproducible.
+    """
+    attempts: dict[tuple[int, int], int] = {}
 
-    return dropped
+    def schedule(rnd: int, pid: int) -> Fault | None:
+        n = attempts[(rnd, pid)] = attempts.get((rnd, pid), 0) + 1
+        return Fault("crash") if np.random.default_rng([seed, rnd, pid, n]).random() < probability else None
+
+    return schedule

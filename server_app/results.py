@@ -41,7 +41,7 @@ if TYPE_CHECKING:
     from strategies.server_state import ServerState
 
 ROUND_COLUMNS = [
-    "round", "global_batch", "planned_batch", "failed_clients", "samples_seen", "lr", "train_loss",
+    "round", "global_batch", "planned_batch", "failed_clients", "skipped", "samples_seen", "lr", "train_loss",
     "val_loss", "val_accuracy", "test_loss", "test_accuracy", "wall_s",
 ]
 CLIENT_COLUMNS = ["round", "node_id", "partition_id"]

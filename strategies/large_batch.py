@@ -38,18 +38,27 @@ from flwr.serverapp.strategy import FedAvg
 
 from protocol import messages as proto
 from strategies.batch_policy import BatchPolicy
-from strategies.nodes import NodeDirectory, wait_for_nodes
+from strategies.nodes import NodeDirectory, NodesUnavailable, wait_for_nodes
 from strategies.records import MemorySink, RoundSink
 from strategies.round_plan import client_config, velocity_record
 from strategies.server_state import ServerState
 from strategies.server_step import (  # noqa: F401 - RoundFailure and DivergenceError: raised through here
-    ClientReply, DivergenceError, ReplyCheck, RoundFailure, RunSetup, StepError, StepPlan, plan_round, server_step,
+    ClientReply,
+    DivergenceError,
+    ReplyCheck,
+    RoundFailure,
+    RunSetup,
+    StepError,
+    StepPlan,
+    check_replies,
+    plan_round,
+    server_step,
+    skip_round,
 )
 from strategies.teachers import Teacher
 from workloads.config import RunConfig
-from workloads.errors import ConfigError
 
-NODE_WAIT_S = 300.0  # how long to wait for clients-per-round nodes before failing
+NODE_WAIT_S = 300.0  # the first round waits this long for clients-per-round nodes; any round, for one usable node
 
 
 class LargeBatchStrategy(FedAvg):
@@ -80,6 +89,9 @@ class LargeBatchStrategy(FedAvg):
         self.nodes = NodeDirectory()
         self.policy = BatchPolicy(cfg, self.setup.profiles, self.setup.model_bytes)
         self._grid: Grid | None = None  # the run's: its ``destinations`` (server_app/grid.py) attribute replies
+        self._sent: dict[int, tuple] = {}  # this round: node -> (TrainInstruction, arrays, velocity), for retries
+        self._start_round: int | None = None  # the state's round when this process started (resume: not 0)
+        self._last_short: int | None = None  # the last shrunken round's K (warn once per change)
 
     @property
     def state(self) -> OrderedDict[str, torch.Tensor]:
@@ -104,8 +116,9 @@ class LargeBatchStrategy(FedAvg):
         log(INFO, "\t├──> server SGD lr %.4g (%s, warm-up %d), momentum %.3g, weight decay %.3g, "
             "local steps %d, teacher %s", c.lr, c.schedule, c.warmup_rounds, c.momentum,
             c.weight_decay, c.local_steps, c.teacher)
-        log(INFO, "\t└──> faults: min-batch-fraction %.3g, round-timeout-s %.0f, max-norm-ratio %s",
-            c.min_batch_fraction, c.round_timeout_s, c.max_norm_ratio or "off")
+        log(INFO, "\t└──> faults: min-batch-fraction %.3g (round-retries %d, max-failed-rounds %d), round-timeout-s "
+            "%.0f, max-norm-ratio %s, aggregator %s", c.min_batch_fraction, c.round_retries, c.max_failed_rounds,
+            c.round_timeout_s, c.max_norm_ratio or "off", c.aggregator)
 
     # ----------------------------------------------------------------- configure
     def configure_train(
@@ -115,6 +128,8 @@ class LargeBatchStrategy(FedAvg):
 
         The round's number is the ``ServerState``'s (``server_round`` counts this process's rounds).
         """
+        if self._start_round is None:
+            self._start_round = self.server_state.round
         usable, k = self._usable_nodes(grid)
         state = self.server_state
         memory, batches, probe_virtual_s, replanned = self.policy.plan(
@@ -127,28 +142,49 @@ class LargeBatchStrategy(FedAvg):
         velocity = velocity_record(plan.teacher_plan, self.setup.param_names, state.velocity)
         velocity = ArrayRecord(velocity) if velocity is not None else None
         self.plan = plan = dataclasses.replace(plan, sent_at=time.perf_counter())
-        messages = []
+        self._sent = {}
         for node_id, (pid, b) in plan.assigned.items():
             instruction = proto.TrainInstruction(
                 plan.round, b, self.cfg.micro_batch_size or b, plan.local_steps, plan.lr,
                 self.server_state.drawn.get(pid, 0),
                 client_config(plan.teacher_plan, pid, self.cfg.momentum, self.cfg.weight_decay))
-            messages.append(Message(content=instruction.to_content(arrays, velocity), message_type=MessageType.TRAIN,
-                                    dst_node_id=node_id))
-        return messages
+            self._sent[node_id] = (instruction, arrays, velocity)
+        return [self._train_message(node) for node in plan.assigned]
+
+    def _train_message(self, node: int) -> Message:
+        """The round's train message for ``node`` (built again for a retry: a Message is sent once)."""
+        instruction, arrays, velocity = self._sent[node]
+        return Message(content=instruction.to_content(arrays, velocity), message_type=MessageType.TRAIN,
+                       dst_node_id=node)
 
     def _usable_nodes(self, grid: Grid) -> tuple[dict[int, int], int]:
-        """The usable nodes (node id -> partition id, new ones identified) and K, the round's client count."""
-        connected = wait_for_nodes(grid, max(1, self.cfg.clients_per_round), NODE_WAIT_S)
-        self.nodes.decide(len(connected), 0 < self.cfg.clients_per_round < len(connected), self.cfg.batch_policy == "fixed")
-        usable = self.nodes.refresh(grid, connected, self.cfg.round_timeout_s)
-        k = self.cfg.clients_per_round or len(usable)
-        if not usable or k > len(usable):
+        """The usable nodes (node id -> partition id, new ones identified) and K, the round's client count.
+
+        The first round waits up to ``NODE_WAIT_S`` for ``clients-per-round`` nodes (start-up);
+        every round then draws from the nodes connected and usable now, so fewer of them than
+        ``clients-per-round`` shrink the round to all of them (the global batch is kept).
+        Raises ``NodesUnavailable`` only when no node is usable for ``NODE_WAIT_S``.
+        """
+        wanted = max(1, self.cfg.clients_per_round) if self.server_state.round == self._start_round else 1
+        deadline = time.monotonic() + NODE_WAIT_S
+        while True:
+            connected = wait_for_nodes(grid, wanted, max(0.0, deadline - time.monotonic()))
+            self.nodes.decide(len(connected), 0 < self.cfg.clients_per_round < len(connected),
+                              self.cfg.batch_policy == "fixed")
+            usable = self.nodes.refresh(grid, connected, self.cfg.round_timeout_s) if connected else {}
+            if usable or time.monotonic() >= deadline:
+                break
+            time.sleep(1.0)  # every connected node is quarantined or did not identify: wait for one
+        if not usable:
             why = "; ".join(f"node {n}: {r}" for n, r in self.nodes.errors.items() if n in connected)
-            raise ConfigError(
-                f"run-config key 'clients-per-round' = {self.cfg.clients_per_round}: only {len(usable)} of "
-                f"{len(connected)} connected nodes identified themselves with distinct partition ids. {why}"
-            )
+            raise NodesUnavailable(
+                f"round {self.server_state.round + 1}: no usable node for {NODE_WAIT_S:.0f} s ({len(connected)} "
+                f"connected, {len(self.nodes.quarantined)} left out after a missed deadline). {why}")
+        k = min(self.cfg.clients_per_round, len(usable)) if self.cfg.clients_per_round else len(usable)
+        if k < self.cfg.clients_per_round and k != self._last_short:
+            log(WARNING, "round %d: %d usable nodes, fewer than clients-per-round = %d: the round uses all of them",
+                self.server_state.round + 1, k, self.cfg.clients_per_round)
+        self._last_short = k if k < self.cfg.clients_per_round else None
         self._grid = grid
         return usable, k
 
@@ -163,16 +199,22 @@ class LargeBatchStrategy(FedAvg):
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         """Run ``server_step`` on the replies; record the round; return the new global model."""
-        received_at = time.perf_counter()
         replies = list(replies)
+        received = self._with_retries(self.client_replies(replies))
+        received_at = time.perf_counter()
         try:
-            state, record = server_step(self.server_state, self.client_replies(replies), self.plan,
-                                        received_at=received_at)
+            state, record = server_step(self.server_state, received, self.plan, received_at=received_at)
+        except RoundFailure as err:
+            self._report(err.check)
+            state, record = skip_round(self.server_state, self.plan, err)
+            log(WARNING, "round %d skipped (%d in a row, max-failed-rounds = %d): %s", self.plan.round,
+                state.failed_rounds, self.cfg.max_failed_rounds, err)
         except StepError as err:
             if err.check is not None:
                 self._report(err.check)
             raise
-        self._report(record.check)
+        else:
+            self._report(record.check)
         self.server_state = state
         self.sink.train(record.row, record.clients)
         for reply in replies:  # aggregated: Flower's loop holds the list until the next round's replies arrive
@@ -182,6 +224,33 @@ class LargeBatchStrategy(FedAvg):
         row = record.row
         return ArrayRecord(state.model), MetricRecord({proto.TRAIN_LOSS: row["train_loss"],
                                                        "global-batch": row["global_batch"], proto.LR: row["lr"]})
+
+    def _with_retries(self, replies: list[ClientReply]) -> list[ClientReply]:
+        """The replies, after up to ``round-retries`` re-sends to the sampled nodes that failed or were silent.
+
+        Only a round short of ``min-batch-fraction`` retries, and only within its deadline
+        (``round-timeout-s`` after it was sent). A retried node gets its unchanged instruction
+        (same b_i, same examples), so a successful retry gives the round the step it planned.
+        Invalid replies (failed checks) are not retried: they are the client's answer.
+        """
+        plan, cfg = self.plan, self.cfg
+        for attempt in range(cfg.round_retries):
+            check = check_replies(replies, plan, self.server_state)
+            if sum(r.batch for r in check.valid) >= cfg.min_batch_fraction * plan.planned * (1 - 1e-12):
+                break
+            errored = {r.node_id for r in replies if r.error is not None and r.node_id in plan.assigned}
+            retry = sorted(errored | set(check.missing))
+            left = cfg.round_timeout_s - (time.perf_counter() - plan.sent_at)
+            if not retry or left < 1.0:
+                break
+            log(INFO, "round %d short of min-batch-fraction: retry %d of %d for nodes %s (%.0f s left)", plan.round,
+                attempt + 1, cfg.round_retries, retry, left)
+            self.sink.failures([f | {"reason": f"{f['reason']} (attempt {attempt + 1}; retried)"}
+                                for f in check.failures if f["node_id"] in set(retry)])
+            again = self.client_replies(list(self._grid.send_and_receive(
+                [self._train_message(n) for n in retry], timeout=left)))
+            replies = [r for r in replies if r.node_id not in set(retry)] + again
+        return replies
 
     def client_replies(self, messages: list[Message]) -> list[ClientReply]:
         """The round's replies as ``ClientReply`` values, in arrival order.

@@ -17,7 +17,8 @@ each use and read back after.
 
 Faults: an invalid, failed or late reply drops that client from the round; the step is then
 the exact mean over the examples that did arrive, B' = sum of their b_i, as long as B' is at
-least ``min-batch-fraction`` of the planned B (else ``RoundFailure``). A step that would make the
+least ``min-batch-fraction`` of the planned B (else ``RoundFailure``, which ``skip_round`` turns
+into a skipped round, up to ``max-failed-rounds`` in a row). A step that would make the
 weights non-finite raises ``DivergenceError``, and the state stays the previous round's. Both
 errors carry the round's ``ReplyCheck``, so that the failures can still be recorded.
 """
@@ -315,6 +316,25 @@ def server_step(state: ServerState, replies: Sequence[ClientReply], plan: StepPl
                              _client_rows(plan, valid, virtual), check)
 
 
+def skip_round(state: ServerState, plan: StepPlan, failure: RoundFailure) -> tuple[ServerState, StepRecord]:
+    """The round ``failure`` ended, skipped: the model unchanged, the round counted (``max-failed-rounds``).
+
+    The state keeps what ``plan_round`` advanced (sampler, teacher), so a resumed run skips the
+    same rounds. Raises ``failure`` again, with the limit named, when this is one round more
+    than ``max-failed-rounds`` in a row.
+    """
+    limit, streak = plan.setup.cfg.max_failed_rounds, state.failed_rounds + 1
+    if streak > limit:
+        raise RoundFailure(f"{failure} That is {streak} consecutive short rounds; max-failed-rounds = {limit}.",
+                           failure.check)
+    state = dataclasses.replace(state, round=plan.round, failed_rounds=streak)
+    check = failure.check
+    row = {"round": plan.round, "skipped": 1, "clients": len(check.valid), "planned_batch": plan.planned,
+           "failed_clients": len(check.failures), "global_batch": 0, "samples_seen": state.samples_seen, "lr": 0.0,
+           "train_loss": math.nan, "virtual_s": 0.0, "virtual_total_s": state.virtual_total}
+    return state, StepRecord(row, [], check)
+
+
 def _aggregate(state: ServerState, plan: StepPlan, grads: list[list[torch.Tensor]], batches: list[int],
                partitions: list[int], params: list[torch.Tensor], mean: list[torch.Tensor]
                ) -> tuple[list[torch.Tensor], Mapping[int, list[torch.Tensor]]]:
@@ -382,7 +402,8 @@ def _round_row(state: ServerState, plan: StepPlan, check: ReplyCheck, stats: Noi
     global_batch = sum(r.batch for r in valid)
     peaks = [r.metrics[proto.PEAK_MEM_MB] for r in valid if not math.isnan(r.metrics[proto.PEAK_MEM_MB])]
     return {
-        "round": plan.round, "clients": len(valid), "planned_batch": plan.planned, "failed_clients": len(check.failures),
+        "round": plan.round, "skipped": 0, "clients": len(valid), "planned_batch": plan.planned,
+        "failed_clients": len(check.failures),
         "global_batch": global_batch, "samples_seen": state.samples_seen, "lr": lr,
         "train_loss": sum(r.batch * r.metrics[proto.TRAIN_LOSS] for r in valid) / global_batch,
         "grad_norm": stats.grad_norm, "tr_sigma": stats.tr_sigma, "grad_sq": stats.grad_sq, "b_simple": stats.b_simple,

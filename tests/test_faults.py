@@ -14,11 +14,16 @@ from flwr.app import ConfigRecord
 from client_app.app import app as client_app
 from experiments.fault_tolerance import CASES, bad_reply_table
 from experiments.faults import Fault, FaultyClientApp
-from flb.inprocess import run_inprocess
+from flb.inprocess import (
+    FakeGrid,
+    client_context,
+    reply_via_client,
+    run_inprocess,
+    state_arrays,
+)
 from strategies.large_batch import DivergenceError, LargeBatchStrategy, RoundFailure
 from strategies.reply_check import norm_outliers
 from strategies.teacher_registry import build_teacher
-from flb.inprocess import FakeGrid, client_context, reply_via_client, state_arrays
 from workloads.config import RunConfig
 from workloads.models import build_model
 
@@ -79,12 +84,54 @@ def test_a_crashing_client_is_dropped_and_the_step_uses_the_examples_that_arrive
     assert all(bool(torch.isfinite(v).all()) for v in torch.load(tmp_path / "model.pt").values())
 
 
-def test_the_strict_default_stops_and_names_node_partition_and_reason(tmp_path):
+def test_the_strict_setting_stops_and_names_node_partition_and_reason(tmp_path):
     faulty = _faulty(lambda r, p: Fault("crash") if (r, p) == (2, 1) else None)
     with pytest.raises(RoundFailure, match=r"round 2: valid replies cover 48 of the 64.*partition 1\): client error: "
-                                           r"RuntimeError: injected crash"):
-        run_inprocess(BASE | {"out-dir": str(tmp_path)}, num_clients=4, client_app=faulty)
+                                           r"RuntimeError: injected crash.*1 consecutive short rounds; max-failed-rounds = 0"):
+        run_inprocess(BASE | {"out-dir": str(tmp_path), "round-retries": 0, "max-failed-rounds": 0}, num_clients=4,
+                      client_app=faulty)
     assert pd.read_csv(tmp_path / "failures.csv")[["round", "partition_id"]].values.tolist() == [[2, 1]]
+
+
+def _first_attempt_crashes(rounds: set[int], partitions: set[int]):
+    """A schedule whose clients crash the first time they get a train message of ``rounds`` (retries succeed)."""
+    seen: set[tuple[int, int]] = set()
+
+    def schedule(rnd: int, pid: int) -> Fault | None:
+        first = (rnd, pid) not in seen
+        seen.add((rnd, pid))
+        return Fault("crash") if first and rnd in rounds and pid in partitions else None
+
+    return schedule
+
+
+def test_a_short_round_retries_the_failed_clients_and_takes_the_planned_step(tmp_path):
+    clean = run_inprocess(BASE | {"out-dir": str(tmp_path / "clean")}, num_clients=4)
+    faulty = _faulty(_first_attempt_crashes({2, 3}, {0, 1, 2}))  # 3 of 4 clients crash once in rounds 2 and 3
+    retried = run_inprocess(BASE | {"out-dir": str(tmp_path / "retried")}, num_clients=4, client_app=faulty)
+    a, b = torch.load(clean / "model.pt"), torch.load(retried / "model.pt")
+    assert max(float((a[k] - b[k]).abs().max()) for k in a) == 0.0  # the planned step, bit for bit
+    failures = pd.read_csv(retried / "failures.csv")
+    assert failures[["round", "partition_id"]].values.tolist() == [[2, 0], [2, 1], [2, 2], [3, 0], [3, 1], [3, 2]]
+    assert failures["reason"].str.endswith("(attempt 1; retried)").all()
+    assert (_rounds(retried)["failed_clients"].fillna(0) == 0).all()
+
+
+def test_short_rounds_are_skipped_up_to_max_failed_rounds_and_a_resume_skips_them_too(tmp_path):
+    always = _faulty(lambda r, p: Fault("crash") if r in (2, 3) and p > 0 else None)
+    config = BASE | {"num-server-rounds": 5, "checkpoint-every": 1, "round-retries": 1, "max-failed-rounds": 2}
+    rounds = _rounds(run_inprocess(config | {"out-dir": str(tmp_path / "a")}, num_clients=4, client_app=always))
+    assert rounds["skipped"].tolist()[1:] == [0, 1, 1, 0, 0] and rounds["global_batch"].tolist()[1:] == [64, 0, 0, 64, 64]
+    assert rounds["samples_seen"].tolist()[1:] == [64, 64, 64, 128, 192]
+    # resumed from the checkpoint of the skipped round 2: the same model, bit for bit
+    head = _faulty(lambda r, p: Fault("crash") if r >= 2 and p > 0 else None)
+    with pytest.raises(RoundFailure, match="3 consecutive short rounds; max-failed-rounds = 2"):
+        run_inprocess(config | {"out-dir": str(tmp_path / "b")}, num_clients=4, client_app=head)
+    ckpt = torch.load(tmp_path / "b" / "checkpoint.pt")
+    assert (ckpt["round"], ckpt["strategy"]["failed_rounds"]) == (3, 2)
+    run_inprocess(config | {"out-dir": str(tmp_path / "b"), "resume": True}, num_clients=4)
+    a, b = torch.load(tmp_path / "a" / "model.pt"), torch.load(tmp_path / "b" / "model.pt")
+    assert max(float((a[k] - b[k]).abs().max()) for k in a) == 0.0
 
 
 def test_a_nan_gradient_never_reaches_the_model(tmp_path):
@@ -118,7 +165,7 @@ def test_a_divergent_step_is_undone_and_the_last_checkpoint_kept(tmp_path):
 
 def test_resume_after_a_failed_round_ends_with_the_uninterrupted_model(tmp_path):
     config = BASE | {"num-server-rounds": 8, "checkpoint-every": 2, "teacher": "adascale", "clients-per-round": 3,
-                     "global-batch-size": 90, "eval-every": 4}
+                     "global-batch-size": 90, "eval-every": 4, "max-failed-rounds": 0}
     run_inprocess(config | {"out-dir": str(tmp_path / "a")}, num_clients=4)
     faulty = _faulty(lambda r, p: Fault("crash") if r == 7 else None)
     with pytest.raises(RoundFailure):

@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 from flwr.app import Error, Message, MetricRecord, RecordDict
 
-from strategies.nodes import NodeDirectory, sample_nodes
 from flb.inprocess import delivered
+from strategies.nodes import NodeDirectory, sample_nodes
 
 
 class ClaimsGrid:
@@ -94,3 +94,29 @@ def test_a_lazy_run_sends_no_identify_and_records_the_true_partitions(tmp_path, 
     assert "query.identify" not in kinds and kinds.count("train") == 12
     assert (clients.partition_id == clients.node_id - 1000).all()  # InProcessGrid: node 1000 + i holds partition i
     assert clients.groupby("round").size().tolist() == [3, 3, 3, 3] and (clients.local_batch == 16).all()
+
+
+def test_fewer_nodes_than_clients_per_round_shrink_the_round_and_none_is_not_a_config_error(monkeypatch):
+    import pytest
+    import torch
+
+    import strategies.large_batch as lb
+    from flb.inprocess import FakeGrid
+    from strategies.teachers import IdentityTeacher
+    from workloads.config import RunConfig
+    from workloads.errors import ConfigError
+
+    monkeypatch.setattr(lb, "NODE_WAIT_S", 0.3)
+    cfg = RunConfig.from_mapping({"clients-per-round": 3, "global-batch-size": 30})
+    model = {"w": torch.zeros(2, 2)}
+    strategy = lb.LargeBatchStrategy(cfg, model, ["w"], IdentityTeacher())
+    grid = FakeGrid([10, 11])  # 2 of the 3 wanted: the first round waits, then goes on with both
+    messages = list(strategy.configure_train(1, lb.ArrayRecord(model), lb.ConfigRecord(), grid))
+    assert sorted(m.metadata.dst_node_id for m in messages) == [10, 11]
+    assert sorted(b for _, b in strategy.plan.assigned.values()) == [15, 15]  # the global batch is kept
+    grid.node_ids = [11]  # a SuperNode died for good: later rounds draw from the one that is left
+    assert strategy._usable_nodes(grid) == ({11: 1}, 1)
+    grid.node_ids = []
+    with pytest.raises(lb.NodesUnavailable, match=r"no usable node for 0 s \(0 connected") as err:
+        strategy._usable_nodes(grid)
+    assert not isinstance(err.value, ConfigError)
