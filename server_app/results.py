@@ -49,8 +49,8 @@ FAILURE_COLUMNS = ["round", "node_id", "partition_id", "local_batch", "reason"]
 CHECKPOINT_FORMAT = 1
 WRITE_EVERY_COST = 20.0  # rewrite the CSVs once the time since the last write is this many times its cost
 # Keys a resumed run may change: they decide how faults are handled and where files are, not what is computed.
-RESUMABLE_KEYS = frozenset({"resume", "min-batch-fraction", "round-timeout-s", "max-norm-ratio",
-                            "checkpoint-every", "out-dir", "data-dir"})
+RESUMABLE_KEYS = frozenset({"resume", "min-batch-fraction", "round-timeout-s", "max-norm-ratio", "round-retries",
+                            "max-failed-rounds", "checkpoint-every", "out-dir", "data-dir"})
 
 
 def resolve_out_dir(out_dir: str, cfg: RunConfig) -> Path:
