@@ -52,11 +52,13 @@ from strategies.server_step import (  # noqa: F401 - RoundFailure and Divergence
     StepPlan,
     check_replies,
     plan_round,
+    refused_by_config,
     server_step,
     skip_round,
 )
 from strategies.teachers import Teacher
 from workloads.config import RunConfig
+from workloads.errors import ConfigError
 
 NODE_WAIT_S = 300.0  # the first round waits this long for clients-per-round nodes; any round, for one usable node
 
@@ -163,7 +165,8 @@ class LargeBatchStrategy(FedAvg):
         The first round waits up to ``NODE_WAIT_S`` for ``clients-per-round`` nodes (start-up);
         every round then draws from the nodes connected and usable now, so fewer of them than
         ``clients-per-round`` shrink the round to all of them (the global batch is kept).
-        Raises ``NodesUnavailable`` only when no node is usable for ``NODE_WAIT_S``.
+        Raises ``NodesUnavailable`` when no node is usable for ``NODE_WAIT_S``, and ``ConfigError`` at once
+        when every connected node refused to identify itself with a ``ConfigError`` (its node config).
         """
         wanted = max(1, self.cfg.clients_per_round) if self.server_state.round == self._start_round else 1
         deadline = time.monotonic() + NODE_WAIT_S
@@ -174,6 +177,10 @@ class LargeBatchStrategy(FedAvg):
             usable = self.nodes.refresh(grid, connected, self.cfg.round_timeout_s) if connected else {}
             if usable or time.monotonic() >= deadline:
                 break
+            refusals = {n: self.nodes.errors.get(n, "") for n in connected if n not in self.nodes.quarantined}
+            if refusals and all(refused_by_config(r) for r in refusals.values()):
+                raise ConfigError(f"round {self.server_state.round + 1}: every connected node refused to identify "
+                                  "itself: " + "; ".join(f"node {n}: {r}" for n, r in refusals.items()))
             time.sleep(1.0)  # every connected node is quarantined or did not identify: wait for one
         if not usable:
             why = "; ".join(f"node {n}: {r}" for n, r in self.nodes.errors.items() if n in connected)
@@ -238,7 +245,8 @@ class LargeBatchStrategy(FedAvg):
             check = check_replies(replies, plan, self.server_state)
             if sum(r.batch for r in check.valid) >= cfg.min_batch_fraction * plan.planned * (1 - 1e-12):
                 break
-            errored = {r.node_id for r in replies if r.error is not None and r.node_id in plan.assigned}
+            errored = {r.node_id for r in replies
+                       if r.error is not None and r.node_id in plan.assigned and not refused_by_config(r.error)}
             retry = sorted(errored | set(check.missing))
             left = cfg.round_timeout_s - (time.perf_counter() - plan.sent_at)
             if not retry or left < 1.0:

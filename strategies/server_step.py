@@ -173,6 +173,14 @@ class RoundFailure(StepError):
     """Too few valid replies: the round's examples fall below ``min-batch-fraction`` of the plan."""
 
 
+def refused_by_config(reason: str) -> bool:
+    """Whether a client's error reply is a ``ConfigError`` (its settings: retrying or skipping cannot help).
+
+    Flower's runtimes write the exception's type into the error's reason.
+    """
+    return "ConfigError" in reason
+
+
 class DivergenceError(StepError):
     """The server step would have made the global model non-finite; it was not applied."""
 
@@ -321,14 +329,18 @@ def skip_round(state: ServerState, plan: StepPlan, failure: RoundFailure) -> tup
 
     The state keeps what ``plan_round`` advanced (sampler, teacher), so a resumed run skips the
     same rounds. Raises ``failure`` again, with the limit named, when this is one round more
-    than ``max-failed-rounds`` in a row.
+    than ``max-failed-rounds`` in a row, or at once when no reply was valid and every client
+    refused with a ``ConfigError``.
     """
     limit, streak = plan.setup.cfg.max_failed_rounds, state.failed_rounds + 1
+    check = failure.check
+    if not check.valid and check.failures and all(refused_by_config(f["reason"]) for f in check.failures):
+        raise RoundFailure(f"{failure} Every client refused the round with a ConfigError: skipping rounds cannot "
+                           "help.", check)
     if streak > limit:
         raise RoundFailure(f"{failure} That is {streak} consecutive short rounds; max-failed-rounds = {limit}.",
                            failure.check)
     state = dataclasses.replace(state, round=plan.round, failed_rounds=streak)
-    check = failure.check
     row = {"round": plan.round, "skipped": 1, "clients": len(check.valid), "planned_batch": plan.planned,
            "failed_clients": len(check.failures), "global_batch": 0, "samples_seen": state.samples_seen, "lr": 0.0,
            "train_loss": math.nan, "virtual_s": 0.0, "virtual_total_s": state.virtual_total}

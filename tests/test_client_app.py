@@ -49,7 +49,7 @@ def test_client_reply_has_gradient_and_metrics():
 
 
 def test_client_error_fails_the_round_with_its_reason():
-    run_config = {"global-batch-size": 2000, "clients-per-round": 1}
+    run_config = {"global-batch-size": 2000, "clients-per-round": 1, "round-retries": 0, "max-failed-rounds": 0}
     cfg, strategy = _strategy(run_config)
     (msg,) = list(strategy.configure_train(1, state_arrays(strategy.state), ConfigRecord(), FakeGrid([9])))
     with pytest.raises(ConfigError) as err:
@@ -62,7 +62,7 @@ def test_client_error_fails_the_round_with_its_reason():
 
 
 def test_strategy_fails_on_any_error_reply():
-    cfg, strategy = _strategy({"global-batch-size": 8})
+    cfg, strategy = _strategy({"global-batch-size": 8, "round-retries": 0, "max-failed-rounds": 0})
     (msg,) = list(strategy.configure_train(1, state_arrays(strategy.state), ConfigRecord(), FakeGrid([3])))
     err = Message(Error(code=2, reason="boom"), reply_to=delivered(msg))
     with pytest.raises(RoundFailure, match="boom"):

@@ -207,3 +207,18 @@ def test_assignment_depends_on_partitions_not_on_node_ids():
         states.append(strategy.state)
     assert batches[0] == batches[1]
     assert all(torch.equal(states[0][k], states[1][k]) for k in states[0])
+
+
+def test_a_round_every_client_refuses_with_a_config_error_stops_at_once(tmp_path):
+    """A client's ConfigError is its settings: it is not retried, and no round can be skipped past it."""
+    from workloads.errors import ConfigError
+
+    def refusing(msg, context):
+        if msg.metadata.message_type == "train":
+            raise ConfigError("node-config key 'memory-budget-mb' = 1: too small for one example")
+        return client_app(msg, context)
+
+    with pytest.raises(RoundFailure, match=r"round 1: .*too small for one example.*Every client refused the round "
+                                           "with a ConfigError"):
+        run_inprocess(BASE | {"out-dir": str(tmp_path)}, num_clients=2, client_app=refusing)
+    assert len(pd.read_csv(tmp_path / "failures.csv")) == 2  # one attempt each: no retry

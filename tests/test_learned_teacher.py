@@ -98,7 +98,7 @@ def test_validation_gradient_uses_the_validation_split_and_resumes_its_order(dat
 ])
 def test_a_run_resumed_after_a_failed_round_ends_with_the_uninterrupted_model(tmp_path, teacher, extra):
     config = {"teacher": teacher, "num-server-rounds": 6, "checkpoint-every": 2, "eval-every": 3,
-              "global-batch-size": 64, "lr": 0.2, **extra}
+              "global-batch-size": 64, "lr": 0.2, "round-retries": 0, "max-failed-rounds": 0, **extra}
     run_inprocess(config | {"out-dir": str(tmp_path / "a")}, num_clients=4)
     crash = FaultyClientApp(client_app, lambda r, p: Fault("crash") if r == 6 else None)
     with pytest.raises(RoundFailure):
