@@ -15,7 +15,9 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from strategies.batch_policy import largest_scheduled_batch, scheduled_batch
 from strategies.teacher_registry import check_teacher
+from strategies.teachers import parse_steps
 from workloads.config import RunConfig, check_batches_fit, split_global_batch
 from workloads.devices import MIB, memory_budget_mb, parse_profiles
 from workloads.errors import ConfigError
@@ -28,6 +30,7 @@ def parse_run_config(mapping: Mapping[str, Any]) -> RunConfig:
     cfg = RunConfig.from_mapping(mapping)
     check_workload(cfg.dataset, cfg.model)
     check_teacher(cfg)
+    parse_steps(cfg.batch_steps, cfg.num_server_rounds, "batch-steps")
     parse_profiles(cfg.device_profiles)
     return cfg
 
@@ -65,6 +68,8 @@ def preflight(cfg: RunConfig, num_nodes: int, client_threads: int = 1) -> list[s
     check_out_dir(Path(cfg.out_dir), cfg.resume)
     splits = load_splits(cfg.dataset, cfg.data_dir, cfg.val_fraction, cfg.train_limit)
     batches = split_global_batch(cfg.global_batch_size, k)
+    if cfg.batch_policy == "step":
+        batches = scheduled_local_batches(cfg, k)
     if len(splits.y_train) == 0:  # node-local data (data-dir holds eval.npz only): each node checks its own
         return []
     enough = num_nodes * max(batches)
@@ -75,13 +80,45 @@ def preflight(cfg: RunConfig, num_nodes: int, client_threads: int = 1) -> list[s
         )
     sizes = partition_sizes(splits.y_train.numpy(), num_nodes, cfg.partitioner, cfg.dirichlet_alpha, cfg.seed)
     try:
-        check_batches_fit(batches, sizes)
+        if cfg.batch_policy == "step":
+            check_schedule_fits(cfg, batches, sizes)
+        else:
+            check_batches_fit(batches, sizes)
     except ConfigError as err:
         if cfg.train_limit:
             raise ConfigError(f"run-config key 'train-limit' = {cfg.train_limit} leaves too few examples per "
                               f"client (Allowed: 0 or at least {enough}). {err}") from None
         raise
     return check_memory(cfg, splits, num_nodes, max(batches), client_threads)
+
+
+def scheduled_local_batches(cfg: RunConfig, k: int) -> list[int]:
+    """``batch-policy = step``: the local batches of the round with the largest scheduled global batch.
+
+    Refuses a schedule whose smallest B_r leaves a client of the round without an example.
+    """
+    steps = parse_steps(cfg.batch_steps, cfg.num_server_rounds, "batch-steps")
+    scheduled = [scheduled_batch(cfg.global_batch_size, steps, s + 1) for s, _ in steps if s < cfg.num_server_rounds]
+    if min(scheduled) < k:
+        raise ConfigError(
+            f"run-config key 'batch-steps' = {cfg.batch_steps!r}: a scheduled global batch of {min(scheduled)} "
+            f"(global-batch-size {cfg.global_batch_size} x multiplier) is smaller than the round's {k} clients. "
+            f"Allowed: multipliers >= {k / cfg.global_batch_size:.4g} (one example per client)."
+        )
+    return split_global_batch(largest_scheduled_batch(cfg.global_batch_size, steps, cfg.num_server_rounds), k)
+
+
+def check_schedule_fits(cfg: RunConfig, batches: list[int], sizes: list[int]) -> None:
+    """Refuse a ``batch-steps`` schedule whose largest round gives a client more than the smallest partition."""
+    largest, smallest, k = max(batches), min(sizes), len(batches)
+    if largest > smallest:
+        raise ConfigError(
+            f"run-config key 'batch-steps' = {cfg.batch_steps!r}: its largest global batch, {sum(batches)} "
+            f"(global-batch-size {cfg.global_batch_size} x multiplier), gives a client {largest} examples, more than "
+            f"the smallest client partition ({smallest} examples). Allowed: multipliers <= "
+            f"{smallest * k / cfg.global_batch_size:.4g} (global batch <= {smallest * k} for {k} clients), "
+            "a smaller global-batch-size, or more data per client."
+        )
 
 
 def check_memory(cfg: RunConfig, splits, num_nodes: int, local_batch: int, client_threads: int) -> list[str]:

@@ -10,7 +10,18 @@
   ``estimators.performance.choose_batch``. The noise scale it needs is measured first: the
   first ``calibration-rounds`` rounds run the fixed policy.
 
-The two adaptive policies start with a probe (a Flower ``query`` message to every node):
+- ``step``: a batch schedule (Smith, Kindermans, Ying & Le 2018, "Don't Decay the Learning Rate,
+  Increase the Batch Size"): round r's global batch is B_r = round(``global-batch-size`` x m(r)),
+  m(r) the ``batch-steps`` multiplier in force (``start:multiplier``, as ``teacher-steps``),
+  split evenly over the round's clients as ``fixed`` splits it. No probe.
+- ``noise``: grows B with the measured gradient noise scale B_simple = tr(Sigma)/|G|^2
+  (McCandlish et al. 2018): E_r = batch-ema * E_{r-1} + (1 - batch-ema) * B_simple_r over the
+  rounds measured so far (the first measurement starts it; non-finite or non-positive ones are
+  skipped), B_r = max(B_{r-1}, clamp(round(E_{r-1}), global-batch-size, cap)), cap = the sum of the
+  clients' probed memory limits (memory only: the performance model's knee is not used).
+  Rounds before any measurement use ``global-batch-size``. E and B live in ``PolicyMemory``.
+
+The adaptive policies (all but ``fixed`` and ``step``) start with a probe (a Flower ``query`` message to every node):
 each client reports its memory limit and its step time at four batch sizes, geometric from 1
 to its limit (``profile_batches``), measured on its device. The server scales the times by the node's device-profile
 speed and adds its link, as the virtual clock does (``client_virtual_seconds``). The probe's own
@@ -20,6 +31,7 @@ time on the slowest device goes on the virtual clock before round 1.
 from __future__ import annotations
 
 import dataclasses
+import math
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -35,7 +47,8 @@ from flwr.serverapp import Grid
 from estimators.performance import (
     BatchChoice, IterTimeModel, KneeModel, PowerLawModel, choose_batch, comm_seconds, fit_iter_time,
 )
-from workloads.config import RunConfig
+from strategies.teachers import parse_steps
+from workloads.config import RunConfig, split_global_batch
 from workloads.devices import DeviceProfile, profile_for
 from protocol import messages as proto
 
@@ -124,6 +137,84 @@ def optimal_plan(
     return {c.partition_id: b for c, b in zip(capacities, choice.split)}, choice
 
 
+def round_clients(clients_per_round: int, usable: int) -> int:
+    """K, the round's client count: ``clients-per-round`` (0 = all) but at most the usable nodes."""
+    return min(clients_per_round, usable) if clients_per_round else usable
+
+
+def scheduled_batch(global_batch: int, steps: list[tuple[int, float]], rnd: int) -> int:
+    """``step``: B_r = round(global_batch x m(r)), examples; m(r) the last multiplier whose start <= r - 1.
+
+    ``steps`` is ``parse_steps(batch-steps)``; a start s applies after s completed rounds (as the
+    ``step`` teacher). Smith et al. 2018 multiply B where a step lr schedule would divide lr.
+    """
+    m = [m for start, m in steps if start <= rnd - 1][-1]
+    return max(1, int(round(global_batch * m)))
+
+
+def largest_scheduled_batch(global_batch: int, steps: list[tuple[int, float]], num_rounds: int) -> int:
+    """The largest B_r of ``scheduled_batch`` over rounds 1..num_rounds, examples."""
+    return max(scheduled_batch(global_batch, steps, start + 1) for start, _ in steps if start < num_rounds)
+
+
+def noise_ema(previous: float | None, b_simple: float, decay: float) -> float | None:
+    """E_r = decay * E_{r-1} + (1 - decay) * B_simple_r; the first usable B_simple starts it (E_1 = B_simple_1).
+
+    A non-finite or non-positive B_simple (a single client, a zero gradient) leaves E as it was.
+    """
+    if not (math.isfinite(b_simple) and b_simple > 0):
+        return previous
+    return b_simple if previous is None else decay * previous + (1.0 - decay) * b_simple
+
+
+def noise_batch(previous: int, ema: float | None, global_batch: int, cap: int) -> int:
+    """``noise``: B_r = max(B_{r-1}, clamp(round(E), global_batch, max(cap, global_batch))), examples.
+
+    ``ema`` is the EMA of B_simple over the rounds before r (None: none measured, B_r = global_batch);
+    ``cap`` is the fleet's memory limit (the sum of the round's clients' probed b_i limits).
+    """
+    target = global_batch if ema is None else min(max(int(round(ema)), global_batch), max(cap, global_batch))
+    return max(previous, target)
+
+
+def noise_batches(b_simple: list[float], global_batch: int, cap: int, decay: float) -> list[int]:
+    """B_1..B_n of the ``noise`` policy when round r measures ``b_simple[r-1]`` (B_r sees rounds < r)."""
+    out, ema, batch = [], None, 0
+    for x in b_simple:
+        batch = noise_batch(batch, ema, global_batch, cap)
+        out.append(batch)
+        ema = noise_ema(ema, x, decay)
+    return out
+
+
+def split_batch(total: int, partitions: list[int], k: int, limits: Mapping[int, int] | None = None) -> dict[int, int]:
+    """b_i per partition for a global batch of ``total`` over a round of ``k`` of these ``partitions``.
+
+    When every partition is in the round (k = len(partitions)), ``total`` is split as
+    ``split_global_batch`` splits it (in partition order), except that a client above its
+    ``limits`` entry is held at it and the rest is split again over the others. When the round
+    samples k < len(partitions) clients, which ones is not known here: every partition gets
+    round(total / k), at most the smallest limit, so the round's B is k times that.
+    """
+    parts = sorted(partitions)
+    cap = {p: (limits or {}).get(p, total) for p in parts}
+    if k < len(parts):
+        b = max(1, min(int(round(total / k)), min(cap.values())))
+        return {p: b for p in parts}
+    out: dict[int, int] = {}
+    free, rest = list(parts), total
+    while free:
+        share = dict(zip(free, split_global_batch(max(rest, len(free)), len(free))))
+        over = [p for p in free if share[p] > cap[p]]
+        if not over:
+            return out | share
+        for p in over:
+            out[p] = cap[p]
+            rest -= cap[p]
+            free.remove(p)
+    return out
+
+
 @dataclass(frozen=True)
 class PolicyMemory:
     """What the adaptive policies carry between rounds (a field of the checkpointed ``ServerState``).
@@ -135,26 +226,31 @@ class PolicyMemory:
     current: Mapping[int, int] | None = None  # b_i per partition id
     batch_plan: Mapping[str, Any] = field(default_factory=dict)  # what the policy chose and why (batch_plan.json)
     calibration: tuple[tuple[float, float], ...] = ()  # (b_simple, server_s) of calibration rounds
+    noise_ema: float | None = None  # ``noise``: EMA of B_simple over the rounds so far, examples (None: none measured)
+    noise_batch: int = 0  # ``noise``: the last round's global batch B, examples (0: no round planned yet)
 
     def observe(self, cfg: RunConfig, rnd: int, b_simple: float, server_s: float) -> PolicyMemory:
-        """Record a calibration round's noise scale and server time (``optimal`` only)."""
+        """Record a round's noise scale: a calibration round's and its server time (``optimal``), the EMA (``noise``)."""
         if cfg.batch_policy == "optimal" and rnd <= cfg.calibration_rounds:
             return dataclasses.replace(self, calibration=(*self.calibration, (b_simple, server_s)))
+        if cfg.batch_policy == "noise":
+            return dataclasses.replace(self, noise_ema=noise_ema(self.noise_ema, b_simple, cfg.batch_ema))
         return self
 
     def to_dict(self) -> dict[str, Any]:
         """Plain values for a checkpoint."""
         return {"capacities": None if self.capacities is None else [c.to_dict() for c in self.capacities],
                 "current": None if self.current is None else dict(self.current), "batch_plan": dict(self.batch_plan),
-                "calibration": list(self.calibration)}
+                "calibration": list(self.calibration), "noise_ema": self.noise_ema, "noise_batch": self.noise_batch}
 
     @classmethod
     def from_dict(cls, state: dict[str, Any]) -> PolicyMemory:
-        """Inverse of ``to_dict``."""
-        caps = state["capacities"]
+        """Inverse of ``to_dict`` (also of a checkpoint written before the ``noise`` policy existed)."""
+        caps, ema = state["capacities"], state.get("noise_ema")
         return cls(None if caps is None else tuple(ClientCapacity.from_dict(c) for c in caps),
                    None if state["current"] is None else {int(k): int(v) for k, v in state["current"].items()},
-                   dict(state["batch_plan"]), tuple(tuple(c) for c in state["calibration"]))
+                   dict(state["batch_plan"]), tuple(tuple(c) for c in state["calibration"]),
+                   None if ema is None else float(ema), int(state.get("noise_batch", 0)))
 
 
 class BatchPolicy:
@@ -166,6 +262,7 @@ class BatchPolicy:
 
     def __init__(self, cfg: RunConfig, profiles: tuple[DeviceProfile, ...], model_bytes: float) -> None:
         self.cfg, self.profiles, self.model_bytes = cfg, profiles, model_bytes
+        self.steps = parse_steps(cfg.batch_steps, cfg.num_server_rounds, "batch-steps")
 
     def plan(self, memory: PolicyMemory, rnd: int, usable: dict[int, int], grid: Grid,
              timeout_s: float) -> tuple[PolicyMemory, Mapping[int, int] | None, float, bool]:
@@ -173,6 +270,10 @@ class BatchPolicy:
         policy = self.cfg.batch_policy
         if policy == "fixed":
             return memory, None, 0.0, False
+        if policy == "step":
+            total = scheduled_batch(self.cfg.global_batch_size, self.steps, rnd)
+            k = round_clients(self.cfg.clients_per_round, len(usable))
+            return memory, split_batch(total, list(usable.values()), k), 0.0, False
         probe_virtual_s, replanned = 0.0, False
         if memory.capacities is not None and {c.partition_id for c in memory.capacities} != set(usable.values()):
             log(INFO, "batch policy %s: the connected partitions changed; probing and planning again", policy)
@@ -189,6 +290,9 @@ class BatchPolicy:
             replanned = True
             log(INFO, "batch policy %s: probed %d clients in %.1f s; memory limits %s", policy,
                 len(caps), batch_plan["probe_s"], [c.max_batch for c in caps])
+        if policy == "noise":
+            memory = self._plan_noise(memory, rnd, len(usable))
+            return memory, memory.current, probe_virtual_s, replanned
         if policy == "memory-max":
             if not memory.current:
                 memory = dataclasses.replace(memory, current=memory_max_plan(list(memory.capacities)))
@@ -199,6 +303,18 @@ class BatchPolicy:
             memory = self._plan_optimal(memory)
             replanned = True
         return memory, memory.current, probe_virtual_s, replanned
+
+    def _plan_noise(self, memory: PolicyMemory, rnd: int, usable: int) -> PolicyMemory:
+        """``noise``: B_r from the EMA so far (``noise_batch``), split over the probed clients within their limits."""
+        limits = {c.partition_id: c.max_batch for c in memory.capacities}
+        k = round_clients(self.cfg.clients_per_round, usable)
+        cap = sum(limits.values()) if k == len(limits) else k * min(limits.values())
+        total = noise_batch(memory.noise_batch, memory.noise_ema, self.cfg.global_batch_size, cap)
+        if total != memory.noise_batch:
+            log(INFO, "batch policy noise: round %d, B_simple EMA %s -> global batch %d (memory cap %d)", rnd,
+                "not measured" if memory.noise_ema is None else f"{memory.noise_ema:.1f}", total, cap)
+        current = split_batch(total, list(limits), k, limits)
+        return dataclasses.replace(memory, current=current, noise_batch=total)
 
     def _plan_optimal(self, memory: PolicyMemory) -> PolicyMemory:
         noise = [b for b, _ in memory.calibration if np.isfinite(b) and b > 0]

@@ -113,8 +113,10 @@ class IdentityTeacher(Teacher):
         return TeacherOutput(grad=inp.grad, metrics={"scale": 1.0})
 
 
-def parse_steps(text: str, num_rounds: int) -> list[tuple[int, float]]:
-    """Parse ``teacher-steps`` into ``[(first_round_index, multiplier), ...]``.
+def parse_steps(text: str, num_rounds: int, key: str = "teacher-steps") -> list[tuple[int, float]]:
+    """Parse ``teacher-steps`` (or another run-config ``key`` of this format, e.g. ``batch-steps``).
+
+    Returns ``[(first_round_index, multiplier), ...]``.
 
     Entries are ``start:multiplier`` separated by commas. ``start`` is a number of completed
     rounds (an integer >= 1, or 0) or, when below 1, a fraction of ``num-server-rounds``:
@@ -136,7 +138,7 @@ def parse_steps(text: str, num_rounds: int) -> list[tuple[int, float]]:
     starts = [s for s, _ in out]
     if not out or starts[0] != 0 or starts != sorted(starts) or min(m for _, m in out) <= 0:
         raise ConfigError(
-            f"run-config key 'teacher-steps' = {text!r}: expected comma-separated start:multiplier "
+            f"run-config key '{key}' = {text!r}: expected comma-separated start:multiplier "
             "entries, starts ascending from 0 (rounds, or fractions of num-server-rounds below 1), "
             "multipliers > 0, e.g. \"0:4.0,300:2.0,600:1.0\"."
         )

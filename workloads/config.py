@@ -29,7 +29,7 @@ from workloads.errors import ConfigError
 SCHEDULES = ("constant", "cosine", "linear")
 PARTITIONERS = ("iid", "dirichlet")
 DEVICES = ("auto", "cpu", "cuda")
-BATCH_POLICIES = ("fixed", "memory-max", "optimal")
+BATCH_POLICIES = ("fixed", "memory-max", "optimal", "step", "noise")
 AGGREGATORS = ("mean", "centered-clip", "median", "trimmed-mean", "krum")  # strategies/robust.py
 
 
@@ -106,7 +106,14 @@ class RunConfig:
            "and the last round; `N` also every N-th round; `-1` = never. CUDA measures every round at no cost")
     batch_policy: str = _key(
         "fixed", "how `b_i` are set: `fixed` (`global-batch-size`, even split), `memory-max` (every client at its "
-                 "memory limit), `optimal` (the performance model's choice; see [performance.md](performance.md))")
+                 "memory limit), `optimal` (the performance model's choice; see [performance.md](performance.md)), "
+                 "`step` (`global-batch-size` x the `batch-steps` multiplier), `noise` (grows with the measured noise "
+                 "scale up to the fleet's memory; [performance.md](performance.md#batch-schedules-step-and-noise))")
+    batch_steps: str = _key(
+        "0:1", "`step` policy: `start:multiplier` entries as `teacher-steps`; the round's global batch is "
+               "`global-batch-size` x multiplier (Smith et al. 2018)")
+    batch_ema: float = _key(
+        0.9, "`noise` policy: per-round EMA decay of the measured noise scale B_simple that sets the global batch")
     batch_objective: str = _key(
         "time", "`optimal`: least predicted time to a target (`time`) or least device-seconds (`cost`)")
     calibration_rounds: int = _key(
@@ -258,7 +265,7 @@ _POSITIVE = ("calibration-rounds", "dirichlet-alpha", "num-server-rounds", "glob
 _NON_NEGATIVE = ("clients-per-round", "virtual-clients", "client-threads", "micro-batch-size", "weight-decay",
                  "warmup-rounds", "seed", "train-limit", "teacher-hyper-lr", "memory-budget-mb", "checkpoint-every",
                  "round-retries", "max-failed-rounds", "cc-radius")
-_FRACTIONS = ("memory-margin", "teacher-ema", "momentum")
+_FRACTIONS = ("memory-margin", "teacher-ema", "momentum", "batch-ema")
 
 
 def split_global_batch(global_batch: int, num_clients: int) -> list[int]:

@@ -1,0 +1,117 @@
+"""Batch schedules as batch policies: ``step`` (Smith et al. 2018) and ``noise`` (McCandlish et al. 2018)."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pandas as pd
+import pytest
+import torch
+
+from client_app.app import app as client_app
+from experiments.faults import Fault, FaultyClientApp
+from flb.inprocess import run_inprocess
+from server_app.preflight import parse_run_config, preflight
+from strategies.batch_policy import (
+    PolicyMemory,
+    largest_scheduled_batch,
+    noise_batches,
+    noise_ema,
+    scheduled_batch,
+    split_batch,
+)
+from strategies.large_batch import RoundFailure
+from strategies.teachers import parse_steps
+from workloads.config import ConfigError, RunConfig
+
+BASE = {"num-server-rounds": 6, "eval-every": 100, "global-batch-size": 32, "warmup-rounds": 0,
+        "schedule": "constant"}
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def test_step_schedule_multiplies_the_global_batch_per_round():
+    steps = parse_steps("0:1,2:2,0.75:4", 8, "batch-steps")  # 0.75 of 8 rounds: after 6 completed rounds
+    assert steps == [(0, 1.0), (2, 2.0), (6, 4.0)]
+    assert [scheduled_batch(32, steps, r) for r in range(1, 9)] == [32, 32, 64, 64, 64, 64, 128, 128]
+    assert largest_scheduled_batch(32, steps, 8) == 128
+    assert largest_scheduled_batch(32, steps, 6) == 64  # the x4 step would start after the last round
+    assert [scheduled_batch(10, [(0, 1.5)], 1)] == [15]
+
+
+def test_even_split_over_partitions_respects_limits():
+    assert split_batch(10, [3, 1, 2], 3) == {1: 4, 2: 3, 3: 3}  # as split_global_batch, in partition order
+    assert split_batch(100, [0, 1, 2, 3], 4, {0: 10, 1: 100, 2: 100, 3: 100}) == {0: 10, 1: 30, 2: 30, 3: 30}
+    assert split_batch(101, [0, 1, 2], 2) == {0: 50, 1: 50, 2: 50}  # K < partitions: round(B / K) each
+
+
+def test_noise_policy_sequence_is_the_clamped_monotone_ema():
+    # decay 0.5, B = 64, memory cap 500; round r uses the EMA of rounds < r
+    seq = [100.0, math.nan, 400.0, 1000.0, 50.0, 10.0]
+    # E: 100 (first), 100 (nan skipped), 0.5*100+0.5*400 = 250, 0.5*250+0.5*1000 = 625, 337.5, 173.75
+    assert noise_batches(seq, 64, 500, 0.5) == [64, 100, 100, 250, 500, 500]  # 625 capped; never shrinks after
+    assert noise_batches([10.0, 20.0], 64, 500, 0.9) == [64, 64]  # below global-batch-size: held at it
+    assert noise_batches([900.0, 900.0], 64, 32, 0.9) == [64, 64]  # a cap below global-batch-size: B stays B
+    assert noise_ema(None, -3.0, 0.9) is None and noise_ema(2.0, 4.0, 0.75) == pytest.approx(2.5)
+
+
+def test_policy_memory_round_trips_and_reads_old_checkpoints():
+    memory = PolicyMemory(current={0: 5}, noise_ema=123.5, noise_batch=77)
+    assert PolicyMemory.from_dict(memory.to_dict()) == memory
+    old = {k: v for k, v in memory.to_dict().items() if k not in ("noise_ema", "noise_batch")}
+    assert PolicyMemory.from_dict(old) == PolicyMemory(current={0: 5})
+    cfg = RunConfig.from_mapping({"batch-policy": "noise", "batch-ema": 0.5})
+    assert memory.observe(cfg, 3, 200.0, 0.0).noise_ema == pytest.approx(161.75)
+
+
+def test_refusals_name_the_key_the_value_and_what_is_allowed(tmp_path):
+    with pytest.raises(ConfigError, match=r"run-config key 'batch-steps' = '0:1,x'.*start:multiplier"):
+        parse_run_config({"batch-steps": "0:1,x"})
+    with pytest.raises(ConfigError, match=r"run-config key 'batch-policy' = 'grow' is not allowed.*step, noise"):
+        parse_run_config({"batch-policy": "grow"})
+    cfg = parse_run_config(BASE | {"batch-policy": "step", "batch-steps": "0:1,3:100", "out-dir": str(tmp_path / "a")})
+    with pytest.raises(ConfigError, match=r"'batch-steps' = '0:1,3:100': its largest global batch, 3200 "
+                                          r"\(global-batch-size 32 x multiplier\), gives a client 800 examples, more "
+                                          r"than the smallest client partition \((\d+) examples\)\. Allowed: "
+                                          r"multipliers <= "):
+        preflight(cfg, num_nodes=4)
+    cfg = parse_run_config(BASE | {"batch-policy": "step", "batch-steps": "0:0.05", "out-dir": str(tmp_path / "b")})
+    with pytest.raises(ConfigError, match=r"scheduled global batch of 2 .* smaller than the round's 4 clients"):
+        preflight(cfg, num_nodes=4)
+    cfg = parse_run_config(BASE | {"batch-policy": "step", "batch-steps": "0:1,6:100", "out-dir": str(tmp_path / "c")})
+    assert preflight(cfg, num_nodes=4) == []  # a step after the last round never applies
+
+
+def test_step_policy_in_a_run_follows_the_schedule_and_the_sqrt_teacher_sees_it(tmp_path):
+    config = BASE | {"batch-policy": "step", "batch-steps": "0:1,2:2,0.67:4", "teacher": "sqrt",
+                     "teacher-small-batch": 32, "lr": 0.1, "out-dir": str(tmp_path)}
+    rounds = pd.read_csv(run_inprocess(config, num_clients=4) / "rounds.csv").set_index("round").loc[1:]
+    assert rounds["global_batch"].tolist() == [32, 32, 64, 64, 128, 128]
+    clients = pd.read_csv(tmp_path / "clients.csv")
+    assert (clients["local_batch"] * 4 == clients["round"].map(rounds["global_batch"])).all()  # even split
+    scale = (rounds["global_batch"] / 32) ** 0.5
+    assert rounds["teacher_scale"].tolist() == pytest.approx(scale.tolist(), rel=1e-5)
+    assert rounds["lr"].tolist() == pytest.approx((0.1 * scale).tolist(), rel=1e-5)
+
+
+def test_noise_policy_resumes_to_the_uninterrupted_model_bit_for_bit(tmp_path):
+    config = BASE | {"batch-policy": "noise", "batch-ema": 0.5, "global-batch-size": 16, "teacher": "adascale",
+                     "checkpoint-every": 2, "max-failed-rounds": 0}
+    a = pd.read_csv(run_inprocess(config | {"out-dir": str(tmp_path / "a")}, num_clients=4) / "rounds.csv").loc[1:]
+    faulty = FaultyClientApp(client_app, lambda r, p: Fault("crash") if r == 5 else None)
+    with pytest.raises(RoundFailure):
+        run_inprocess(config | {"out-dir": str(tmp_path / "b")}, num_clients=4, client_app=faulty)
+    assert torch.load(tmp_path / "b" / "checkpoint.pt")["round"] == 4
+    run_inprocess(config | {"out-dir": str(tmp_path / "b"), "resume": True}, num_clients=4)
+    ma, mb = torch.load(tmp_path / "a" / "model.pt"), torch.load(tmp_path / "b" / "model.pt")
+    assert max(float((ma[k] - mb[k]).abs().max()) for k in ma) == 0.0
+    b = pd.read_csv(tmp_path / "b" / "rounds.csv").loc[1:]
+    assert b["global_batch"].tolist() == a["global_batch"].tolist()
+    # the batches follow the EMA of the measured B_simple (rounds.csv keeps 6 digits: allow one example)
+    plan = json.loads((tmp_path / "a" / "batch_plan.json").read_text())
+    cap = sum(c["max_batch"] for c in plan["clients"])  # memory unlimited: each client's partition
+    expected = noise_batches(a["b_simple"].tolist(), 16, cap, 0.5)
+    assert a["global_batch"].iloc[0] == 16
+    assert all(abs(x - y) <= 1 for x, y in zip(a["global_batch"], expected))
+    assert a["global_batch"].is_monotonic_increasing and a["global_batch"].iloc[-1] > 16  # it grew
