@@ -16,7 +16,9 @@ piecewise power law through the points, and the one with the lower leave-one-out
 bandwidth_down`` (weights down, gradient up).
 
 **Synchronous round**: the slowest client's compute plus communication, plus the server's
-aggregation and teacher time.
+aggregation and teacher time, plus a fixed latency L per round (``round-latency-s``: Flower's
+polling and a fresh client process per message on real SuperNodes, docs/deploy.md section 10):
+``T_round(B) = max_i (t_i(b_i) + comm_i) + server_s + L``.
 
 **Statistical efficiency** (McCandlish et al. 2018; Pollux): with gradient noise scale
 ``B_noise`` (B_simple measured per round, strategies/noise_scale.py), reaching a target takes
@@ -260,9 +262,10 @@ def client_virtual_seconds(compute_s: float, profile, model_bytes: float) -> flo
     return compute_s / profile.speed + comm_seconds(model_bytes, profile)
 
 
-def round_seconds(compute_s: Sequence[float], comm_s: Sequence[float], server_s: float = 0.0) -> float:
-    """Synchronous round time: the slowest client's compute + communication, plus the server."""
-    return max(c + m for c, m in zip(compute_s, comm_s)) + server_s
+def round_seconds(compute_s: Sequence[float], comm_s: Sequence[float], server_s: float = 0.0,
+                  round_latency_s: float = 0.0) -> float:
+    """Synchronous round time, s: max_i (compute_i + comm_i) + server_s + round_latency_s (fixed per round)."""
+    return max(c + m for c, m in zip(compute_s, comm_s)) + server_s + round_latency_s
 
 
 def steps_factor(global_batch: float | np.ndarray, noise_scale: float) -> float | np.ndarray:
@@ -336,6 +339,7 @@ def choose_batch(
     server_s: float = 0.0,
     objective: str = "time",
     candidates: Sequence[int] | None = None,
+    round_latency_s: float = 0.0,
 ) -> BatchChoice:
     """Pick the global batch (and its split) that reaches a target soonest, or cheapest.
 
@@ -344,7 +348,9 @@ def choose_batch(
     ``(1 + B_noise / B) * round_s`` (``objective="time"``) or ``(1 + B_noise / B) * sum of the
     clients' compute seconds`` (``"cost"``, the paper's least-compute-cost batch). Candidates
     default to 50 geometrically spaced sizes between K and the total memory limit (AdaptDL's
-    ``optimize`` scores a ``geomspace`` grid the same way).
+    ``optimize`` scores a ``geomspace`` grid the same way). ``round_latency_s`` is a fixed cost
+    per round (s) in ``round_s``: it favours larger batches under ``time``; ``cost`` counts
+    compute only, so it ignores it.
     """
     if objective not in ("time", "cost"):
         raise ValueError(f"objective = {objective!r}: allowed 'time' or 'cost'")
@@ -355,7 +361,7 @@ def choose_batch(
     for B in (int(c) for c in candidates if k <= c <= limit):
         split = split_for_equal_finish(B, models, comm_s, max_batches)
         compute = [float(m(b)) for m, b in zip(models, split)]
-        r_s = round_seconds(compute, comm_s, server_s)
+        r_s = round_seconds(compute, comm_s, server_s, round_latency_s)
         factor = float(steps_factor(B, max(noise_scale, 0.0)))
         row = (B, r_s, factor * r_s, factor * sum(compute))
         table.append(row)

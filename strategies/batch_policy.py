@@ -129,11 +129,13 @@ def memory_max_plan(capacities: list[ClientCapacity]) -> dict[int, int]:
 
 
 def optimal_plan(
-    capacities: list[ClientCapacity], noise_scale: float, server_s: float, objective: str
+    capacities: list[ClientCapacity], noise_scale: float, server_s: float, objective: str,
+    round_latency_s: float = 0.0,
 ) -> tuple[dict[int, int], BatchChoice]:
-    """``optimal``: ``choose_batch`` over these clients; b_i per partition id and the choice."""
+    """``optimal``: ``choose_batch`` over these clients, ``round_latency_s`` a round; b_i per partition, the choice."""
     choice = choose_batch([c.step_model for c in capacities], [c.comm_s for c in capacities],
-                          [c.max_batch for c in capacities], noise_scale, server_s, objective)
+                          [c.max_batch for c in capacities], noise_scale, server_s, objective,
+                          round_latency_s=round_latency_s)
     return {c.partition_id: b for c, b in zip(capacities, choice.split)}, choice
 
 
@@ -320,9 +322,11 @@ class BatchPolicy:
         noise = [b for b, _ in memory.calibration if np.isfinite(b) and b > 0]
         noise_scale = float(np.median(noise)) if noise else float(self.cfg.global_batch_size)
         server_s = float(np.median([t for _, t in memory.calibration])) if memory.calibration else 0.0
-        current, choice = optimal_plan(list(memory.capacities), noise_scale, server_s, self.cfg.batch_objective)
+        current, choice = optimal_plan(list(memory.capacities), noise_scale, server_s, self.cfg.batch_objective,
+                                       self.cfg.round_latency_s)
         batch_plan = {**memory.batch_plan, "noise_scale": noise_scale, "noise_measured": bool(noise),
-                      "server_s": server_s, "objective": self.cfg.batch_objective, "global_batch": choice.global_batch,
+                      "server_s": server_s, "round_latency_s": self.cfg.round_latency_s,
+                      "objective": self.cfg.batch_objective, "global_batch": choice.global_batch,
                       "split": {str(p): b for p, b in current.items()}, "predicted_round_s": choice.round_s,
                       "candidates": [dict(zip(("B", "round_s", "rel_time", "rel_cost"), row)) for row in choice.table]}
         log(INFO, "batch policy optimal (%s): B_noise %.0f%s -> global batch %d, split by partition %s, "

@@ -311,7 +311,7 @@ def server_step(state: ServerState, replies: Sequence[ClientReply], plan: StepPl
         drawn[r.partition_id] = drawn.get(r.partition_id, 0) + r.batch * plan.local_steps
     virtual = [client_virtual_seconds(r.metrics[proto.COMPUTE_S], profile_for(setup.profiles, r.partition_id),
                                       setup.model_bytes) for r in valid]
-    virtual_s = max(virtual) + server_s
+    virtual_s = max(virtual) + server_s + setup.cfg.round_latency_s
     state = dataclasses.replace(
         state, model=model, velocity=velocity, teacher=teacher_state, drawn=drawn, round=plan.round,
         client_momentum=momenta, failed_rounds=0,
