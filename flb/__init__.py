@@ -12,6 +12,7 @@ results folders. See docs/python-api.md.
 from importlib import import_module
 
 _EXPORTS = {"load": "flb.analysis", "plot": "flb.analysis", "summarize": "flb.analysis",
+            "time_to_accuracy": "flb.analysis",
             "Run": "flb.runs", "Sweep": "flb.runs", "expand": "flb.runs", "run": "flb.runs", "sweep": "flb.runs"}
 __all__ = sorted(_EXPORTS)
 

@@ -3,6 +3,7 @@
 >>> df = flb.load("results/runs/*")                 # or a list of folders, or a Sweep's runs
 >>> flb.summarize(df, by="teacher")                 # final test accuracy, mean +- std over seeds
 >>> flb.plot(df, x="samples_seen", by="teacher")    # curves against examples seen (equal epochs)
+>>> flb.time_to_accuracy(rounds, target=0.9, train_examples=1617)  # first round at 90%, its virtual s, epochs
 
 ``load`` puts every run's ``rounds.csv`` rows together with its config as columns: the config
 keys keep their kebab-case names (``teacher``, ``global-batch-size``, ``seed``), the round's
@@ -14,7 +15,9 @@ from __future__ import annotations
 
 import glob
 import json
+import math
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
@@ -59,6 +62,34 @@ def summarize(df: pd.DataFrame, by: str | Sequence[str] = "teacher", metric: str
     out = last.groupby(by, sort=False).agg(mean=(metric, "mean"), std=(metric, "std"), runs=(metric, "size"),
                                            seeds=("seed", lambda s: sorted(s.tolist())))
     return out.reset_index()
+
+
+@dataclass(frozen=True)
+class TargetHit:
+    """When a run first reached a target accuracy (``round`` None and NaNs when it never did)."""
+
+    round: int | None  # first evaluated round with accuracy >= target
+    virtual_total_s: float  # the virtual clock at the end of that round, s
+    epochs: float  # samples_seen / train examples at that round
+
+
+def time_to_accuracy(rounds: pd.DataFrame, target: float, train_examples: int,
+                     metric: str = "test_accuracy") -> TargetHit:
+    """The first evaluated round of one run whose ``metric`` is at least ``target``.
+
+    ``rounds`` is the run's ``rounds.csv`` (columns ``round``, ``metric``, ``virtual_total_s``,
+    ``samples_seen``); rows without ``metric`` (not evaluated) are skipped. Epochs are
+    ``samples_seen / train_examples``. Never reached: ``TargetHit(None, nan, nan)``.
+    """
+    if train_examples <= 0:
+        raise ValueError(f"train_examples = {train_examples!r}: must be > 0")
+    measured = rounds.dropna(subset=[metric]).sort_values("round")
+    hits = measured[measured[metric] >= target]
+    if hits.empty:
+        return TargetHit(None, math.nan, math.nan)
+    first = hits.iloc[0]
+    return TargetHit(int(first["round"]), float(first["virtual_total_s"]),
+                     float(first["samples_seen"]) / train_examples)
 
 
 def plot(df: pd.DataFrame, y: str = "test_accuracy", x: str = "round", by: str | Sequence[str] = "teacher", ax=None):
