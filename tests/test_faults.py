@@ -123,6 +123,7 @@ def test_short_rounds_are_skipped_up_to_max_failed_rounds_and_a_resume_skips_the
     rounds = _rounds(run_inprocess(config | {"out-dir": str(tmp_path / "a")}, num_clients=4, client_app=always))
     assert rounds["skipped"].tolist()[1:] == [0, 1, 1, 0, 0] and rounds["global_batch"].tolist()[1:] == [64, 0, 0, 64, 64]
     assert rounds["samples_seen"].tolist()[1:] == [64, 64, 64, 128, 192]
+    assert (rounds["virtual_s"].iloc[1:] > 0).all()  # a skipped round still took its time (the client that replied)
     # resumed from the checkpoint of the skipped round 2: the same model, bit for bit
     head = _faulty(lambda r, p: Fault("crash") if r >= 2 and p > 0 else None)
     with pytest.raises(RoundFailure, match="3 consecutive short rounds; max-failed-rounds = 2"):
