@@ -207,8 +207,11 @@ def final_accuracies(bench: Bench, state: ServerState, val_examples: int) -> tup
 
 
 def run_grid(datasets: list[str], seeds: int, runs: list[tuple[str, str]], scales: dict[str, Scale],
-             data_dir: str) -> pd.DataFrame:
-    """Every (aggregator, attack) of ``runs`` on every dataset and seed 1..``seeds``, progress printed."""
+             data_dir: str, csv: Path) -> pd.DataFrame:
+    """Every (aggregator, attack) of ``runs`` on every dataset and seed 1..``seeds``, progress printed.
+
+    ``csv`` is rewritten (atomically) after every run, so an interrupted grid keeps its finished runs.
+    """
     rows = []
     total = len(datasets) * seeds * len(runs)
     for dataset in datasets:
@@ -221,6 +224,7 @@ def run_grid(datasets: list[str], seeds: int, runs: list[tuple[str, str]], scale
                       f"test {r['test_accuracy']:.4f} val {r['val_accuracy']:.4f} rounds {r['rounds']} "
                       f"rejected {r['rejected_byzantine']}+{r['rejected_honest']} {r['seconds']:.1f} s {r['status']}",
                       flush=True)
+                atomic_write_text(csv, pd.DataFrame(rows).to_csv(index=False))
     return pd.DataFrame(rows)
 
 
@@ -259,7 +263,7 @@ def plot(df: pd.DataFrame, path: Path) -> bool:
     except ImportError:
         return False
     datasets = list(dict.fromkeys(df.dataset))
-    fig, axes = plt.subplots(len(datasets), 1, figsize=(10, 3.6 * len(datasets)), squeeze=False)
+    fig, axes = plt.subplots(len(datasets), 1, figsize=(10, 4.2 * len(datasets)), squeeze=False)
     for ax, dataset in zip(axes[:, 0], datasets):
         stats = df[df.dataset == dataset].groupby(["attack", "aggregator"])["test_accuracy"].agg(["mean", "std"])
         attack_names = [a for a in ATTACKS if a in stats.index.get_level_values(0)]
@@ -274,8 +278,9 @@ def plot(df: pd.DataFrame, path: Path) -> bool:
         ax.set_xticklabels([f"{a}\n(f={ATTACKS[a]})" for a in attack_names])
         ax.set_ylabel("final test accuracy (%)")
         ax.set_ylim(0, 100)
-        ax.set_title(f"{dataset}: n = {N_CLIENTS} clients, seeds {sorted(set(df.seed))}")
-        ax.legend(fontsize=8, ncol=len(aggs), loc="lower left")
+        ax.axhline(10, color="grey", linestyle=":", linewidth=1)  # chance: 10 classes
+        ax.set_title(f"{dataset}: n = {N_CLIENTS} clients, partitions 0..f-1 Byzantine, seeds {sorted(set(df.seed))}")
+        ax.legend(fontsize=8, ncol=len(aggs), loc="upper center", bbox_to_anchor=(0.5, -0.2))
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
@@ -306,9 +311,8 @@ def main(argv: list[str] | None = None) -> None:
         print(f"{d}: n = {N_CLIENTS}, B = {s.global_batch} (b_i = {s.global_batch // N_CLIENTS}), {s.rounds} rounds, "
               f"lr {s.lr:g} (warmup 2, cosine), momentum 0.9, seeds 1..{seeds}, {len(runs)} runs per seed", flush=True)
     start = time.perf_counter()
-    df = run_grid(datasets, seeds, runs, scales, args.data_dir)
-    suffix = "_quick" if args.quick else ""
-    atomic_write_text(Path(args.out) / f"bench_byzantine{suffix}.csv", df.to_csv(index=False))
+    df = run_grid(datasets, seeds, runs, scales, args.data_dir,
+                  Path(args.out) / f"bench_byzantine{'_quick' if args.quick else ''}.csv")
     print(f"{len(df)} runs in {time.perf_counter() - start:.0f} s; mean seconds per run: "
           + ", ".join(f"{d} {df[df.dataset == d].seconds.mean():.1f}" for d in datasets))
     if not args.quick:
