@@ -138,7 +138,7 @@ class Aggregator:
         elif self.name == "trimmed-mean":
             out = trimmed_mean(x, w, self.byzantine_fraction)
         else:
-            out = x[krum(x, int(self.byzantine_fraction * len(arrays)))]
+            out = x[krum(x, math.floor(self.byzantine_fraction * len(arrays) + 1e-9))]  # (0.29 * 100 = 28.999...)
         return unflatten(out, arrays[0])
 
 

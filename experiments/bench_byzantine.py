@@ -1,0 +1,328 @@
+"""Byzantine clients against the robust aggregators, through the product's server step.
+
+``python -m experiments.bench_byzantine [--quick] [--datasets digits,mnist] [--seeds 3] [--rounds R]
+[--data-dir DIR] [--out DIR]``
+
+n = 20 clients, each an IID partition of the training split (``workloads.partition``, seeded
+by the run seed), each sending the gradient of its own batch of b_i = B / 20 examples, drawn
+as the ClientApp draws (an epoch-wise shuffle of its partition seeded by seed * 7919 + partition).
+Partitions 0..f-1 are Byzantine and collude (experiments/attacks.py): f = 4 (20%) for ``alie``,
+``sign-flip``, ``label-flip`` and ``bit-flip``, f = 8 (40%) for ``ipm``; ``clean`` has none.
+Every round goes through the product's ``plan_round`` and ``server_step`` (reply checks, the
+norm guard, the aggregator, server SGD with momentum 0.9 and the run's lr schedule), with
+``min-batch-fraction = 0.5`` so that rejected attackers do not stop the round, and
+``byzantine-fraction = f / n`` (0.2 for ``clean``): Krum and the trimmed mean are told the
+true f. A run whose round fails (``RoundFailure``, ``DivergenceError``) stops there and is
+recorded as failed, with the accuracy of its last model.
+
+Full run: every aggregator x every attack x seeds 1..S; writes ``<out>/bench_byzantine.csv``
+(one row per run) and ``docs/byzantine.png``, prints mean +- std of the final test accuracy.
+``--quick``: MNIST, seed 1, only the five runs of the last line, which reads
+``clean=<acc> mean_alie=<acc> cc_alie=<acc> mean_ipm=<acc> cc_ipm=<acc>``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from torch import nn
+
+from experiments import attacks
+from strategies.robust import flatten, unflatten
+from strategies.server_state import ServerState
+from strategies.server_step import ClientReply, RunSetup, StepError, StepPlan, plan_round, server_step
+from strategies.teachers import IdentityTeacher
+from workloads.config import AGGREGATORS, RunConfig
+from workloads.data import Splits, load_splits
+from workloads.files import atomic_write_text
+from workloads.models import build_model
+from workloads.partition import client_partition
+from workloads.registry import WORKLOADS, resolve_model
+from workloads.training import batch_gradient, draw_batch, evaluate
+
+N_CLIENTS = 20
+ATTACKS = {"clean": 0, "alie": 4, "ipm": 8, "sign-flip": 4, "label-flip": 4, "bit-flip": 4}  # attack -> f
+QUICK_RUNS = (("mean", "clean"), ("mean", "alie"), ("centered-clip", "alie"), ("mean", "ipm"), ("centered-clip", "ipm"))
+NODE_BASE = 1000  # node id of partition p is NODE_BASE + p
+
+
+@dataclass(frozen=True)
+class Scale:
+    """A dataset's run length: rounds, global batch B (b_i = B / 20), peak lr, validation examples evaluated."""
+
+    rounds: int
+    global_batch: int
+    lr: float
+    val_examples: int = 0  # 0 = the whole validation split
+
+
+# digits: the run-config defaults (lr 0.3). MNIST CNN: lr 0.3 stays at chance and 0.07 or more spikes; 0.04 had
+# the best validation accuracy of 0.03-0.07 at 40 rounds (docs/faults.md#byzantine-clients). 40 rounds of
+# B = 160 keep a run near half a minute with 1 thread: the robust aggregators sort 20 x 390k entries a round.
+SCALES = {"digits": Scale(60, 320, 0.3), "mnist": Scale(40, 160, 0.04, 2000)}
+
+
+@dataclass(frozen=True)
+class Bench:
+    """One dataset and seed: the splits, the clients' partitions, a model to compute gradients with."""
+
+    dataset: str
+    splits: Splits
+    parts: tuple[torch.Tensor, ...]  # training indices of partition p
+    model: nn.Module
+    loss_fn: nn.Module
+    seed: int
+
+    @classmethod
+    def create(cls, dataset: str, data_dir: str, seed: int) -> Bench:
+        """Load ``dataset`` and split its training examples into ``N_CLIENTS`` IID partitions of ``seed``."""
+        splits = load_splits(dataset, data_dir if dataset != "digits" else "", 0.1)
+        labels = splits.y_train.numpy()
+        parts = tuple(torch.from_numpy(np.asarray(client_partition(labels, p, N_CLIENTS, "iid", 0.5, seed)))
+                      for p in range(N_CLIENTS))
+        w = WORKLOADS[dataset]
+        model = build_model(resolve_model(dataset, "auto"), w.input_shape, w.num_classes, seed)
+        return cls(dataset, splits, parts, model, w.loss(), seed)
+
+    @property
+    def num_classes(self) -> int:
+        """C, the number of classes."""
+        return WORKLOADS[self.dataset].num_classes
+
+    def draw(self, state: ServerState, pid: int, b: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Partition ``pid``'s next batch of ``b`` examples, as ``client_app.job`` draws it."""
+        part = self.parts[pid]
+        epoch, cursor = divmod(state.drawn.get(pid, 0), len(part))
+        pos, _, _ = draw_batch(len(part), b, self.seed * 7919 + pid, epoch, cursor)
+        idx = part[pos]
+        return self.splits.x_train.index_select(0, idx), self.splits.y_train.index_select(0, idx)
+
+    def gradient(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, float]:
+        """The flat mean-loss gradient of the current model on ``(x, y)``, and the mean loss."""
+        loss = batch_gradient(self.model, self.loss_fn, self.splits.inputs, x, y)
+        return flatten([p.grad for p in self.model.parameters()]), loss
+
+
+def run_config(dataset: str, aggregator: str, attack: str, scale: Scale, seed: int) -> RunConfig:
+    """The run config of one run: the defaults but for the keys the module docstring names."""
+    f = ATTACKS[attack]
+    return RunConfig.from_mapping({
+        "dataset": dataset, "aggregator": aggregator, "num-server-rounds": scale.rounds,
+        "global-batch-size": scale.global_batch, "lr": scale.lr, "seed": seed, "min-batch-fraction": 0.5,
+        "byzantine-fraction": f / N_CLIENTS if f else 0.2})
+
+
+def client_vectors(bench: Bench, attack: str, state: ServerState, plan: StepPlan,
+                   generator: torch.Generator) -> dict[int, tuple[torch.Tensor, float]]:
+    """What each sampled partition sends this round: (flat gradient, train loss).
+
+    Partitions below f run ``attack``; they report the honest clients' mean loss. ALIE and IPM
+    compute one vector from the honest gradients, which all f attackers send.
+    """
+    if attack not in ATTACKS:
+        raise ValueError(f"unknown attack {attack!r}; allowed: {', '.join(ATTACKS)}")
+    f = ATTACKS[attack]
+    batches = {pid: bench.draw(state, pid, b) for pid, b in plan.assigned.values()}
+    own = {pid: bench.gradient(*xy) for pid, xy in batches.items() if pid >= f or attack in ("sign-flip", "bit-flip")}
+    loss = float(np.mean([own[p][1] for p in own if p >= f]))
+    out = {p: own[p] for p in own if p >= f}
+    shared = None
+    if attack in ("alie", "ipm"):
+        honest = torch.stack([own[p][0] for p in sorted(out)])
+        shared = attacks.alie(honest, N_CLIENTS, f) if attack == "alie" else attacks.ipm(honest, 0.1)
+    for pid in sorted(p for p in batches if p < f):
+        if shared is not None:
+            vec = shared
+        elif attack == "sign-flip":
+            vec = attacks.sign_flip(own[pid][0])
+        elif attack == "bit-flip":
+            vec = attacks.bit_flip(own[pid][0], generator)
+        else:  # label-flip
+            vec = flatten(attacks.label_flip(bench.model, bench.loss_fn, bench.splits.inputs, *batches[pid],
+                                             bench.num_classes))
+        out[pid] = (vec, loss)
+    return out
+
+
+def reply(node: int, pid: int, b: int, vec: torch.Tensor, names: list[str], like: list[torch.Tensor],
+          loss: float) -> ClientReply:
+    """A well-formed train reply carrying ``vec`` (flat) as the gradient of ``b`` examples."""
+    metrics = {"num-examples": b, "train-loss": loss, "compute-s": 0.0, "peak-mem-mb": math.nan,
+               "predicted-peak-mb": 1.0, "budget-mb": 0.0, "max-batch": 0, "micro-batch-size": b, "partition-id": pid}
+    return ClientReply(node, pid, grads=dict(zip(names, unflatten(vec, like))), metrics=metrics)
+
+
+def run_one(bench: Bench, aggregator: str, attack: str, scale: Scale) -> dict:
+    """One run from a fresh model of ``bench.seed``; its CSV row (module docstring)."""
+    start, f = time.perf_counter(), ATTACKS[attack]
+    w = WORKLOADS[bench.dataset]
+    fresh = build_model(resolve_model(bench.dataset, "auto"), w.input_shape, w.num_classes, bench.seed)
+    names = [n for n, _ in fresh.named_parameters()]
+    setup = RunSetup.create(run_config(bench.dataset, aggregator, attack, scale, bench.seed), fresh.state_dict(),
+                            names, IdentityTeacher())
+    state = ServerState.initial(fresh.state_dict(), bench.seed, setup.teacher.state_dict())
+    usable = {NODE_BASE + p: p for p in range(N_CLIENTS)}
+    generator = torch.Generator().manual_seed(bench.seed * 1_000_003 + 17)
+    status, rejected = "ok", {"byzantine": 0, "honest": 0}
+    for _ in range(scale.rounds):
+        state, plan = plan_round(state, setup, usable, N_CLIENTS)
+        bench.model.load_state_dict(state.model)
+        like = [state.model[n] for n in names]
+        sent = client_vectors(bench, attack, state, plan, generator)
+        replies = [reply(node, pid, b, sent[pid][0], names, like, sent[pid][1])
+                   for node, (pid, b) in plan.assigned.items()]
+        try:
+            state, record = server_step(state, replies, plan)
+            failures = record.check.failures
+        except StepError as err:
+            status = f"failed in round {plan.round}: {type(err).__name__}"
+            failures = err.check.failures if err.check is not None else []
+        for row in failures:
+            rejected["byzantine" if row["partition_id"] < f else "honest"] += 1
+        if status != "ok":
+            break
+    test_acc, val_acc = final_accuracies(bench, state, scale.val_examples)
+    return {"dataset": bench.dataset, "aggregator": aggregator, "attack": attack, "f": f, "seed": bench.seed,
+            "test_accuracy": test_acc, "val_accuracy": val_acc, "rounds": state.round,
+            "seconds": time.perf_counter() - start, "status": status,
+            "rejected_byzantine": rejected["byzantine"], "rejected_honest": rejected["honest"]}
+
+
+def final_accuracies(bench: Bench, state: ServerState, val_examples: int) -> tuple[float, float]:
+    """Test accuracy (the whole test split) and validation accuracy (its first ``val_examples``; 0 = all)."""
+    bench.model.load_state_dict(state.model)
+    s = bench.splits
+    n_val = val_examples or len(s.y_val)
+    _, test = evaluate(bench.model, bench.loss_fn, s.inputs, s.x_test, s.y_test)
+    _, val = evaluate(bench.model, bench.loss_fn, s.inputs, s.x_val[:n_val], s.y_val[:n_val])
+    return test, val
+
+
+def run_grid(datasets: list[str], seeds: int, runs: list[tuple[str, str]], scales: dict[str, Scale],
+             data_dir: str, csv: Path) -> pd.DataFrame:
+    """Every (aggregator, attack) of ``runs`` on every dataset and seed 1..``seeds``, progress printed.
+
+    ``csv`` is rewritten (atomically) after every run, so an interrupted grid keeps its finished runs.
+    """
+    rows = []
+    total = len(datasets) * seeds * len(runs)
+    for dataset in datasets:
+        for seed in range(1, seeds + 1):
+            bench = Bench.create(dataset, data_dir, seed)
+            for aggregator, attack in runs:
+                rows.append(run_one(bench, aggregator, attack, scales[dataset]))
+                r = rows[-1]
+                print(f"[{len(rows)}/{total}] {dataset} seed {seed} {aggregator:<13} {attack:<10} f={r['f']} "
+                      f"test {r['test_accuracy']:.4f} val {r['val_accuracy']:.4f} rounds {r['rounds']} "
+                      f"rejected {r['rejected_byzantine']}+{r['rejected_honest']} {r['seconds']:.1f} s {r['status']}",
+                      flush=True)
+                atomic_write_text(csv, pd.DataFrame(rows).to_csv(index=False))
+    return pd.DataFrame(rows)
+
+
+def quick_line(df: pd.DataFrame) -> str:
+    """``clean=<acc> mean_alie=<acc> cc_alie=<acc> mean_ipm=<acc> cc_ipm=<acc>`` (test accuracy, mean over seeds)."""
+    acc = df.groupby(["aggregator", "attack"])["test_accuracy"].mean()
+    keys = {"clean": ("mean", "clean"), "mean_alie": ("mean", "alie"), "cc_alie": ("centered-clip", "alie"),
+            "mean_ipm": ("mean", "ipm"), "cc_ipm": ("centered-clip", "ipm")}
+    return " ".join(f"{k}={acc[v]:.4f}" for k, v in keys.items())
+
+
+def summary(df: pd.DataFrame, dataset: str) -> str:
+    """A markdown table of test accuracy (%) mean +- std over seeds, aggregator x attack; ``*k``: k runs failed."""
+    d = df[df.dataset == dataset]
+    attack_names = [a for a in ATTACKS if a in set(d.attack)]
+    lines = ["| aggregator | " + " | ".join(f"{a} (f={ATTACKS[a]})" for a in attack_names) + " |",
+             "| --- |" + " --- |" * len(attack_names)]
+    for agg in [a for a in AGGREGATORS if a in set(d.aggregator)]:
+        cells = []
+        for attack in attack_names:
+            runs = d[(d.aggregator == agg) & (d.attack == attack)]
+            acc, failed = 100 * runs.test_accuracy, int((runs.status != "ok").sum())
+            cell = f"{acc.mean():.1f} ± {acc.std(ddof=1) if len(acc) > 1 else 0.0:.1f}" if len(runs) else ""
+            cells.append(cell + (f" *{failed}" if failed else ""))
+        lines.append(f"| {agg} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def plot(df: pd.DataFrame, path: Path) -> bool:
+    """Bars of test accuracy (mean +- std over seeds) per attack and aggregator, one panel per dataset."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    datasets = list(dict.fromkeys(df.dataset))
+    fig, axes = plt.subplots(len(datasets), 1, figsize=(10, 4.2 * len(datasets)), squeeze=False)
+    for ax, dataset in zip(axes[:, 0], datasets):
+        stats = df[df.dataset == dataset].groupby(["attack", "aggregator"])["test_accuracy"].agg(["mean", "std"])
+        attack_names = [a for a in ATTACKS if a in stats.index.get_level_values(0)]
+        aggs = [a for a in AGGREGATORS if a in stats.index.get_level_values(1)]
+        width = 0.8 / len(aggs)
+        for j, agg in enumerate(aggs):
+            rows = [stats.loc[(a, agg)] if (a, agg) in stats.index else pd.Series({"mean": np.nan, "std": 0.0})
+                    for a in attack_names]
+            ax.bar(np.arange(len(attack_names)) + j * width, [100 * r["mean"] for r in rows], width,
+                   yerr=[100 * (0.0 if np.isnan(r["std"]) else r["std"]) for r in rows], label=agg, capsize=2)
+        ax.set_xticks(np.arange(len(attack_names)) + 0.4 - width / 2)
+        ax.set_xticklabels([f"{a}\n(f={ATTACKS[a]})" for a in attack_names])
+        ax.set_ylabel("final test accuracy (%)")
+        ax.set_ylim(0, 100)
+        ax.axhline(10, color="grey", linestyle=":", linewidth=1)  # chance: 10 classes
+        ax.set_title(f"{dataset}: n = {N_CLIENTS} clients, partitions 0..f-1 Byzantine, seeds {sorted(set(df.seed))}")
+        ax.legend(fontsize=8, ncol=len(aggs), loc="upper center", bbox_to_anchor=(0.5, -0.2))
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Run the grid (or the quick subset), write the CSV and the plot, print the table and the last line."""
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--quick", action="store_true", help="MNIST, seed 1, the five runs of the last line")
+    p.add_argument("--datasets", default="digits,mnist")
+    p.add_argument("--seeds", type=int, default=3)
+    p.add_argument("--rounds", type=int, default=0, help="rounds of every run; 0 = the dataset's (SCALES)")
+    p.add_argument("--lr", type=float, default=0.0, help="peak lr of every run; 0 = the dataset's (SCALES)")
+    p.add_argument("--data-dir", default=os.environ.get("FLB_DATA_DIR", ""))
+    p.add_argument("--out", default="experiments/results")
+    p.add_argument("--plot", default="docs/byzantine.png")
+    args = p.parse_args(argv)
+    torch.set_num_threads(1)
+    datasets = ["mnist"] if args.quick else [d for d in args.datasets.split(",") if d]
+    seeds = 1 if args.quick else args.seeds
+    runs = list(QUICK_RUNS) if args.quick else [(agg, attack) for attack in ATTACKS for agg in AGGREGATORS]
+    scales = {d: Scale(args.rounds or s.rounds, s.global_batch, args.lr or s.lr, s.val_examples)
+              for d, s in SCALES.items()}
+    for d in datasets:
+        s = scales[d]
+        print(f"{d}: n = {N_CLIENTS}, B = {s.global_batch} (b_i = {s.global_batch // N_CLIENTS}), {s.rounds} rounds, "
+              f"lr {s.lr:g} (warmup 2, cosine), momentum 0.9, seeds 1..{seeds}, {len(runs)} runs per seed", flush=True)
+    start = time.perf_counter()
+    df = run_grid(datasets, seeds, runs, scales, args.data_dir,
+                  Path(args.out) / f"bench_byzantine{'_quick' if args.quick else ''}.csv")
+    print(f"{len(df)} runs in {time.perf_counter() - start:.0f} s; mean seconds per run: "
+          + ", ".join(f"{d} {df[df.dataset == d].seconds.mean():.1f}" for d in datasets))
+    if not args.quick:
+        for d in datasets:
+            print(f"\n{d}: final test accuracy (%), mean ± std over {seeds} seeds (*k: k runs failed)\n"
+                  + summary(df, d))
+        print("plot: " + (args.plot if plot(df, Path(args.plot)) else "skipped (matplotlib not installed)"))
+    if {tuple(r) for r in QUICK_RUNS} <= set(zip(df.aggregator, df.attack)) and "mnist" in datasets:
+        print(quick_line(df[df.dataset == "mnist"]))
+
+
+if __name__ == "__main__":
+    main()

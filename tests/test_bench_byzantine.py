@@ -1,0 +1,53 @@
+"""The Byzantine benchmark's loop (experiments/bench_byzantine.py) on digits, a few rounds."""
+
+from __future__ import annotations
+
+import re
+
+import pandas as pd
+import pytest
+import torch
+
+from experiments.bench_byzantine import QUICK_RUNS, Bench, Scale, quick_line, run_one, summary
+
+
+@pytest.fixture(scope="module")
+def bench() -> Bench:
+    torch.set_num_threads(1)
+    return Bench.create("digits", "", seed=1)
+
+
+def test_clean_mean_learns_and_centered_clip_survives_ipm_with_8_of_20(bench):
+    scale = Scale(rounds=15, global_batch=320, lr=0.3)
+    clean = run_one(bench, "mean", "clean", scale)
+    assert clean["status"] == "ok" and clean["rounds"] == 15 and clean["f"] == 0
+    assert clean["test_accuracy"] > 0.6  # chance is 0.1
+    assert clean["rejected_byzantine"] == clean["rejected_honest"] == 0
+    cc = run_one(bench, "centered-clip", "ipm", scale)
+    assert cc["status"] == "ok" and cc["f"] == 8
+    assert cc["test_accuracy"] > 0.4
+    # IPM's small vectors are well-formed: the server accepts them all (nothing but the aggregator stops them)
+    assert cc["rejected_byzantine"] == 0
+    # Krum picks one of the 8 identical -0.1 * mean vectors: gradient ascent, below chance (Karimireddy et al. 2021)
+    assert run_one(bench, "krum", "ipm", scale)["test_accuracy"] < 0.2
+
+
+def test_bit_flips_break_the_mean_and_the_failed_run_is_recorded(bench):
+    """Four huge bit-flipped gradients in round 1: the norm guard rejects at most one, the model blows up."""
+    row = run_one(bench, "mean", "bit-flip", Scale(rounds=5, global_batch=320, lr=0.3))
+    assert row["status"].startswith("failed in round") and row["rounds"] < 5
+    assert 0.0 <= row["test_accuracy"] <= 1.0
+    median = run_one(bench, "median", "bit-flip", Scale(rounds=5, global_batch=320, lr=0.3))
+    assert median["status"] == "ok" and median["rounds"] == 5
+
+
+def test_the_quick_line_and_the_table():
+    rows = [{"dataset": "mnist", "aggregator": a, "attack": t, "seed": s, "test_accuracy": 0.5 + 0.1 * i + 0.01 * s,
+             "status": "ok"} for i, (a, t) in enumerate(QUICK_RUNS) for s in (1, 2)]
+    df = pd.DataFrame(rows)
+    line = quick_line(df)
+    assert re.fullmatch(r"clean=0\.\d{4} mean_alie=0\.\d{4} cc_alie=0\.\d{4} mean_ipm=0\.\d{4} cc_ipm=0\.\d{4}", line)
+    assert line.startswith("clean=0.5150 mean_alie=0.6150 cc_alie=0.7150")
+    table = summary(df.assign(status=["ok"] * 9 + ["failed in round 3: RoundFailure"]), "mnist")
+    assert "| mean | 51.5 ± 0.7 | 61.5 ± 0.7 | 81.5 ± 0.7 |" in table
+    assert "| centered-clip |  | 71.5 ± 0.7 | 91.5 ± 0.7 *1 |" in table
