@@ -37,7 +37,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
 from protocol import messages as proto
-from strategies.batch_policy import BatchPolicy
+from strategies.batch_policy import BatchPolicy, round_clients
 from strategies.nodes import NodeDirectory, NodesUnavailable, wait_for_nodes
 from strategies.records import MemorySink, RoundSink
 from strategies.round_plan import client_config, velocity_record
@@ -50,7 +50,7 @@ from strategies.server_step import (  # noqa: F401 - RoundFailure and Divergence
     RunSetup,
     StepError,
     StepPlan,
-    check_replies,
+    StepRecord,
     plan_round,
     refused_by_config,
     server_step,
@@ -187,7 +187,7 @@ class LargeBatchStrategy(FedAvg):
             raise NodesUnavailable(
                 f"round {self.server_state.round + 1}: no usable node for {NODE_WAIT_S:.0f} s ({len(connected)} "
                 f"connected, {len(self.nodes.quarantined)} left out after a missed deadline). {why}")
-        k = min(self.cfg.clients_per_round, len(usable)) if self.cfg.clients_per_round else len(usable)
+        k = round_clients(self.cfg.clients_per_round, len(usable))
         if k < self.cfg.clients_per_round and k != self._last_short:
             log(WARNING, "round %d: %d usable nodes, fewer than clients-per-round = %d: the round uses all of them",
                 self.server_state.round + 1, k, self.cfg.clients_per_round)
@@ -207,21 +207,7 @@ class LargeBatchStrategy(FedAvg):
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         """Run ``server_step`` on the replies; record the round; return the new global model."""
         replies = list(replies)
-        received = self._with_retries(self.client_replies(replies))
-        received_at = time.perf_counter()
-        try:
-            state, record = server_step(self.server_state, received, self.plan, received_at=received_at)
-        except RoundFailure as err:
-            self._report(err.check)
-            state, record = skip_round(self.server_state, self.plan, err)
-            log(WARNING, "round %d skipped (%d in a row, max-failed-rounds = %d): %s", self.plan.round,
-                state.failed_rounds, self.cfg.max_failed_rounds, err)
-        except StepError as err:
-            if err.check is not None:
-                self._report(err.check)
-            raise
-        else:
-            self._report(record.check)
+        state, record = self._step(self.client_replies(replies))
         self.server_state = state
         self.sink.train(record.row, record.clients)
         for reply in replies:  # aggregated: Flower's loop holds the list until the next round's replies arrive
@@ -232,33 +218,56 @@ class LargeBatchStrategy(FedAvg):
         return ArrayRecord(state.model), MetricRecord({proto.TRAIN_LOSS: row["train_loss"],
                                                        "global-batch": row["global_batch"], proto.LR: row["lr"]})
 
-    def _with_retries(self, replies: list[ClientReply]) -> list[ClientReply]:
-        """The replies, after up to ``round-retries`` re-sends to the sampled nodes that failed or were silent.
+    def _step(self, received: list[ClientReply]) -> tuple[ServerState, StepRecord]:
+        """``server_step`` on the round's replies; a round short of ``min-batch-fraction`` retries, then is skipped.
 
-        Only a round short of ``min-batch-fraction`` retries, and only within its deadline
-        (``round-timeout-s`` after it was sent). A retried node gets its unchanged instruction
-        (same b_i, same examples), so a successful retry gives the round the step it planned.
-        Invalid replies (failed checks) are not retried: they are the client's answer.
+        Up to ``round-retries`` times, the sampled nodes that failed or were silent get their
+        unchanged instruction again (``_retry``), and the step is tried again with their new
+        replies; a round still short is skipped (``skip_round``).
+        """
+        plan, cfg, attempt = self.plan, self.cfg, 0
+        while True:
+            try:
+                state, record = server_step(self.server_state, received, plan, received_at=time.perf_counter())
+            except RoundFailure as err:
+                again = self._retry(received, err.check, attempt) if attempt < cfg.round_retries else None
+                if again is not None:
+                    received, attempt = again, attempt + 1
+                    continue
+                self._report(err.check)
+                state, record = skip_round(self.server_state, plan, err)
+                log(WARNING, "round %d skipped (%d in a row, max-failed-rounds = %d): %s", plan.round,
+                    state.failed_rounds, cfg.max_failed_rounds, err)
+                return state, record
+            except StepError as err:
+                if err.check is not None:
+                    self._report(err.check)
+                raise
+            self._report(record.check)
+            return state, record
+
+    def _retry(self, replies: list[ClientReply], check: ReplyCheck, attempt: int) -> list[ClientReply] | None:
+        """The replies after re-sending to the sampled nodes that sent an error or nothing; None if none can be.
+
+        Only within the round's deadline (``round-timeout-s`` after it was sent). A retried node
+        gets its unchanged instruction (same b_i, same examples), so a successful retry gives the
+        round the step it planned. Invalid replies (failed checks) and refusals with a
+        ``ConfigError`` are not retried: they are the client's answer.
         """
         plan, cfg = self.plan, self.cfg
-        for attempt in range(cfg.round_retries):
-            check = check_replies(replies, plan, self.server_state)
-            if sum(r.batch for r in check.valid) >= cfg.min_batch_fraction * plan.planned * (1 - 1e-12):
-                break
-            errored = {r.node_id for r in replies
-                       if r.error is not None and r.node_id in plan.assigned and not refused_by_config(r.error)}
-            retry = sorted(errored | set(check.missing))
-            left = cfg.round_timeout_s - (time.perf_counter() - plan.sent_at)
-            if not retry or left < 1.0:
-                break
-            log(INFO, "round %d short of min-batch-fraction: retry %d of %d for nodes %s (%.0f s left)", plan.round,
-                attempt + 1, cfg.round_retries, retry, left)
-            self.sink.failures([f | {"reason": f"{f['reason']} (attempt {attempt + 1}; retried)"}
-                                for f in check.failures if f["node_id"] in set(retry)])
-            again = self.client_replies(list(self._grid.send_and_receive(
-                [self._train_message(n) for n in retry], timeout=left)))
-            replies = [r for r in replies if r.node_id not in set(retry)] + again
-        return replies
+        errored = {r.node_id for r in replies
+                   if r.error is not None and r.node_id in plan.assigned and not refused_by_config(r.error)}
+        retry = sorted(errored | set(check.missing))
+        left = cfg.round_timeout_s - (time.perf_counter() - plan.sent_at)
+        if not retry or left < 1.0:
+            return None
+        log(INFO, "round %d short of min-batch-fraction: retry %d of %d for nodes %s (%.0f s left)", plan.round,
+            attempt + 1, cfg.round_retries, retry, left)
+        self.sink.failures([f | {"reason": f"{f['reason']} (attempt {attempt + 1}; retried)"}
+                            for f in check.failures if f["node_id"] in set(retry)])
+        again = self.client_replies(list(self._grid.send_and_receive(
+            [self._train_message(n) for n in retry], timeout=left)))
+        return [r for r in replies if r.node_id not in set(retry)] + again
 
     def client_replies(self, messages: list[Message]) -> list[ClientReply]:
         """The round's replies as ``ClientReply`` values, in arrival order.

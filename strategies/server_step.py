@@ -181,8 +181,7 @@ def server_step(state: ServerState, replies: Sequence[ClientReply], plan: StepPl
     drawn = dict(state.drawn)
     for r in valid:
         drawn[r.partition_id] = drawn.get(r.partition_id, 0) + r.batch * plan.local_steps
-    virtual = [client_virtual_seconds(r.metrics[proto.COMPUTE_S], profile_for(setup.profiles, r.partition_id),
-                                      setup.model_bytes) for r in valid]
+    virtual = _virtual_seconds(setup, valid)
     virtual_s = max(virtual) + server_s + setup.cfg.round_latency_s
     state = dataclasses.replace(
         state, model=model, velocity=velocity, teacher=teacher_state, drawn=drawn, round=plan.round,
@@ -213,8 +212,7 @@ def skip_round(state: ServerState, plan: StepPlan, failure: RoundFailure) -> tup
         raise RoundFailure(f"{failure} That is {streak} consecutive short rounds; max-failed-rounds = {limit}.",
                            failure.check)
     setup = plan.setup
-    virtual_s = max((client_virtual_seconds(r.metrics[proto.COMPUTE_S], profile_for(setup.profiles, r.partition_id),
-                                            setup.model_bytes) for r in check.valid), default=0.0)
+    virtual_s = max(_virtual_seconds(setup, check.valid), default=0.0)
     virtual_s += setup.cfg.round_latency_s  # the round took its time, though it changed nothing
     state = dataclasses.replace(state, round=plan.round, failed_rounds=streak,
                                 virtual_total=state.virtual_total + virtual_s)
@@ -222,6 +220,12 @@ def skip_round(state: ServerState, plan: StepPlan, failure: RoundFailure) -> tup
            "failed_clients": len(check.failures), "global_batch": 0, "samples_seen": state.samples_seen, "lr": 0.0,
            "train_loss": math.nan, "virtual_s": virtual_s, "virtual_total_s": state.virtual_total}
     return state, StepRecord(row, [], check)
+
+
+def _virtual_seconds(setup: RunSetup, valid: Sequence[ValidReply]) -> list[float]:
+    """Each valid client's seconds on its simulated device (its profile's speed and link)."""
+    return [client_virtual_seconds(r.metrics[proto.COMPUTE_S], profile_for(setup.profiles, r.partition_id),
+                                   setup.model_bytes) for r in valid]
 
 
 def _aggregate(state: ServerState, plan: StepPlan, grads: list[list[torch.Tensor]], batches: list[int],

@@ -7,11 +7,9 @@ import math
 
 import pandas as pd
 import pytest
-import torch
 
-from client_app.app import app as client_app
-from experiments.faults import Fault, FaultyClientApp
 from flb.inprocess import run_inprocess
+from tests.resume import crash_then_resume, max_model_difference
 from server_app.preflight import parse_run_config, preflight
 from strategies.batch_policy import (
     PolicyMemory,
@@ -21,7 +19,6 @@ from strategies.batch_policy import (
     scheduled_batch,
     split_batch,
 )
-from strategies.large_batch import RoundFailure
 from strategies.teachers import parse_steps
 from workloads.config import ConfigError, RunConfig
 
@@ -98,15 +95,10 @@ def test_step_policy_in_a_run_follows_the_schedule_and_the_sqrt_teacher_sees_it(
 def test_noise_policy_resumes_to_the_uninterrupted_model_bit_for_bit(tmp_path):
     config = BASE | {"batch-policy": "noise", "batch-ema": 0.5, "global-batch-size": 16, "teacher": "adascale",
                      "checkpoint-every": 2, "max-failed-rounds": 0}
-    a = pd.read_csv(run_inprocess(config | {"out-dir": str(tmp_path / "a")}, num_clients=4) / "rounds.csv").loc[1:]
-    faulty = FaultyClientApp(client_app, lambda r, p: Fault("crash") if r == 5 else None)
-    with pytest.raises(RoundFailure):
-        run_inprocess(config | {"out-dir": str(tmp_path / "b")}, num_clients=4, client_app=faulty)
-    assert torch.load(tmp_path / "b" / "checkpoint.pt")["round"] == 4
-    run_inprocess(config | {"out-dir": str(tmp_path / "b"), "resume": True}, num_clients=4)
-    ma, mb = torch.load(tmp_path / "a" / "model.pt"), torch.load(tmp_path / "b" / "model.pt")
-    assert max(float((ma[k] - mb[k]).abs().max()) for k in ma) == 0.0
-    b = pd.read_csv(tmp_path / "b" / "rounds.csv").loc[1:]
+    folder_a, folder_b = crash_then_resume(config, tmp_path, crash_round=5, checkpoint_round=4)
+    assert max_model_difference(folder_a, folder_b) == 0.0
+    a = pd.read_csv(folder_a / "rounds.csv").loc[1:]
+    b = pd.read_csv(folder_b / "rounds.csv").loc[1:]
     assert b["global_batch"].tolist() == a["global_batch"].tolist()
     # the batches follow the EMA of the measured B_simple (rounds.csv keeps 6 digits: allow one example)
     plan = json.loads((tmp_path / "a" / "batch_plan.json").read_text())

@@ -7,10 +7,7 @@ import math
 import pytest
 import torch
 
-from experiments.faults import Fault, FaultyClientApp
-from client_app.app import app as client_app
-from flb.inprocess import run_inprocess
-from strategies.large_batch import RoundFailure
+from tests.resume import crash_then_resume, max_model_difference
 from strategies.learned_teacher import LearnedTeacher
 from strategies.teachers import TeacherInput
 from workloads.config import RunConfig
@@ -99,12 +96,6 @@ def test_validation_gradient_uses_the_validation_split_and_resumes_its_order(dat
 def test_a_run_resumed_after_a_failed_round_ends_with_the_uninterrupted_model(tmp_path, teacher, extra):
     config = {"teacher": teacher, "num-server-rounds": 6, "checkpoint-every": 2, "eval-every": 3,
               "global-batch-size": 64, "lr": 0.2, "round-retries": 0, "max-failed-rounds": 0, **extra}
-    run_inprocess(config | {"out-dir": str(tmp_path / "a")}, num_clients=4)
-    crash = FaultyClientApp(client_app, lambda r, p: Fault("crash") if r == 6 else None)
-    with pytest.raises(RoundFailure):
-        run_inprocess(config | {"out-dir": str(tmp_path / "b")}, num_clients=4, client_app=crash)
-    assert torch.load(tmp_path / "b" / "checkpoint.pt")["round"] == 4
-    run_inprocess(config | {"out-dir": str(tmp_path / "b"), "resume": True}, num_clients=4)
-    a, b = torch.load(tmp_path / "a" / "model.pt"), torch.load(tmp_path / "b" / "model.pt")
-    assert max(float((a[k] - b[k]).abs().max()) for k in a) == 0.0
-    assert all(math.isfinite(float(v.abs().max())) for v in a.values())
+    a, b = crash_then_resume(config, tmp_path, crash_round=6, checkpoint_round=4)
+    assert max_model_difference(a, b) == 0.0
+    assert all(math.isfinite(float(v.abs().max())) for v in torch.load(a / "model.pt").values())
