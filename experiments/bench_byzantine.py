@@ -288,6 +288,16 @@ def plot(df: pd.DataFrame, path: Path) -> bool:
     return True
 
 
+def grid_runs(aggregators: str, attack_names: str) -> list[tuple[str, str]]:
+    """The (aggregator, attack) pairs of two comma-separated lists; an unknown name raises ``ValueError``."""
+    aggs, atts = [a for a in aggregators.split(",") if a], [a for a in attack_names.split(",") if a]
+    for key, names, allowed in (("--aggregators", aggs, AGGREGATORS), ("--attacks", atts, tuple(ATTACKS))):
+        bad = [n for n in names if n not in allowed] or ([] if names else ["(empty)"])
+        if bad:
+            raise ValueError(f"{key} = {','.join(names) or repr('')}: {bad[0]!r} is not one of {', '.join(allowed)}")
+    return [(agg, attack) for attack in atts for agg in aggs]
+
+
 def main(argv: list[str] | None = None) -> None:
     """Run the grid (or the quick subset), write the CSV and the plot, print the table and the last line."""
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -296,6 +306,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--seeds", type=int, default=3)
     p.add_argument("--rounds", type=int, default=0, help="rounds of every run; 0 = the dataset's (SCALES)")
     p.add_argument("--lr", type=float, default=0.0, help="peak lr of every run; 0 = the dataset's (SCALES)")
+    p.add_argument("--aggregators", default=",".join(AGGREGATORS), help="comma-separated subset of the aggregators")
+    p.add_argument("--attacks", default=",".join(ATTACKS), help="comma-separated subset of the attacks and 'clean'")
     p.add_argument("--data-dir", default=os.environ.get("FLB_DATA_DIR", ""))
     p.add_argument("--out", default="experiments/results")
     p.add_argument("--plot", default="docs/byzantine.png")
@@ -303,7 +315,7 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(1)
     datasets = ["mnist"] if args.quick else [d for d in args.datasets.split(",") if d]
     seeds = 1 if args.quick else args.seeds
-    runs = list(QUICK_RUNS) if args.quick else [(agg, attack) for attack in ATTACKS for agg in AGGREGATORS]
+    runs = list(QUICK_RUNS) if args.quick else grid_runs(args.aggregators, args.attacks)
     scales = {d: Scale(args.rounds or s.rounds, s.global_batch, args.lr or s.lr, s.val_examples)
               for d, s in SCALES.items()}
     for d in datasets:

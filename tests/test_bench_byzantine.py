@@ -51,3 +51,14 @@ def test_the_quick_line_and_the_table():
     table = summary(df.assign(status=["ok"] * 9 + ["failed in round 3: RoundFailure"]), "mnist")
     assert "| mean | 51.5 ± 0.7 | 61.5 ± 0.7 | 81.5 ± 0.7 |" in table
     assert "| centered-clip |  | 71.5 ± 0.7 | 91.5 ± 0.7 *1 |" in table
+
+
+def test_grid_filters_name_the_bad_value():
+    from experiments.bench_byzantine import grid_runs
+
+    assert grid_runs("mean,centered-clip", "clean,ipm") == [
+        ("mean", "clean"), ("centered-clip", "clean"), ("mean", "ipm"), ("centered-clip", "ipm")]
+    with pytest.raises(ValueError, match=r"--aggregators = mean,foo: 'foo' is not one of mean, centered-clip"):
+        grid_runs("mean,foo", "clean")
+    with pytest.raises(ValueError, match=r"--attacks"):
+        grid_runs("mean", "")

@@ -1,0 +1,100 @@
+"""The time-to-accuracy study's pieces (experiments/time_to_accuracy.py) on digits, one or two epochs."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from estimators.performance import comm_seconds
+from experiments import time_to_accuracy as tta
+from strategies.batch_policy import scheduled_batch
+from workloads.data import load_splits
+from workloads.models import build_model
+from workloads.registry import WORKLOADS
+
+
+@pytest.fixture()
+def digits(monkeypatch):
+    """The study's module shrunk to digits, the MLP, 2 epochs, an evaluation every epoch."""
+    torch.set_num_threads(1)
+    monkeypatch.setattr(tta, "DATASET", "digits")
+    monkeypatch.setattr(tta, "MODEL", "mlp")
+    monkeypatch.setattr(tta, "EPOCHS", 2)
+    monkeypatch.setattr(tta, "EVAL_EPOCHS", 1)
+    return load_splits("digits", "", 0.1)
+
+
+def test_the_batch_step_schedule_doubles_every_quarter_of_the_epochs():
+    steps, rounds = tta.step_schedule(5000)  # a quarter is 50,000 examples
+    assert rounds == 782 + 391 + 196 + 98
+    assert steps == [(0, 1.0), (782, 2.0), (1173, 4.0), (1369, 8.0)]
+    assert tta.planned_rounds(tta.METHODS["small"], 5000) == 6250
+    assert tta.planned_rounds(tta.METHODS["large"], 5000) == 391
+
+
+def test_the_clients_split_gives_the_union_batch_gradient(digits):
+    w = WORKLOADS["digits"]
+    model = build_model("mlp", w.input_shape, w.num_classes, 3)
+    pos = torch.arange(64)
+    whole, loss1, nan = tta.round_gradient(model, w.loss(), digits, pos, 1)
+    split, loss8, b_simple = tta.round_gradient(model, w.loss(), digits, pos, 8)
+    assert math.isnan(nan) and math.isfinite(b_simple) and b_simple > 0
+    assert loss8 == pytest.approx(loss1, rel=1e-5)
+    assert max(float((a - b).abs().max()) for a, b in zip(whole, split)) < 1e-6
+
+
+def test_the_fleet_clock_is_the_slowest_device_plus_the_round_latency():
+    clock = tta.FleetClock({1: 0.01, 4: 0.02, 16: 0.05, 64: 0.2}, model_bytes=2.5e6)
+    phone = tta.FLEET[0]  # B = 1: one device, the first of the fleet
+    expected = float(clock.model(1)) / phone.speed + comm_seconds(2.5e6, phone) + tta.ROUND_LATENCY_S
+    assert clock(1) == pytest.approx(expected, rel=1e-9)
+    old_phone = tta.FLEET[3]  # with 4+ devices the 10 Mbit/s link of the old phone sets the pace
+    assert clock(64) >= comm_seconds(2.5e6, old_phone) + tta.ROUND_LATENCY_S
+    assert clock(512) >= clock(64)
+
+
+def test_a_batch_step_run_follows_its_schedule_and_sees_every_epoch(digits):
+    clock = tta.FleetClock({1: 0.01, 4: 0.02, 16: 0.05, 64: 0.2}, model_bytes=1e5)
+    n = len(digits.y_train)
+    rec = tta.train(tta.METHODS["batch-step"], 0.1, 1, digits, clock)
+    steps, planned = tta.step_schedule(n)
+    batches = [scheduled_batch(64, steps, r) for r in range(1, planned + 1)]
+    rounds = int(np.searchsorted(np.cumsum(batches), 2 * n)) + 1  # the first round that completes 2 epochs
+    assert not rec["diverged"] and rec["rounds"] == rounds and planned - 1 <= rounds <= planned
+    assert rec["samples_seen"] == sum(batches[:rounds]) and 2 * n <= rec["samples_seen"] < 2 * n + 512
+    assert [c["global_batch"] for c in rec["curve"]][-1] == 512
+    assert rec["virtual_s"] == pytest.approx(sum(clock(b) for b in batches[:rounds]), rel=1e-9)
+    assert 0.5 < rec["final_val_accuracy"] <= 1.0  # chance is 0.1
+
+
+def _run(method: str, seed: int, lr: float, accs: list[float], test: float, rounds_per_eval: int) -> dict:
+    curve = [{"round": (i + 1) * rounds_per_eval, "samples_seen": (i + 1) * 10_000,
+              "virtual_total_s": 10.0 * (i + 1) * rounds_per_eval, "val_accuracy": a} for i, a in enumerate(accs)]
+    return {"method": method, "seed": seed, "lr": lr, "final_val_accuracy": accs[-1], "final_test_accuracy": test,
+            "epochs": 40.0, "rounds": rounds_per_eval * len(accs), "virtual_s": curve[-1]["virtual_total_s"],
+            "mean_batch": 1.0, "diverged": False, "curve": curve}
+
+
+def test_target_rounds_to_it_and_the_goal_check():
+    runs = [_run("small", s, 0.0125, [0.3, 0.5, 0.6, 0.62], 0.61, 100) for s in (1, 2)]
+    runs += [_run("large", s, 0.05, [0.4, 0.55, 0.58], 0.58, 10) for s in (1, 2)]
+    runs += [_run("batch-step", 0, lr, [0.1, v], 0.5, 10) for lr, v in ((0.0125, 0.5), (0.025, 0.6), (0.05, 0.4))]
+    runs += [_run("batch-step", s, 0.025, [0.5, 0.616, 0.619], 0.607, 20) for s in (1, 2)]
+    runs += [_run("batch-step", 1, 0.05, [0.9, 0.9], 0.9, 1)]  # not the validation choice: ignored
+    df, curves, target = tta.results(runs)
+    assert target == pytest.approx(0.615)
+    assert tta.chosen_lr("batch-step", runs) == 0.025
+    assert sorted(df.method.unique()) == ["batch-step", "large", "small"] and len(df) == 6
+    small = df[df.method == "small"]
+    assert (small.rounds_to_target == 400).all() and (small.virtual_s_to_target == 4000.0).all()
+    assert df[df.method == "large"].rounds_to_target.isna().all()
+    s = tta.summary(df).set_index("method")
+    assert s.loc["batch-step", "round_ratio"] == pytest.approx(40 / 400)
+    assert s.loc["batch-step", "vs_small_pp"] == pytest.approx(-0.3)
+    lines = tta.goal_lines(s.reset_index())
+    assert lines[0].startswith("large: reached 0/2") and lines[0].endswith("not reached")
+    assert lines[1].startswith("batch-step: reached 2/2, rounds x0.100") and lines[1].endswith("REACHED")
+    assert np.isclose(curves[curves.method == "small"].val_accuracy.max(), 0.62)
