@@ -18,7 +18,8 @@
   (McCandlish et al. 2018): E_r = batch-ema * E_{r-1} + (1 - batch-ema) * B_simple_r over the
   rounds measured so far (the first measurement starts it; non-finite or non-positive ones are
   skipped), B_r = max(B_{r-1}, clamp(round(E_{r-1}), global-batch-size, cap)), cap = the sum of the
-  clients' probed memory limits (memory only: the performance model's knee is not used).
+  clients' probed memory limits and, with ``batch-time-cap`` (default), at most the performance
+  model's time-optimal batch at B_noise = E (``noise_time_cap``).
   Rounds before any measurement use ``global-batch-size``. E and B live in ``PolicyMemory``.
 
 The adaptive policies (all but ``fixed`` and ``step``) start with a probe (a Flower ``query`` message to every node):
@@ -137,6 +138,15 @@ def optimal_plan(
                           [c.max_batch for c in capacities], noise_scale, server_s, objective,
                           round_latency_s=round_latency_s)
     return {c.partition_id: b for c, b in zip(capacities, choice.split)}, choice
+
+
+def noise_time_cap(capacities: list[ClientCapacity], noise_scale: float, round_latency_s: float) -> int:
+    """The batch past which more batch stops buying time: ``choose_batch``'s time-optimal B at ``noise_scale``, examples.
+
+    It minimises (1 + B_noise / B) x round_s(B) over the clients' step-time models, links and memory limits
+    (the ``optimal`` policy's score, McCandlish et al. 2018 / Pollux), ``round_latency_s`` a round.
+    """
+    return optimal_plan(capacities, noise_scale, 0.0, "time", round_latency_s)[1].global_batch
 
 
 def round_clients(clients_per_round: int, usable: int) -> int:
@@ -311,10 +321,15 @@ class BatchPolicy:
         limits = {c.partition_id: c.max_batch for c in memory.capacities}
         k = round_clients(self.cfg.clients_per_round, usable)
         cap = sum(limits.values()) if k == len(limits) else k * min(limits.values())
+        time_cap = 0
+        if self.cfg.batch_time_cap and memory.noise_ema is not None and k == len(limits):
+            time_cap = noise_time_cap(list(memory.capacities), memory.noise_ema, self.cfg.round_latency_s)
+            cap = min(cap, max(time_cap, self.cfg.global_batch_size))
         total = noise_batch(memory.noise_batch, memory.noise_ema, self.cfg.global_batch_size, cap)
         if total != memory.noise_batch:
-            log(INFO, "batch policy noise: round %d, B_simple EMA %s -> global batch %d (memory cap %d)", rnd,
-                "not measured" if memory.noise_ema is None else f"{memory.noise_ema:.1f}", total, cap)
+            log(INFO, "batch policy noise: round %d, B_simple EMA %s -> global batch %d (cap %d%s)", rnd,
+                "not measured" if memory.noise_ema is None else f"{memory.noise_ema:.1f}", total, cap,
+                f"; time-optimal {time_cap}" if time_cap else "")
         current = split_batch(total, list(limits), k, limits)
         return dataclasses.replace(memory, current=current, noise_batch=total)
 

@@ -11,11 +11,15 @@ import pytest
 from flb.inprocess import run_inprocess
 from tests.resume import crash_then_resume, max_model_difference
 from server_app.preflight import parse_run_config, preflight
+from estimators.performance import KneeModel
 from strategies.batch_policy import (
+    BatchPolicy,
+    ClientCapacity,
     PolicyMemory,
     largest_scheduled_batch,
     noise_batches,
     noise_ema,
+    noise_time_cap,
     scheduled_batch,
     split_batch,
 )
@@ -35,6 +39,32 @@ def test_step_schedule_multiplies_the_global_batch_per_round():
     assert largest_scheduled_batch(32, steps, 8) == 128
     assert largest_scheduled_batch(32, steps, 6) == 64  # the x4 step would start after the last round
     assert [scheduled_batch(10, [(0, 1.5)], 1)] == [15]
+
+
+def _linear_clients(k: int, seconds_per_example: float, limit: int) -> list[ClientCapacity]:
+    """k clients whose step takes seconds_per_example x b_i (a knee with a negligible floor), no link."""
+    model = KneeModel(alpha=0.0, floor=1e-9, beta=seconds_per_example, p=1.0, q=1.0)
+    return [ClientCapacity(10 + i, i, limit, model, 0.0, 0.0) for i in range(k)]
+
+
+def test_noise_time_cap_is_where_more_batch_stops_buying_time():
+    # two clients at 0.01 s per example: round_s = 0.005 B + L, so (1 + E/B) round_s is least at B* = sqrt(L E / 0.005)
+    clients = _linear_clients(2, 0.01, 1000)
+    for latency, noise, best in ((2.0, 100.0, 200.0), (0.5, 400.0, 200.0), (8.0, 50.0, 283.0)):
+        cap = noise_time_cap(clients, noise, latency)
+        assert abs(math.log(cap / best)) < math.log(1.16), (latency, noise, cap)  # the candidate grid's step
+    assert noise_time_cap(clients, 100.0, 0.0) == 2  # no fixed cost a round: the smallest batch is quickest
+    assert noise_time_cap(clients, 100.0, 1e6) == 2000  # latency-bound rounds: all the memory allows
+
+
+def test_noise_policy_caps_the_batch_at_the_time_optimum_unless_told_not_to():
+    memory = PolicyMemory(capacities=tuple(_linear_clients(2, 0.01, 1000)), noise_ema=5000.0, noise_batch=16)
+    for flag, expected in ((True, noise_time_cap(list(memory.capacities), 5000.0, 2.0)), (False, 2000)):
+        cfg = RunConfig.from_mapping({"batch-policy": "noise", "global-batch-size": 16, "round-latency-s": 2.0,
+                                      "batch-time-cap": flag})
+        planned = BatchPolicy(cfg, (), 1.0)._plan_noise(memory, 5, 2)
+        assert planned.noise_batch == expected and sum(planned.current.values()) == expected
+    assert 16 < noise_time_cap(list(memory.capacities), 5000.0, 2.0) < 2000  # sqrt(2 x 5000 / 0.005) = 1414
 
 
 def test_even_split_over_partitions_respects_limits():
@@ -94,7 +124,7 @@ def test_step_policy_in_a_run_follows_the_schedule_and_the_sqrt_teacher_sees_it(
 
 def test_noise_policy_resumes_to_the_uninterrupted_model_bit_for_bit(tmp_path):
     config = BASE | {"batch-policy": "noise", "batch-ema": 0.5, "global-batch-size": 16, "teacher": "adascale",
-                     "checkpoint-every": 2, "max-failed-rounds": 0}
+                     "checkpoint-every": 2, "max-failed-rounds": 0, "batch-time-cap": False}
     folder_a, folder_b = crash_then_resume(config, tmp_path, crash_round=5, checkpoint_round=4)
     assert max_model_difference(folder_a, folder_b) == 0.0
     a = pd.read_csv(folder_a / "rounds.csv").loc[1:]

@@ -114,6 +114,9 @@ class RunConfig:
                "`global-batch-size` x multiplier (Smith et al. 2018)")
     batch_ema: float = _key(
         0.9, "`noise` policy: per-round EMA decay of the measured noise scale B_simple that sets the global batch")
+    batch_time_cap: bool = _key(
+        True, "`noise` policy: also cap the global batch at the performance model's time-optimal batch for the "
+              "measured noise scale (where more batch stops buying time); `false` = the fleet's memory only")
     batch_objective: str = _key(
         "time", "`optimal`: least predicted time to a target (`time`) or least device-seconds (`cost`)")
     calibration_rounds: int = _key(
