@@ -10,7 +10,8 @@ Digits MLP (26,122 parameters), ``--clients`` clients of a global batch of 256, 
 - ``bytes_per_client``: in-process engine only, the serialised size (Flower's protobuf,
   ``recorddict_to_proto``) of every message a client received and sent, per round, counted at
   the ClientApp boundary (down / up / total). Ray moves the same messages;
-- ``rounds_trips``: messages a client answers per round (1 plain, 4 SecAgg+).
+- ``round_trips``: messages a client answers per round (1 plain, 4 SecAgg+; plus the one-off
+  identify query spread over the rounds).
 
 Then the exactness of one step: round 1 with lr = 1 and no momentum or weight decay, so
 w_1 = w_0 - G; ``secagg_rel_diff`` = |G_secure - G_plain| / |G_plain|, next to the bound of

@@ -156,3 +156,14 @@ def test_client_side_clipping_bounds_each_client_and_is_reported(tmp_path):
     grad, row = _step(tmp_path, "clipped", True, **{"secagg-clip-norm": 0.05})
     assert row["clipped_share"] == 1.0  # every client clipped
     assert np.linalg.norm(grad) <= 0.05 * (1 + 1e-3)  # the mean of vectors of norm <= C
+
+
+@pytest.mark.parametrize("teacher", ["adascale", "signed-noise"])
+def test_teachers_that_read_only_sums_take_the_same_step_behind_secure_aggregation(tmp_path, teacher):
+    extra = {"teacher": teacher, "teacher-small-batch": 8}
+    plain, row_p = _step(tmp_path, "plain", False, **extra)
+    secure, row_s = _step(tmp_path, "secure", True, **extra)
+    assert row_s["lr"] == pytest.approx(row_p["lr"], rel=1e-3)  # the teacher's lr scale, from the same statistics
+    assert row_s["tr_sigma"] == pytest.approx(row_p["tr_sigma"], rel=1e-3)
+    print(f"{teacher}: |dw| = {np.linalg.norm(secure - plain):.3g}, |w1 - w0| = {np.linalg.norm(plain):.3g}")
+    assert np.linalg.norm(secure - plain) <= 2 * row_p["lr"] * _bound([16] * 4, plain.size)
