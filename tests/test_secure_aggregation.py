@@ -167,3 +167,13 @@ def test_teachers_that_read_only_sums_take_the_same_step_behind_secure_aggregati
     assert row_s["tr_sigma"] == pytest.approx(row_p["tr_sigma"], rel=1e-3)
     print(f"{teacher}: |dw| = {np.linalg.norm(secure - plain):.3g}, |w1 - w0| = {np.linalg.norm(plain):.3g}")
     assert np.linalg.norm(secure - plain) <= 2 * row_p["lr"] * _bound([16] * 4, plain.size)
+
+
+def test_a_client_with_flower_s_32_bit_masks_fails_the_canary_and_moves_nothing(tmp_path, monkeypatch):
+    """The server expands masks with SHAKE-256; a client on Flower's generator cannot be unmasked."""
+    from protocol.secure import CLIENT_MOD
+
+    flower = importlib.import_module("flwr.common.secure_aggregation.secaggplus_utils").pseudo_rand_gen
+    monkeypatch.setattr(importlib.import_module(CLIENT_MOD), "pseudo_rand_gen", flower)
+    with pytest.raises(RoundFailure, match="failed its check .canary"):
+        _step(tmp_path, "mismatch", True, **{"max-failed-rounds": 0})
