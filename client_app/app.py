@@ -29,6 +29,7 @@ from flwr.clientapp import ClientApp
 
 from client_app.job import ClientJob, get_job, load_global, node_identity
 from client_app.packing import answer_bundle
+from client_app.secure import secure_mod
 from client_app.run_config import client_run
 from protocol.packing import bundle_threads
 from estimators.performance import profile_batches
@@ -52,7 +53,7 @@ def _client(context: Context) -> tuple[RunConfig, int, int, ClientJob, float, st
     return cfg, pid, nparts, get_job(cfg, pid, nparts, data_dir), budget_mb, source
 
 
-@app.train()
+@app.train(mods=[secure_mod])  # a SecAgg+ round's messages go through Flower's secaggplus_mod (client_app/secure.py)
 def train(msg: Message, context: Context) -> Message:
     """Reply with this client's gradient for the round (see the module docstring)."""
     entered = time.time()

@@ -14,6 +14,7 @@ from server_app.grid import PackedGrid, RoundGrid
 from server_app.preflight import parse_run_config
 from server_app.results import RunResults, resolve_out_dir
 from strategies.large_batch import LargeBatchStrategy
+from strategies.secure_round import SecureLargeBatchStrategy
 from strategies.teacher_registry import build_teacher
 from workloads.config import RunConfig
 from workloads.data import load_splits
@@ -37,7 +38,8 @@ def main(grid: Grid, context: Context) -> None:
     out = resolve_out_dir(cfg.out_dir, cfg)
     n_params = sum(p.numel() for p in model.parameters())
     results = RunResults(out, cfg, extra={"model": model_name, "parameters": n_params})
-    strategy = LargeBatchStrategy(cfg, model.state_dict(), [name for name, _ in model.named_parameters()],
+    kind = SecureLargeBatchStrategy if cfg.secure_aggregation else LargeBatchStrategy
+    strategy = kind(cfg, model.state_dict(), [name for name, _ in model.named_parameters()],
                                   build_teacher(cfg), sink=results)
     done, wall0 = _resume(cfg, results, strategy) if cfg.resume else (0, 0.0)
     log(INFO, "flower-large-batch: %s / %s (%.3g M params), %d train / %d val / %d test examples, "
@@ -94,13 +96,14 @@ def _resume(cfg: RunConfig, results: RunResults, strategy: LargeBatchStrategy) -
 
 
 class FlowerStrategyChatter(logging.Filter):
-    """Drops the log lines of Flower's ``Strategy.start`` (6 a round, about 190 after the last).
+    """Drops the log lines of Flower's ``Strategy.start`` (6 a round, about 190 after the last) and SecAgg+'s.
 
     Our own line per round (above) says what matters; warnings and errors always pass.
     """
 
     def filter(self, record: logging.LogRecord) -> bool:  # noqa: D102
-        return record.levelno >= logging.WARNING or "serverapp/strategy" not in record.pathname.replace("\\", "/")
+        path = record.pathname.replace("\\", "/")
+        return record.levelno >= logging.WARNING or not ("serverapp/strategy" in path or "secure_aggregation" in path)
 
 
 def _f(value: float | str | None) -> str:

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from strategies.batch_policy import largest_scheduled_batch, scheduled_batch
+from strategies.secure import check_secure
 from strategies.teacher_registry import check_teacher
 from strategies.teachers import parse_steps
 from workloads.config import RunConfig, check_batches_fit, split_global_batch
@@ -64,6 +65,7 @@ def preflight(cfg: RunConfig, num_nodes: int, client_threads: int = 1) -> list[s
             f"run-config key 'clients-per-round' = {k}: only num-supernodes = {num_nodes} clients exist. "
             f"Allowed: 0 (all) or 1..{num_nodes}."
         )
+    check_secure(cfg, k, model_buffers(cfg) if cfg.secure_aggregation else 0)
     pick_device(cfg.device)
     check_out_dir(Path(cfg.out_dir), cfg.resume)
     splits = load_splits(cfg.dataset, cfg.data_dir, cfg.val_fraction, cfg.train_limit)
@@ -90,6 +92,16 @@ def preflight(cfg: RunConfig, num_nodes: int, client_threads: int = 1) -> list[s
                               f"client (Allowed: 0 or at least {enough}). {err}") from None
         raise
     return check_memory(cfg, splits, num_nodes, max(batches), client_threads)
+
+
+def model_buffers(cfg: RunConfig) -> int:
+    """The number of non-trainable tensors (BatchNorm statistics) of the run's model."""
+    from workloads.models import build_model
+    from workloads.registry import WORKLOADS, resolve_model
+
+    workload = WORKLOADS[cfg.dataset]
+    model = build_model(resolve_model(cfg.dataset, cfg.model), workload.input_shape, workload.num_classes, cfg.seed)
+    return len(list(model.buffers()))
 
 
 def scheduled_local_batches(cfg: RunConfig, k: int) -> list[int]:

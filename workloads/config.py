@@ -151,6 +151,15 @@ class RunConfig:
     byzantine_fraction: float = _key(
         0.2, "`krum`: assumes floor(fraction * K) Byzantine clients; `trimmed-mean`: share of the weight (b_i) "
              "trimmed at each end, per coordinate")
+    secure_aggregation: bool = _key(
+        False, "the server learns only the sum of the sampled clients' b_i-weighted gradients (Flower's SecAgg+, "
+               "4 round trips a round; [secure-aggregation.md](secure-aggregation.md))")
+    secagg_threshold: int = _key(
+        0, "secure aggregation: clients that must survive a round (Shamir threshold t, 2 <= t < K); "
+           "`0` = floor(K/2) + 1 of the round's K clients")
+    secagg_clip_norm: float = _key(
+        100.0, "secure aggregation: each client clips its gradient to this L2 norm C, which is also the "
+               "quantiser's range [-C, C] (replaces the norm guard; [bound](secure-aggregation.md#exactness))")
     checkpoint_every: int = _key(
         10, "write `checkpoint.pt` every this many rounds and after the last; `0` = after the last only")
     resume: bool = _key(False, "continue the run in `out-dir` from its `checkpoint.pt` (set by `--resume DIR`)")
@@ -240,6 +249,10 @@ class RunConfig:
             raise ConfigError(
                 f"run-config key 'max-norm-ratio' = {self.max_norm_ratio!r}: must be 0 (guard off) or > 1."
             )
+        if self.secagg_threshold < 0 or self.secagg_threshold == 1:
+            raise ConfigError(f"run-config key 'secagg-threshold' = {self.secagg_threshold!r}: must be 0 (auto) or >= 2.")
+        if not self.secagg_clip_norm > 0:
+            raise ConfigError(f"run-config key 'secagg-clip-norm' = {self.secagg_clip_norm!r}: must be > 0.")
         self._check_batches()
 
     def value(self, key: str) -> Any:
