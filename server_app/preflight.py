@@ -2,8 +2,9 @@
 
 ``parse_run_config`` is the full parse of a run config: ``RunConfig.from_mapping`` (types and
 ranges, a leaf module) plus the names that registries own (dataset, model, teacher, teacher
-steps, device profiles) and what client-level DP allows (strategies/privacy.py). ``preflight`` adds what needs the data and the federation's size:
-partitions, local batches, memory budgets, the device and the results folder. The launcher
+steps, device profiles) and what client-level DP allows (strategies/privacy.py). ``preflight``
+adds what needs the data and the federation's size: partitions, local batches, memory budgets,
+the device, the results folder and, with DP, a model without buffers. The launcher
 (flb/launch/run.py) and the in-process runner (flb/inprocess.py) call both; the
 ServerApp calls ``parse_run_config``. Every error names the key, the value and what is allowed.
 """

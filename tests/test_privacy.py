@@ -133,6 +133,18 @@ def test_bad_dp_settings_are_refused_before_the_run(overrides, match):
         parse_run_config(overrides)
 
 
+def test_the_launcher_refuses_dp_settings_before_starting_anything(tmp_path):
+    from flb.launch.run import prepare
+
+    with pytest.raises(ConfigError, match=r"'dp-clip-norm' = -0.5: must be >= 0"):
+        prepare("dp-clip-norm=-0.5", "num-supernodes=4", str(tmp_path / "a"))
+    with pytest.raises(ConfigError, match=r"'teacher' = 'noise' with dp-clip-norm = 1"):
+        prepare("dp-clip-norm=1.0 max-norm-ratio=0 teacher=noise", "num-supernodes=4", str(tmp_path / "b"))
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+    cfg, *_ = prepare("dp-clip-norm=1.0 max-norm-ratio=0 dp-target-epsilon=4", "num-supernodes=4", str(tmp_path / "c"))
+    assert cfg.dp_target_epsilon == 4.0 and cfg.dp_noise_multiplier == 0.0
+
+
 def test_a_model_with_batchnorm_buffers_is_refused_under_dp():
     cfg = RunConfig.from_mapping(DP | {"model": "resnet18"})
     with pytest.raises(ConfigError, match=r"'model' = 'resnet18' has buffers \(bn1.running_mean"):
@@ -177,7 +189,8 @@ def test_round_one_chooses_z_for_the_target_and_later_rounds_keep_it():
     setup = RunSetup.create(cfg, OrderedDict(w=torch.zeros(3)), ["w"], IdentityTeacher())
     state, plan = plan_round(ServerState.initial(OrderedDict(w=torch.zeros(3)), 0, {}), setup,
                              {10: 0, 11: 1, 12: 2, 13: 3}, 1)
-    assert plan.sample_rate == 0.25 and state.dp_noise_multiplier == choose_noise_multiplier(2.0, 1e-5, 0.25, 1000, "rdp")
+    assert plan.sample_rate == 0.25
+    assert state.dp_noise_multiplier == choose_noise_multiplier(2.0, 1e-5, 0.25, 1000, "rdp")
     z = state.dp_noise_multiplier
     again, plan = plan_round(ServerState.from_dict(state.to_dict()), setup, {10: 0, 11: 1}, 1)  # a node left
     assert plan.sample_rate == 0.5 and again.dp_noise_multiplier == z  # q follows the round; z stays
