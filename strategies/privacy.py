@@ -16,13 +16,15 @@ part). The noise goes in before the teacher and the optimizer, which only post-p
 Accounting is Opacus' (``RDPAccountant`` or ``PRVAccountant``): the history is one
 (z, q, steps) entry per run of rounds with the same q, kept in the ``ServerState``, so a resumed
 run reports the same epsilon. ``dp-target-epsilon`` chooses z with Opacus'
-``get_noise_multiplier`` for ``num-server-rounds`` steps at round 1's q. Opacus is imported
+``get_noise_multiplier`` for ``num-server-rounds`` steps at round 1's q. The noise is drawn from
+a secret seed chosen in round 1 (``dp-noise-seed = -1``) or from a given one. Opacus is imported
 only when DP is on (its import takes about 5 s).
 """
 
 from __future__ import annotations
 
 import math
+import secrets
 import warnings
 from collections.abc import Sequence
 
@@ -82,9 +84,21 @@ def fixed_weights(batches: Sequence[int], planned: Sequence[int]) -> tuple[list[
     return [b / b_max for b in batches], sum(planned) / b_max
 
 
+def noise_seed(cfg: RunConfig, chosen: int | None) -> int:
+    """The run's noise seed: ``chosen`` once set (round 1, kept in the checkpoint), else ``dp-noise-seed``.
+
+    ``dp-noise-seed = -1`` draws a 62-bit secret from the operating system: the noise is then
+    unknown to anyone without checkpoint.pt. A seed >= 0 makes runs reproducible, and the noise
+    removable by whoever knows that seed.
+    """
+    if chosen is not None:
+        return chosen
+    return cfg.dp_noise_seed if cfg.dp_noise_seed >= 0 else secrets.randbits(62)
+
+
 def noise_generator(seed: int, rnd: int) -> torch.Generator:
-    """The round's noise generator, seeded from the run seed and the round: a resumed run draws the same noise."""
-    return torch.Generator().manual_seed(seed * 1_000_033 + rnd * 7_919 + 104_729)
+    """The round's noise generator, from the run's noise seed and the round: a resumed run draws the same noise."""
+    return torch.Generator().manual_seed((seed * 1_000_033 + rnd * 7_919 + 104_729) % 2**63)
 
 
 def private_mean(grads: Sequence[Sequence[torch.Tensor]], batches: Sequence[int], planned: Sequence[int],

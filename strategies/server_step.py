@@ -43,7 +43,9 @@ from protocol import messages as proto
 from strategies.aggregation import aggregate_buffers, weighted_mean
 from strategies.nodes import sample_nodes
 from strategies.noise_scale import NoiseStats
-from strategies.privacy import add_step, dp_on, epsilon, noise_generator, private_mean, round_noise_multiplier
+from strategies.privacy import (
+    add_step, dp_on, epsilon, noise_generator, noise_seed, private_mean, round_noise_multiplier,
+)
 from strategies.reply_check import (
     NORM_WINDOW, Expected, check_buffers, check_grad_sq, check_metrics, check_tensors, norm_outliers,
 )
@@ -80,8 +82,10 @@ def plan_round(state: ServerState, setup: RunSetup, usable: Mapping[int, int], k
     lr = teacher_plan.lr if teacher_plan.lr is not None else lr_at(
         rnd, cfg.num_server_rounds, cfg.lr, cfg.warmup_rounds, cfg.schedule)
     q = k / len(usable)
-    z = round_noise_multiplier(cfg, state.dp_noise_multiplier, q) if dp_on(cfg) else None
-    state = dataclasses.replace(state, rng=rng.bit_generator.state, teacher=teacher.state_dict(), dp_noise_multiplier=z)
+    state = dataclasses.replace(state, rng=rng.bit_generator.state, teacher=teacher.state_dict())
+    if dp_on(cfg):  # z and the noise seed: chosen in round 1, then kept
+        z = round_noise_multiplier(cfg, state.dp_noise_multiplier, q)
+        state = dataclasses.replace(state, dp_noise_multiplier=z, dp_noise_seed=noise_seed(cfg, state.dp_noise_seed))
     return state, StepPlan(setup, rnd, assigned, lr, steps, teacher_plan, sample_rate=q)
 
 
@@ -232,14 +236,14 @@ def _mean(state: ServerState, plan: StepPlan, valid: Sequence[ValidReply]
     """The client gradients the round uses, their mean G and the DP columns of rounds.csv.
 
     DP off: G = sum_i b_i g_i / sum_i b_i. DP on: the clipped g_i and the noised fixed-denominator
-    mean of strategies/privacy.py, with the noise drawn from the run seed and the round.
+    mean of strategies/privacy.py, with the noise drawn from the run's noise seed and the round.
     """
     grads, batches, cfg = [r.grads for r in valid], [r.batch for r in valid], plan.setup.cfg
     if not dp_on(cfg):
         return grads, weighted_mean(grads, batches), {}
     z, clip = state.dp_noise_multiplier, cfg.dp_clip_norm
     mean, clipped, sigma = private_mean(grads, batches, [b for _, b in plan.assigned.values()], clip, z,
-                                        noise_generator(cfg.seed, plan.round))
+                                        noise_generator(state.dp_noise_seed, plan.round))
     over = [r.metrics.get(proto.PRE_CLIP_NORM, r.norm) > clip for r in valid]
     return clipped, mean, {"dp_noise_multiplier": z, "dp_sample_rate": plan.sample_rate, "dp_noise_std": sigma,
                            "dp_clipped_fraction": sum(over) / len(over)}

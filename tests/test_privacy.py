@@ -64,7 +64,7 @@ def test_noise_std_of_the_server_step_is_z_c_over_w():
     for seed in range(20):
         cfg = RunConfig.from_mapping({"lr": 1.0, "momentum": 0.0, "weight-decay": 0.0, "warmup-rounds": 0,
                                       "schedule": "constant", "seed": seed, "dp-clip-norm": clip,
-                                      "dp-noise-multiplier": z, "max-norm-ratio": 0})
+                                      "dp-noise-multiplier": z, "max-norm-ratio": 0, "dp-noise-seed": seed})
         setup = RunSetup.create(cfg, model, names, IdentityTeacher())
         state, plan = plan_round(ServerState.initial(model, seed, {}), setup, {10: 0, 11: 1, 12: 2}, 3,
                                  {0: 10, 1: 10, 2: 5})  # W = 1 + 1 + 0.5
@@ -122,6 +122,7 @@ def test_target_epsilon_chooses_a_z_just_within_the_target():
     ({"dp-clip-norm": 1.0, "dp-noise-multiplier": 1.0, "dp-target-epsilon": 3.0}, r"'dp-target-epsilon' .* set one"),
     ({"dp-delta": 0.0}, r"'dp-delta' = 0.0: must be in \(0, 1\)"),
     ({"dp-delta": 1.0}, r"'dp-delta' = 1.0: must be in \(0, 1\)"),
+    ({"dp-noise-seed": -2}, r"'dp-noise-seed' = -2: must be -1"),
     ({"dp-accountant": "gdp"}, r"'dp-accountant' = 'gdp' is not allowed. Allowed: rdp, prv"),
     (DP | {"max-norm-ratio": 50.0}, r"'max-norm-ratio' = 50.0 with dp-clip-norm = 1"),
     (DP | {"aggregator": "median"}, r"'aggregator' = 'median' with dp-clip-norm = 1 .* Allowed: mean"),
@@ -174,7 +175,7 @@ def test_a_dp_run_reports_opacus_epsilon_every_round(tmp_path):
 
 
 def test_a_resumed_dp_run_equals_the_uninterrupted_one(tmp_path):
-    config = BASE | {"num-server-rounds": 4, "checkpoint-every": 2, "max-failed-rounds": 0}
+    config = BASE | {"num-server-rounds": 4, "checkpoint-every": 2, "max-failed-rounds": 0, "dp-noise-seed": 7}
     folder_a, folder_b = crash_then_resume(config, tmp_path, crash_round=3, checkpoint_round=2)
     assert max_model_difference(folder_a, folder_b) == 0.0  # the same noise, drawn from the seed and the round
     a = pd.read_csv(folder_a / "rounds.csv").loc[1:]
@@ -194,3 +195,22 @@ def test_round_one_chooses_z_for_the_target_and_later_rounds_keep_it():
     z = state.dp_noise_multiplier
     again, plan = plan_round(ServerState.from_dict(state.to_dict()), setup, {10: 0, 11: 1}, 1)  # a node left
     assert plan.sample_rate == 0.5 and again.dp_noise_multiplier == z  # q follows the round; z stays
+
+
+def test_the_default_noise_seed_is_a_secret_of_the_run_that_a_resumed_run_keeps():
+    cfg = RunConfig.from_mapping({"dp-clip-norm": 1.0, "dp-noise-multiplier": 1.0, "max-norm-ratio": 0, "lr": 1.0,
+                                  "momentum": 0.0, "weight-decay": 0.0, "warmup-rounds": 0, "schedule": "constant"})
+    model = OrderedDict(w=torch.zeros(50))
+    setup = RunSetup.create(cfg, model, ["w"], IdentityTeacher())
+    start = ServerState.initial(model, 0, {})
+    usable = {10: 0, 11: 1}
+
+    def step(state):
+        state, plan = plan_round(state, setup, usable, 2, {0: 4, 1: 4})
+        return server_step(state, [_reply(n, p, b, torch.zeros(50)) for n, (p, b) in plan.assigned.items()], plan)[0]
+
+    one, two = step(start), step(start)  # the same run config and seed, two runs
+    assert one.dp_noise_seed != two.dp_noise_seed and not torch.equal(one.model["w"], two.model["w"])
+    straight = step(one)
+    resumed = step(ServerState.from_dict(one.to_dict()))  # the checkpoint holds the secret
+    assert resumed.dp_noise_seed == one.dp_noise_seed and torch.equal(resumed.model["w"], straight.model["w"])

@@ -163,6 +163,9 @@ class RunConfig:
         0.0, "DP: `> 0` chooses `z` before round 1 (Opacus `get_noise_multiplier`) so that epsilon after "
              "`num-server-rounds` rounds is at most this; `0` = use `dp-noise-multiplier`")
     dp_accountant: str = _key("rdp", "DP: Opacus accountant, `rdp` (RDPAccountant) or `prv` (PRVAccountant)")
+    dp_noise_seed: int = _key(
+        -1, "DP: `-1` = the noise comes from a secret drawn in round 1 and kept in `checkpoint.pt` (a resumed run "
+            "continues it); `>= 0` = from this seed and the round: reproducible, and removable by anyone who knows it")
     checkpoint_every: int = _key(
         10, "write `checkpoint.pt` every this many rounds and after the last; `0` = after the last only")
     resume: bool = _key(False, "continue the run in `out-dir` from its `checkpoint.pt` (set by `--resume DIR`)")
@@ -261,6 +264,9 @@ class RunConfig:
 
     def _check_privacy(self) -> None:
         """The DP keys: ranges, and noise only with a clip (their interplay with other keys: strategies/privacy.py)."""
+        if self.dp_noise_seed < -1:
+            raise ConfigError(f"run-config key 'dp-noise-seed' = {self.dp_noise_seed}: must be -1 (a secret drawn "
+                              "in round 1) or >= 0 (reproducible noise).")
         if not 0.0 < self.dp_delta < 1.0:
             raise ConfigError(f"run-config key 'dp-delta' = {self.dp_delta!r}: must be in (0, 1) (e.g. 1e-5, below "
                               "1 / the number of clients).")
