@@ -25,7 +25,7 @@ from workloads.privacy import clip_gradient, global_norm
 
 DP = {"dp-clip-norm": 1.0, "dp-noise-multiplier": 0.5, "max-norm-ratio": 0}
 BASE = {"num-server-rounds": 4, "eval-every": 100, "global-batch-size": 32, "warmup-rounds": 0,
-        "schedule": "constant", "lr": 0.05, "clients-per-round": 2} | DP
+        "schedule": "constant", "lr": 0.05, "clients-per-round": 2, "dp-noise-seed": 3} | DP
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
