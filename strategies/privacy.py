@@ -6,6 +6,7 @@ estimator with Gaussian noise:
 
     w_i = b_i / b_max            (b_max: the largest b_i planned this round; public; w_i <= 1)
     W   = sum of the PLANNED w_i (fixed before any reply arrives; a dropped client does not shrink it)
+          = B / b_max with the even split of ``batch-policy`` fixed or step: the same for any sample
     G~  = sum_i w_i clip(g_i) / W  +  N(0, sigma^2 I),   sigma = z C / W
 
 One client changes sum_i w_i clip(g_i) by at most C (added or removed, w_i <= 1), so G~ has
@@ -37,7 +38,7 @@ from workloads.privacy import clip_gradient
 
 # Teachers whose output depends only on G~, the weights, the batch sizes and the round: post-processing.
 DP_TEACHERS = ("none", "step", "linear", "sqrt", "lars")
-DP_BATCH_POLICIES = ("fixed", "memory-max", "step")  # b_i that no gradient statistic chooses
+DP_BATCH_POLICIES = ("fixed", "step")  # every sampled client gets B_r / K (+-1): W is the same for any sample
 Step = tuple[float, float, int]  # Opacus' history entry: (noise multiplier z, sample rate q, steps)
 
 
@@ -56,7 +57,9 @@ def check_privacy(cfg: RunConfig) -> None:
         ("teacher", cfg.teacher, cfg.teacher not in DP_TEACHERS, f"{', '.join(DP_TEACHERS)} (the others read each "
          "client's gradient, its noise statistics or its local velocity, none of them noised)"),
         ("batch-policy", cfg.batch_policy, cfg.batch_policy not in DP_BATCH_POLICIES,
-         f"{', '.join(DP_BATCH_POLICIES)} (noise and optimal set b_i from un-noised gradient statistics)"),
+         f"{', '.join(DP_BATCH_POLICIES)} (they give every sampled client B / K examples, so W does not depend on "
+         "which clients were sampled; memory-max and optimal set b_i per client, noise and optimal from un-noised "
+         "gradient statistics)"),
         ("max-norm-ratio", cfg.max_norm_ratio, cfg.max_norm_ratio != 0, "0 (the clip bounds every client; the "
          "guard drops a client by the other clients' norms, which breaks the sensitivity C / W)"),
     )

@@ -128,6 +128,7 @@ def test_target_epsilon_chooses_a_z_just_within_the_target():
     (DP | {"aggregator": "median"}, r"'aggregator' = 'median' with dp-clip-norm = 1 .* Allowed: mean"),
     (DP | {"teacher": "adascale"}, r"'teacher' = 'adascale' with dp-clip-norm = 1 .* Allowed: none, step"),
     (DP | {"batch-policy": "noise"}, r"'batch-policy' = 'noise' with dp-clip-norm = 1"),
+    (DP | {"batch-policy": "memory-max"}, r"'batch-policy' = 'memory-max' with dp-clip-norm = 1 .* Allowed: fixed"),
 ])
 def test_bad_dp_settings_are_refused_before_the_run(overrides, match):
     with pytest.raises(ConfigError, match=match):
