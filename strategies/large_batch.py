@@ -38,8 +38,8 @@ from flwr.serverapp.strategy import FedAvg
 
 from protocol import messages as proto
 from strategies.batch_policy import BatchPolicy, round_clients
-from strategies.privacy import check_private_model
 from strategies.nodes import NodeDirectory, NodesUnavailable, wait_for_nodes
+from strategies.privacy import check_private_model
 from strategies.records import MemorySink, RoundSink
 from strategies.round_plan import client_config, velocity_record
 from strategies.server_state import ServerState
