@@ -62,7 +62,7 @@ def check_privacy(cfg: RunConfig) -> None:
          "gradient statistics)"),
     )
     refusals += (("secure-aggregation", cfg.secure_aggregation, cfg.secure_aggregation, "false (the secure round "
-                  "adds no DP noise: distributed noise behind SecAgg+ is not built yet; docs/privacy.md)"),)
+                  "adds no DP noise: distributed noise behind SecAgg+ is not built yet; docs/differential-privacy.md)"),)
     for key, value, bad, allowed in refusals:
         if bad:
             raise ConfigError(f"run-config key '{key}' = {value!r} with dp-clip-norm = {cfg.dp_clip_norm:g} "

@@ -121,7 +121,7 @@ def check_replies(replies: Sequence[ClientReply], plan: StepPlan, state: ServerS
     missing = [node for node in plan.assigned if node not in by_node]
     for node in missing:
         fail(node, f"no reply within round-timeout-s = {plan.setup.cfg.round_timeout_s:g} s")
-    cfg = plan.setup.cfg  # under DP the clip bounds every client and the guard is off (docs/privacy.md)
+    cfg = plan.setup.cfg  # under DP the clip bounds every client and the guard is off (docs/differential-privacy.md)
     max_ratio, recent = (0.0 if dp_on(cfg) else cfg.max_norm_ratio), max(state.norm_history, default=0.0)
     outliers = norm_outliers([r.norm for r in candidates], max_ratio, recent)
     for r, out in zip(candidates, outliers):

@@ -162,7 +162,7 @@ class RunConfig:
         100.0, "secure aggregation: each client clips its gradient to this L2 norm C, which is also the "
                "quantiser's range [-C, C] (replaces the norm guard; [bound](secure-aggregation.md#exactness))")
     dp_clip_norm: float = _key(
-        0.0, "client-level DP ([privacy.md](privacy.md)): each client clips its gradient to this L2 norm `C`, in "
+        0.0, "client-level DP ([differential-privacy.md](differential-privacy.md)): each client clips its gradient to this L2 norm `C`, in "
              "gradient units; `0` = DP off")
     dp_noise_multiplier: float = _key(
         0.0, "DP: `z`; the server adds Gaussian noise of std `z C / W` per coordinate to the mean gradient "
