@@ -228,7 +228,8 @@ def training_fields(rounds: int) -> tuple[float, float, float]:
 
     base = {"dataset": "digits", "model": "mlp", "seed": MODEL_SEED, "num-server-rounds": rounds, "eval-every": rounds,
             "max-norm-ratio": 0}
-    dp = {"dp-clip-norm": DP["clip"], "dp-target-epsilon": DP["epsilon"], "dp-delta": DP["delta"]}
+    dp = {"dp-clip-norm": DP["clip"], "dp-target-epsilon": DP["epsilon"], "dp-delta": DP["delta"],
+          "dp-noise-seed": MODEL_SEED}  # reproducible noise
     with tempfile.TemporaryDirectory() as tmp:
         outs = [run_inprocess(base | extra | {"out-dir": f"{tmp}/{k}"}, CLIENTS) for k, extra in enumerate((dp, {}))]
         eps = json.loads((outs[0] / "privacy.json").read_text())["dp_epsilon"]
