@@ -96,5 +96,17 @@ def test_one_digit_is_rebuilt_from_its_plain_reply_but_not_through_dp():
     assert plain["psnr"] > 25 and plain["ssim"] > 0.95
     assert plain["psnr"] > dp["psnr"] + 15
     assert plain["psnr"] > plain["psnr_noise"] + 15
+    # the training set's mean image (11.1 dB) uses no gradient; the DP reconstruction does worse than it
+    assert plain["psnr"] > plain["psnr_mean_image"] + 10 and dp["psnr"] < dp["psnr_mean_image"]
     assert dp["noise_to_signal"] > 100
     assert float(pa.psnr(rec, orig)[0]) == pytest.approx(plain["psnr"])
+
+
+def test_clip_and_noise_is_the_dp_branch_formula():
+    privacy = pytest.importorskip("strategies.privacy")  # branch dp: client-level DP
+    gen = torch.Generator().manual_seed(3)
+    g = [torch.randn(30, 4, generator=gen), torch.randn(4, generator=gen)]
+    ours = pa.clip_and_noise(g, 0.5, 2.0, 1.0, 8.0, torch.Generator().manual_seed(0))
+    theirs = privacy.private_mean([g], [4], [4] * 8, 0.5, 2.0, torch.Generator().manual_seed(0))[0]
+    for a, b in zip(ours, theirs):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
