@@ -18,7 +18,7 @@ $(STAMP): requirements.txt requirements.lock pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	set -o pipefail; $(BIN)/pip install $(PIP) -r requirements.txt -c requirements.lock 2>&1 | { grep -v "is ignored: it is neither a file nor a directory" || true; }
 	set -o pipefail; $(BIN)/pip install $(PIP) --no-deps -e . 2>&1 | { grep -v "is ignored: it is neither a file nor a directory" || true; }
-	cd /tmp && $(abspath $(BIN))/python -c "import flb, torch, torchvision, flwr, flwr_datasets, ray, sklearn, pandas, matplotlib, nbclient, ipykernel, pytest"
+	cd /tmp && $(abspath $(BIN))/python -c "import flb, torch, torchvision, flwr, flwr_datasets, ray, sklearn, pandas, matplotlib, nbclient, ipykernel, pytest, opacus"
 	rm -f $(VENV)/.installed-* && touch $(STAMP)
 
 install: $(STAMP)

@@ -5,7 +5,8 @@ Per round the server sends the global weights and this client's ``local-batch-si
 epoch-wise shuffle of its partition (its position, ``drawn-examples``, comes from the server),
 accumulates the mean-loss gradient over micro-batches, and replies with it (H = 1) or with the
 pseudo-gradient (w_0 - w_H) / lr of H local SGD steps (H > 1), plus its BatchNorm buffers and
-b_i, loss, compute seconds and peak memory (and |g_i|^2 in rounds with multipliers). A
+b_i, loss, compute seconds and peak memory (and |g_i|^2 in rounds with multipliers). With
+``dp-clip-norm`` C > 0 the reply is clip(g_i) = g_i min(1, C / |g_i|), and ``pre-clip-norm`` |g_i|. A
 teacher's round plan may add per-step learning rates, the server's momentum and velocity (the reply then carries the final
 velocity) and a multiplier m_i for the gradient (``LocalOptimizer``).
 
@@ -38,6 +39,7 @@ from workloads.devices import memory_budget_mb
 from workloads.config import ConfigError, RunConfig
 from protocol import messages as m
 from protocol.packing import PACKED_ACTION
+from workloads.privacy import clip_gradient
 from workloads.training import batch_gradient, local_momentum_sgd, pick_device, sq_norm, step_seconds
 
 app = ClientApp()
@@ -91,6 +93,8 @@ def train(msg: Message, context: Context) -> Message:
         m.STARTUP_S: entered - STARTED_AT,  # process start -> handler (imports; large on a SuperNode)
         m.SETUP_S: ready - entered,  # data, model, memory plan, draw (disk-cached after the first) and memory check
     }
+    if step.pre_clip_norm is not None:
+        metrics[m.PRE_CLIP_NORM] = step.pre_clip_norm
     if step.grad_sq is not None:
         metrics[m.GRAD_SQ] = step.grad_sq  # |g_i|^2 before the multiplier (otherwise the server has g_i)
     names = [name for name, _ in model.named_parameters()]
@@ -106,6 +110,7 @@ class _Step:
     grad_sq: float | None  # |g_i|^2 before the multiplier (rounds with multipliers only)
     compute_s: float
     peak_mb: float | None  # measured on a GPU; None on a CPU
+    pre_clip_norm: float | None = None  # |g_i| before the DP clip (dp-clip-norm > 0 only)
 
 
 def _step(job: ClientJob, model: torch.nn.Module, batches, micro: int, ins: m.TrainInstruction, inputs) -> _Step:
@@ -121,13 +126,16 @@ def _step(job: ClientJob, model: torch.nn.Module, batches, micro: int, ins: m.Tr
             grads, loss, velocity = local_momentum_sgd(
                 model, job.loss_fn, inputs, batches, ins.lr, micro, local.lrs, local.momentum,
                 local.weight_decay, local.velocity_for(model))
+        pre_clip = None
+        if job.cfg.dp_clip_norm > 0:  # client-level DP: the whole gradient (or pseudo-gradient) to L2 norm C
+            grads, pre_clip = clip_gradient(grads, job.cfg.dp_clip_norm)
         grad_sq = sq_norm(grads) if local.scaled else None  # signed-noise: the server's statistics come from sums
         if local.grad_scale != 1.0:  # signed-noise: this client's multiplier m_i, so the server needs only the sum
             grads = [g * local.grad_scale for g in grads]
         if job.device.type == "cuda":
             torch.cuda.synchronize(job.device)
         compute_s = time.perf_counter() - t0
-    return _Step(grads, loss, velocity, grad_sq, compute_s, peak.bytes / 2**20 if peak is not None else None)
+    return _Step(grads, loss, velocity, grad_sq, compute_s, peak.bytes / 2**20 if peak is not None else None, pre_clip)
 
 
 def _check_memory(cfg: RunConfig, rnd: int) -> bool:

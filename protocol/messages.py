@@ -43,6 +43,7 @@ PREDICTED_PEAK_MB, BUDGET_MB, MAX_BATCH = "predicted-peak-mb", "budget-mb", "max
 PARTITION_ID, PARTITION_SIZE, NUM_PARTITIONS = "partition-id", "partition-size", "num-partitions"
 STARTUP_S, SETUP_S, GRAD_SQ = "startup-s", "setup-s", "grad-sq"
 PROBE_BATCHES, PROBE_SECONDS, PROBE_COMPUTE_S = "probe-batches", "probe-seconds", "probe-compute-s"
+PRE_CLIP_NORM = "pre-clip-norm"  # client-level DP: |g_i| before the client clipped it to dp-clip-norm
 RAY_NODE = "ray-node"  # info: the Ray node a simulated client ran on
 
 

@@ -15,6 +15,7 @@ from server_app.preflight import parse_run_config
 from server_app.results import RunResults, resolve_out_dir
 from strategies.large_batch import LargeBatchStrategy
 from strategies.secure_round import SecureLargeBatchStrategy
+from strategies.privacy import dp_on, privacy_summary
 from strategies.teacher_registry import build_teacher
 from workloads.config import RunConfig
 from workloads.data import load_splits
@@ -81,6 +82,11 @@ def main(grid: Grid, context: Context) -> None:
             results.flush()  # rows committed since the last write, also when a round failed
     path = results.save_model(strategy.state)
     log(INFO, "final model: %s", path)
+    if dp_on(cfg):
+        privacy = privacy_summary(cfg, strategy.server_state.dp_history)
+        results.privacy(privacy)
+        log(INFO, "client-level DP: epsilon = %s at delta = %g after %d rounds (z = %s, accountant %s)",
+            privacy["dp_epsilon"], cfg.dp_delta, privacy["rounds"], privacy["dp_noise_multiplier"], cfg.dp_accountant)
 
 
 def _resume(cfg: RunConfig, results: RunResults, strategy: LargeBatchStrategy) -> tuple[int, float]:

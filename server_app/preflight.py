@@ -2,8 +2,9 @@
 
 ``parse_run_config`` is the full parse of a run config: ``RunConfig.from_mapping`` (types and
 ranges, a leaf module) plus the names that registries own (dataset, model, teacher, teacher
-steps, device profiles). ``preflight`` adds what needs the data and the federation's size:
-partitions, local batches, memory budgets, the device and the results folder. The launcher
+steps, device profiles) and what client-level DP allows (strategies/privacy.py). ``preflight``
+adds what needs the data and the federation's size: partitions, local batches, memory budgets,
+the device, the results folder and, with DP, a model without buffers. The launcher
 (flb/launch/run.py) and the in-process runner (flb/inprocess.py) call both; the
 ServerApp calls ``parse_run_config``. Every error names the key, the value and what is allowed.
 """
@@ -17,6 +18,7 @@ from typing import Any
 
 from strategies.batch_policy import largest_scheduled_batch, scheduled_batch
 from strategies.secure import check_secure
+from strategies.privacy import check_privacy, check_private_model, dp_on
 from strategies.teacher_registry import check_teacher
 from strategies.teachers import parse_steps
 from workloads.config import RunConfig, check_batches_fit, split_global_batch
@@ -33,6 +35,7 @@ def parse_run_config(mapping: Mapping[str, Any]) -> RunConfig:
     check_teacher(cfg)
     parse_steps(cfg.batch_steps, cfg.num_server_rounds, "batch-steps")
     parse_profiles(cfg.device_profiles)
+    check_privacy(cfg)
     return cfg
 
 
@@ -68,6 +71,8 @@ def preflight(cfg: RunConfig, num_nodes: int, client_threads: int = 1) -> list[s
     check_secure(cfg, k, model_buffers(cfg) if cfg.secure_aggregation else 0)
     pick_device(cfg.device)
     check_out_dir(Path(cfg.out_dir), cfg.resume)
+    if dp_on(cfg):
+        check_private_model(cfg, model_buffers(cfg))
     splits = load_splits(cfg.dataset, cfg.data_dir, cfg.val_fraction, cfg.train_limit)
     batches = split_global_batch(cfg.global_batch_size, k)
     if cfg.batch_policy == "step":
@@ -177,6 +182,16 @@ def check_memory(cfg: RunConfig, splits, num_nodes: int, local_batch: int, clien
         )
     return [f"{len(short)} of {num_nodes} clients will fail every round ({listing}; need {need_mb:.1f} MiB); "
             f"min-batch-fraction = {cfg.min_batch_fraction:g} lets the rounds go on without them"]
+
+
+def model_buffers(cfg: RunConfig) -> list[str]:
+    """The names of the run's model's buffers (BatchNorm statistics), from a model built on the CPU."""
+    from workloads.models import build_model
+    from workloads.registry import WORKLOADS, resolve_model
+
+    workload = WORKLOADS[cfg.dataset]
+    model = build_model(resolve_model(cfg.dataset, cfg.model), workload.input_shape, workload.num_classes, cfg.seed)
+    return [name for name, _ in model.named_buffers()]
 
 
 def check_out_dir(path: Path, resume: bool) -> None:

@@ -8,6 +8,7 @@ Files (all written atomically: a temporary file, then a rename; mode 0644):
 - ``failures.csv``: one row per failed, invalid or late client (``round, node_id,
   partition_id, local_batch, reason``);
 - ``batch_plan.json``: what an adaptive batch policy probed and chose;
+- ``privacy.json``: client-level DP only: its settings, Opacus' history and the final epsilon;
 - ``checkpoint.pt``: everything needed to continue, one ``ServerState`` (``RunResults.save_checkpoint``);
 - ``model.pt``: the final ``state_dict``.
 
@@ -165,6 +166,10 @@ class RunResults:
     def plan(self, batch_plan: dict[str, Any]) -> None:
         """Write batch_plan.json."""
         atomic_write_json(self.out_dir / "batch_plan.json", batch_plan)
+
+    def privacy(self, summary: dict[str, Any]) -> None:
+        """Write privacy.json (``strategies.privacy.privacy_summary``)."""
+        atomic_write_json(self.out_dir / "privacy.json", summary)
 
     # rounds ---------------------------------------------------------------------
     def finish_round(self, rnd: int, evaluation: dict[str, float], wall_s: float) -> dict[str, Any]:

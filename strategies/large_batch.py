@@ -39,6 +39,7 @@ from flwr.serverapp.strategy import FedAvg
 from protocol import messages as proto
 from strategies.batch_policy import BatchPolicy, round_clients
 from strategies.nodes import NodeDirectory, NodesUnavailable, wait_for_nodes
+from strategies.privacy import check_private_model
 from strategies.records import MemorySink, RoundSink
 from strategies.round_plan import client_config, velocity_record
 from strategies.server_state import ServerState
@@ -85,6 +86,7 @@ class LargeBatchStrategy(FedAvg):
         super().__init__(min_train_nodes=1, min_available_nodes=1)
         self.cfg = cfg
         self.setup = RunSetup.create(cfg, initial_state, param_names, teacher)
+        check_private_model(cfg, self.setup.buffer_names)
         self.server_state = ServerState.initial(initial_state, cfg.seed, teacher.state_dict())  # replaced on resume
         self.plan: StepPlan | None = None  # the current round's
         self.sink: RoundSink = sink if sink is not None else MemorySink()
@@ -121,6 +123,10 @@ class LargeBatchStrategy(FedAvg):
         log(INFO, "\t└──> faults: min-batch-fraction %.3g (round-retries %d, max-failed-rounds %d), round-timeout-s "
             "%.0f, max-norm-ratio %s, aggregator %s", c.min_batch_fraction, c.round_retries, c.max_failed_rounds,
             c.round_timeout_s, c.max_norm_ratio or "off", c.aggregator)
+        if c.dp_clip_norm > 0:
+            log(INFO, "\t└──> client-level DP: clip %.4g, noise multiplier %s, delta %.3g, accountant %s",
+                c.dp_clip_norm, f"chosen for epsilon <= {c.dp_target_epsilon:g}" if c.dp_target_epsilon else
+                f"{c.dp_noise_multiplier:g}", c.dp_delta, c.dp_accountant)
 
     # ----------------------------------------------------------------- configure
     def configure_train(

@@ -5,7 +5,7 @@ the next one; the Flower strategy (strategies/large_batch.py) only keeps the lat
 server_app/results.py saves ``to_dict()`` as checkpoint.pt and reads it back with ``from_dict``.
 Everything a resumed run needs to continue bit for bit is here: the model, the optimizer's
 velocity, the teacher's ``state_dict``, the client sampler's generator, every partition's
-sampler position, the norm guard's memory and the batch policy's.
+sampler position, the norm guard's memory, the batch policy's and the DP accountant's history.
 """
 
 from __future__ import annotations
@@ -42,6 +42,9 @@ class ServerState:
     round: int = 0  # rounds completed
     client_momentum: Mapping[int, list[torch.Tensor]] = field(default_factory=dict)  # centered-clip: partition -> m_i
     failed_rounds: int = 0  # consecutive rounds skipped for too few valid replies (max-failed-rounds)
+    dp_noise_multiplier: float | None = None  # client-level DP: the run's z, fixed in round 1 (None: not yet, or off)
+    dp_history: tuple[tuple[float, float, int], ...] = ()  # DP: Opacus' (z, q, steps) entries so far
+    dp_noise_seed: int | None = None  # DP: the noise generator's seed, fixed in round 1 (a secret by default)
 
     @classmethod
     def initial(cls, model: Mapping[str, torch.Tensor], seed: int, teacher: Mapping[str, Any]) -> ServerState:
@@ -63,7 +66,8 @@ class ServerState:
             "virtual_total": self.virtual_total, "drawn": dict(self.drawn), "norm_history": list(self.norm_history),
             "policy": self.policy.to_dict(), "round": self.round,
             "client_momentum": {int(k): list(v) for k, v in self.client_momentum.items()},
-            "failed_rounds": self.failed_rounds,
+            "failed_rounds": self.failed_rounds, "dp_noise_multiplier": self.dp_noise_multiplier,
+            "dp_history": [list(step) for step in self.dp_history], "dp_noise_seed": self.dp_noise_seed,
         }
 
     @classmethod
@@ -78,4 +82,12 @@ class ServerState:
             policy=PolicyMemory.from_dict(state["policy"]), round=int(state["round"]),
             client_momentum={int(k): list(v) for k, v in state.get("client_momentum", {}).items()},
             failed_rounds=int(state.get("failed_rounds", 0)),
+            dp_noise_multiplier=_optional(float, state.get("dp_noise_multiplier")),
+            dp_history=tuple((float(z), float(q), int(n)) for z, q, n in state.get("dp_history", [])),
+            dp_noise_seed=_optional(int, state.get("dp_noise_seed")),
         )
+
+
+def _optional(kind: type, value: Any) -> Any:
+    """``kind(value)``, or None for None (a field a checkpoint may not have)."""
+    return None if value is None else kind(value)

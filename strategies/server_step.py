@@ -8,6 +8,8 @@ the global batch (strategies/aggregation.py; or a robust rule, strategies/robust
 through the teacher (strategies/teachers.py) and applies the server optimizer
 (strategies/server_opt.py). With H > 1 local steps the clients return pseudo-gradients
 (w_0 - w_H) / lr instead, which makes FedAvg-style baselines the same code path.
+With client-level DP (``dp-clip-norm`` > 0) the mean is the clipped, noised, fixed-denominator
+mean of strategies/privacy.py, and each round adds a step to the Opacus accountant's history.
 
 The values they pass (``RunSetup``, ``StepPlan``, ``ClientReply``, ``ReplyCheck``,
 ``StepRecord``) are in strategies/step_values.py. Both take a ``ServerState``
@@ -41,6 +43,9 @@ from protocol import messages as proto
 from strategies.aggregation import aggregate_buffers, weighted_mean
 from strategies.nodes import sample_nodes
 from strategies.noise_scale import NoiseStats
+from strategies.privacy import (
+    add_step, dp_on, epsilon, noise_generator, noise_seed, private_mean, round_noise_multiplier,
+)
 from strategies.reply_check import (
     NORM_WINDOW, Expected, check_buffers, check_grad_sq, check_metrics, check_tensors, norm_outliers,
 )
@@ -76,8 +81,12 @@ def plan_round(state: ServerState, setup: RunSetup, usable: Mapping[int, int], k
     teacher_plan.check(steps, [p for p, _ in assigned.values()])
     lr = teacher_plan.lr if teacher_plan.lr is not None else lr_at(
         rnd, cfg.num_server_rounds, cfg.lr, cfg.warmup_rounds, cfg.schedule)
+    q = k / len(usable)
     state = dataclasses.replace(state, rng=rng.bit_generator.state, teacher=teacher.state_dict())
-    return state, StepPlan(setup, rnd, assigned, lr, steps, teacher_plan)
+    if dp_on(cfg):  # z and the noise seed: chosen in round 1, then kept
+        z = round_noise_multiplier(cfg, state.dp_noise_multiplier, q)
+        state = dataclasses.replace(state, dp_noise_multiplier=z, dp_noise_seed=noise_seed(cfg, state.dp_noise_seed))
+    return state, StepPlan(setup, rnd, assigned, lr, steps, teacher_plan, sample_rate=q)
 
 
 def check_replies(replies: Sequence[ClientReply], plan: StepPlan, state: ServerState) -> ReplyCheck:
@@ -112,7 +121,8 @@ def check_replies(replies: Sequence[ClientReply], plan: StepPlan, state: ServerS
     missing = [node for node in plan.assigned if node not in by_node]
     for node in missing:
         fail(node, f"no reply within round-timeout-s = {plan.setup.cfg.round_timeout_s:g} s")
-    max_ratio, recent = plan.setup.cfg.max_norm_ratio, max(state.norm_history, default=0.0)
+    cfg = plan.setup.cfg  # under DP the clip bounds every client and the guard is off (docs/privacy.md)
+    max_ratio, recent = (0.0 if dp_on(cfg) else cfg.max_norm_ratio), max(state.norm_history, default=0.0)
     outliers = norm_outliers([r.norm for r in candidates], max_ratio, recent)
     for r, out in zip(candidates, outliers):
         if out:
@@ -157,8 +167,8 @@ def server_step(state: ServerState, replies: Sequence[ClientReply], plan: StepPl
     _require_enough(check, plan)
     t0 = time.perf_counter()
     valid = check.valid
-    grads, batches = [r.grads for r in valid], [r.batch for r in valid]
-    global_grad = weighted_mean(grads, batches)
+    batches = [r.batch for r in valid]
+    grads, global_grad, privacy = _mean(state, plan, valid)
     stats = round_stats(tp, global_grad, grads, batches, [r.metrics.get(proto.GRAD_SQ, 0.0) for r in valid],
                         [r.partition_id for r in valid], [r.norm ** 2 for r in valid])
     params = [state.model[name] for name in setup.param_names]
@@ -185,14 +195,14 @@ def server_step(state: ServerState, replies: Sequence[ClientReply], plan: StepPl
     virtual_s = max(virtual) + server_s + setup.cfg.round_latency_s
     state = dataclasses.replace(
         state, model=model, velocity=velocity, teacher=teacher_state, drawn=drawn, round=plan.round,
-        client_momentum=momenta, failed_rounds=0,
+        client_momentum=momenta, failed_rounds=0, dp_history=_dp_history(state, plan),
         norm_history=(*state.norm_history, max(r.norm for r in valid))[-NORM_WINDOW:],
         samples_seen=state.samples_seen + sum(batches) * plan.local_steps, virtual_total=state.virtual_total + virtual_s,
         policy=state.policy.observe(setup.cfg, plan.round, stats.b_simple, server_s))
     timing = {"virtual_s": virtual_s, "round_trip_s": received_at - plan.sent_at, "server_s": server_s,
               "teacher_time_s": teacher_s}
-    return state, StepRecord(_round_row(state, plan, check, stats, taught, lr, timing),
-                             _client_rows(plan, valid, virtual), check)
+    return state, StepRecord(_round_row(state, plan, check, stats, taught, lr, timing) | privacy
+                             | _dp_epsilon(state, plan), _client_rows(plan, valid, virtual), check)
 
 
 def skip_round(state: ServerState, plan: StepPlan, failure: RoundFailure) -> tuple[ServerState, StepRecord]:
@@ -215,11 +225,42 @@ def skip_round(state: ServerState, plan: StepPlan, failure: RoundFailure) -> tup
     virtual_s = max(_virtual_seconds(setup, check.valid), default=0.0)
     virtual_s += setup.cfg.round_latency_s  # the round took its time, though it changed nothing
     state = dataclasses.replace(state, round=plan.round, failed_rounds=streak,
-                                virtual_total=state.virtual_total + virtual_s)
+                                virtual_total=state.virtual_total + virtual_s, dp_history=_dp_history(state, plan))
     row = {"round": plan.round, "skipped": 1, "clients": len(check.valid), "planned_batch": plan.planned,
            "failed_clients": len(check.failures), "global_batch": 0, "samples_seen": state.samples_seen, "lr": 0.0,
            "train_loss": math.nan, "virtual_s": virtual_s, "virtual_total_s": state.virtual_total}
-    return state, StepRecord(row, [], check)
+    return state, StepRecord(row | _dp_epsilon(state, plan), [], check)
+
+
+def _mean(state: ServerState, plan: StepPlan, valid: Sequence[ValidReply]
+          ) -> tuple[list[list[torch.Tensor]], list[torch.Tensor], dict[str, float]]:
+    """The client gradients the round uses, their mean G and the DP columns of rounds.csv.
+
+    DP off: G = sum_i b_i g_i / sum_i b_i. DP on: the clipped g_i and the noised fixed-denominator
+    mean of strategies/privacy.py, with the noise drawn from the run's noise seed and the round.
+    """
+    grads, batches, cfg = [r.grads for r in valid], [r.batch for r in valid], plan.setup.cfg
+    if not dp_on(cfg):
+        return grads, weighted_mean(grads, batches), {}
+    z, clip = state.dp_noise_multiplier, cfg.dp_clip_norm
+    mean, clipped, sigma = private_mean(grads, batches, [b for _, b in plan.assigned.values()], clip, z,
+                                        noise_generator(state.dp_noise_seed, plan.round))
+    over = [r.metrics.get(proto.PRE_CLIP_NORM, r.norm) > clip for r in valid]
+    return clipped, mean, {"dp_noise_multiplier": z, "dp_sample_rate": plan.sample_rate, "dp_noise_std": sigma,
+                           "dp_clipped_fraction": sum(over) / len(over)}
+
+
+def _dp_history(state: ServerState, plan: StepPlan) -> tuple[tuple[float, float, int], ...]:
+    """The accountant's history after this round (every round counts, a skipped one too: conservative)."""
+    if not dp_on(plan.setup.cfg):
+        return state.dp_history
+    return add_step(state.dp_history, state.dp_noise_multiplier, plan.sample_rate)
+
+
+def _dp_epsilon(state: ServerState, plan: StepPlan) -> dict[str, float]:
+    """``dp_epsilon`` at ``dp-delta`` after the round (``state`` is the state after it); {} with DP off."""
+    cfg = plan.setup.cfg
+    return {"dp_epsilon": epsilon(state.dp_history, cfg.dp_delta, cfg.dp_accountant)} if dp_on(cfg) else {}
 
 
 def _virtual_seconds(setup: RunSetup, valid: Sequence[ValidReply]) -> list[float]:
@@ -317,6 +358,7 @@ def _client_rows(plan: StepPlan, valid: list[ValidReply], virtual: list[float]) 
          "budget_mb": r.metrics[proto.BUDGET_MB], "predicted_peak_mb": r.metrics[proto.PREDICTED_PEAK_MB],
          "peak_mem_mb": r.metrics[proto.PEAK_MEM_MB], "max_batch": int(r.metrics[proto.MAX_BATCH]),
          "startup_s": r.metrics.get(proto.STARTUP_S, math.nan), "setup_s": r.metrics.get(proto.SETUP_S, math.nan),
-         "worker": f"{r.info.get('host', '')}:{r.info.get('pid', '')}", "ray_node": r.info.get(proto.RAY_NODE, "")}
+         "worker": f"{r.info.get('host', '')}:{r.info.get('pid', '')}", "ray_node": r.info.get(proto.RAY_NODE, ""),
+         **({"pre_clip_norm": r.metrics[proto.PRE_CLIP_NORM]} if proto.PRE_CLIP_NORM in r.metrics else {})}
         for r, v in zip(valid, virtual)
     ]

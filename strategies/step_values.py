@@ -54,6 +54,7 @@ class StepPlan:
     local_steps: int  # H
     teacher_plan: RoundPlan = RoundPlan()
     sent_at: float = math.nan  # time.perf_counter() when the messages went out (round_trip_s)
+    sample_rate: float = 1.0  # q = K / N: the round's clients over the usable ones (DP accounting)
 
     @property
     def planned(self) -> int:

@@ -31,6 +31,7 @@ PARTITIONERS = ("iid", "dirichlet")
 DEVICES = ("auto", "cpu", "cuda")
 BATCH_POLICIES = ("fixed", "memory-max", "optimal", "step", "noise")
 AGGREGATORS = ("mean", "centered-clip", "median", "trimmed-mean", "krum")  # strategies/robust.py
+DP_ACCOUNTANTS = ("rdp", "prv")  # Opacus' RDPAccountant, PRVAccountant (strategies/privacy.py)
 
 
 def _key(default: Any, doc: str) -> Any:
@@ -160,6 +161,20 @@ class RunConfig:
     secagg_clip_norm: float = _key(
         100.0, "secure aggregation: each client clips its gradient to this L2 norm C, which is also the "
                "quantiser's range [-C, C] (replaces the norm guard; [bound](secure-aggregation.md#exactness))")
+    dp_clip_norm: float = _key(
+        0.0, "client-level DP ([privacy.md](privacy.md)): each client clips its gradient to this L2 norm `C`, in "
+             "gradient units; `0` = DP off")
+    dp_noise_multiplier: float = _key(
+        0.0, "DP: `z`; the server adds Gaussian noise of std `z C / W` per coordinate to the mean gradient "
+             "(`W` the round's fixed denominator); `0` with a clip = clipping only (epsilon infinite)")
+    dp_delta: float = _key(1e-5, "DP: the delta at which `dp_epsilon` is reported, in (0, 1)")
+    dp_target_epsilon: float = _key(
+        0.0, "DP: `> 0` chooses `z` before round 1 (Opacus `get_noise_multiplier`) so that epsilon after "
+             "`num-server-rounds` rounds is at most this; `0` = use `dp-noise-multiplier`")
+    dp_accountant: str = _key("rdp", "DP: Opacus accountant, `rdp` (RDPAccountant) or `prv` (PRVAccountant)")
+    dp_noise_seed: int = _key(
+        -1, "DP: `-1` = the noise comes from a secret drawn in round 1 and kept in `checkpoint.pt` (a resumed run "
+            "continues it); `>= 0` = from this seed and the round: reproducible, and removable by anyone who knows it")
     checkpoint_every: int = _key(
         10, "write `checkpoint.pt` every this many rounds and after the last; `0` = after the last only")
     resume: bool = _key(False, "continue the run in `out-dir` from its `checkpoint.pt` (set by `--resume DIR`)")
@@ -254,10 +269,30 @@ class RunConfig:
         if not self.secagg_clip_norm > 0:
             raise ConfigError(f"run-config key 'secagg-clip-norm' = {self.secagg_clip_norm!r}: must be > 0.")
         self._check_batches()
+        self._check_privacy()
 
     def value(self, key: str) -> Any:
         """The value of run-config ``key`` (kebab-case)."""
         return getattr(self, key.replace("-", "_"))
+
+    def _check_privacy(self) -> None:
+        """The DP keys: ranges, and noise only with a clip (their interplay with other keys: strategies/privacy.py)."""
+        if self.dp_noise_seed < -1:
+            raise ConfigError(f"run-config key 'dp-noise-seed' = {self.dp_noise_seed}: must be -1 (a secret drawn "
+                              "in round 1) or >= 0 (reproducible noise).")
+        if not 0.0 < self.dp_delta < 1.0:
+            raise ConfigError(f"run-config key 'dp-delta' = {self.dp_delta!r}: must be in (0, 1) (e.g. 1e-5, below "
+                              "1 / the number of clients).")
+        noise = [k for k in ("dp-noise-multiplier", "dp-target-epsilon") if self.value(k) > 0]
+        if noise and self.dp_clip_norm == 0:
+            raise ConfigError(
+                f"run-config key '{noise[0]}' = {self.value(noise[0])!r} with dp-clip-norm = 0: noise without a clip "
+                "bounds nothing. Allowed: a dp-clip-norm > 0 (the L2 clip C), or 0 for both (DP off).")
+        if len(noise) == 2:
+            raise ConfigError(
+                f"run-config key 'dp-target-epsilon' = {self.dp_target_epsilon!r} with dp-noise-multiplier = "
+                f"{self.dp_noise_multiplier!r}: set one. Allowed: dp-target-epsilon > 0 (z is chosen) with "
+                "dp-noise-multiplier = 0, or dp-target-epsilon = 0.")
 
     def _check_batches(self) -> None:
         """The batch keys against each other."""
@@ -279,13 +314,15 @@ class RunConfig:
 
 
 _CHOICES = (("partitioner", PARTITIONERS), ("schedule", SCHEDULES), ("device", DEVICES),
-            ("batch-policy", BATCH_POLICIES), ("batch-objective", ("time", "cost")), ("aggregator", AGGREGATORS))
+            ("batch-policy", BATCH_POLICIES), ("batch-objective", ("time", "cost")), ("aggregator", AGGREGATORS),
+            ("dp-accountant", DP_ACCOUNTANTS))
 _POSITIVE = ("calibration-rounds", "dirichlet-alpha", "num-server-rounds", "global-batch-size", "local-steps", "lr",
              "eval-every", "teacher-small-batch", "teacher-local-steps", "teacher-val-batch", "round-timeout-s",
              "cc-iterations")
 _NON_NEGATIVE = ("clients-per-round", "virtual-clients", "client-threads", "micro-batch-size", "weight-decay",
                  "warmup-rounds", "seed", "train-limit", "teacher-hyper-lr", "memory-budget-mb", "checkpoint-every",
-                 "round-retries", "max-failed-rounds", "cc-radius", "round-latency-s")
+                 "round-retries", "max-failed-rounds", "cc-radius", "round-latency-s", "dp-clip-norm",
+                 "dp-noise-multiplier", "dp-target-epsilon")
 _FRACTIONS = ("memory-margin", "teacher-ema", "momentum", "batch-ema")
 
 
