@@ -22,8 +22,8 @@ baselines that use no gradient: uniform noise, and the training set's mean image
 ``secagg_rel_diff`` and ``secagg_round_ratio`` come from experiments/bench_secagg.py (12 rounds;
 4 with ``--quick``). ``epsilon``, ``dp_test_accuracy``, ``plain_test_accuracy``: two in-process
 runs, digits MLP, 8 clients, 40 rounds (10 with ``--quick``), with DP at target epsilon 8 and
-without; they need strategies/privacy.py (branch dp) and are nan without it. The DP attack uses
-that module's ``private_mean`` when it is there, else the same formula written here.
+without (nan where strategies/privacy.py is missing). The DP attack uses that module's
+``private_mean``, else the same formula written here (``privacy_attack.clip_and_noise``).
 """
 
 from __future__ import annotations
@@ -139,7 +139,7 @@ def noise_multiplier(rounds: int) -> float:
 
 def dp_term(g: list[torch.Tensor], b: int, z: float) -> tuple[list[torch.Tensor], str]:
     """Client 0's term of the DP aggregate, K equal clients: strategies/privacy.py's ``private_mean`` when
-    present (branch dp), else the same formula here (privacy_attack.clip_and_noise); and which one ran."""
+    present, else the same formula here (privacy_attack.clip_and_noise); and which one ran."""
     gen = torch.Generator().manual_seed(DATA_SEED)
     try:
         from strategies.privacy import private_mean
@@ -221,7 +221,7 @@ def training_fields(rounds: int) -> tuple[float, float, float]:
     """(epsilon, DP test accuracy, plain test accuracy): digits MLP, K = 8 clients all sampled, ``rounds``
     rounds each, DP at C = DP['clip'] and dp-target-epsilon DP['epsilon']; nan without strategies/privacy.py."""
     try:
-        import strategies.privacy  # noqa: F401 - branch dp (client-level DP)
+        import strategies.privacy  # noqa: F401 - client-level DP
     except ImportError:
         return math.nan, math.nan, math.nan
     from flb.inprocess import run_inprocess

@@ -102,8 +102,8 @@ def test_one_digit_is_rebuilt_from_its_plain_reply_but_not_through_dp():
     assert float(pa.psnr(rec, orig)[0]) == pytest.approx(plain["psnr"])
 
 
-def test_clip_and_noise_is_the_dp_branch_formula():
-    privacy = pytest.importorskip("strategies.privacy")  # branch dp: client-level DP
+def test_clip_and_noise_is_private_mean():
+    privacy = pytest.importorskip("strategies.privacy")  # client-level DP
     gen = torch.Generator().manual_seed(3)
     g = [torch.randn(30, 4, generator=gen), torch.randn(4, generator=gen)]
     ours = pa.clip_and_noise(g, 0.5, 2.0, 1.0, 8.0, torch.Generator().manual_seed(0))
