@@ -240,17 +240,21 @@ class LargeBatchStrategy(FedAvg):
                 if again is not None:
                     received, attempt = again, attempt + 1
                     continue
-                self._report(err.check)
-                state, record = skip_round(self.server_state, plan, err)
-                log(WARNING, "round %d skipped (%d in a row, max-failed-rounds = %d): %s", plan.round,
-                    state.failed_rounds, cfg.max_failed_rounds, err)
-                return state, record
+                return self._skip(err)
             except StepError as err:
                 if err.check is not None:
                     self._report(err.check)
                 raise
             self._report(record.check)
             return state, record
+
+    def _skip(self, err: RoundFailure) -> tuple[ServerState, StepRecord]:
+        """Record the short round's failures and skip it (the model unchanged; ``skip_round``)."""
+        self._report(err.check)
+        state, record = skip_round(self.server_state, self.plan, err)
+        log(WARNING, "round %d skipped (%d in a row, max-failed-rounds = %d): %s", self.plan.round,
+            state.failed_rounds, self.cfg.max_failed_rounds, err)
+        return state, record
 
     def _retry(self, replies: list[ClientReply], check: ReplyCheck, attempt: int) -> list[ClientReply] | None:
         """The replies after re-sending to the sampled nodes that sent an error or nothing; None if none can be.

@@ -38,7 +38,6 @@ from strategies.secure import SecAggParams, secagg_params
 from strategies.secure_step import SecureSum, secure_step
 from strategies.step_values import ClientReply, RoundFailure, StepError, StepRecord
 from strategies.server_state import ServerState
-from strategies.server_step import skip_round
 
 use_strong_masks(SERVER_WORKFLOW)  # the masks from the whole 256-bit seed (protocol/secure.py)
 
@@ -143,11 +142,7 @@ class SecureLargeBatchStrategy(LargeBatchStrategy):
         try:
             state, record = secure_step(self.server_state, result, plan, received_at=time.perf_counter())
         except RoundFailure as err:
-            self._report(err.check)
-            state, record = skip_round(self.server_state, plan, err)
-            log(WARNING, "round %d skipped (%d in a row, max-failed-rounds = %d): %s", plan.round,
-                state.failed_rounds, cfg.max_failed_rounds, err)
-            return state, record
+            return self._skip(err)
         except StepError as err:
             if err.check is not None:
                 self._report(err.check)

@@ -32,7 +32,7 @@ from protocol.secure import SecureMean, read_secure_mean
 from strategies.noise_scale import NoiseStats, noise_stats_from_sums
 from strategies.server_state import ServerState
 from strategies.server_step import (
-    _client_rows, _finite_step, _require_enough, _round_row, _teach, _virtual_seconds,
+    _client_rows, _finite_step, _require_enough, _round_row, _teach, round_progress,
 )
 from strategies.step_values import ReplyCheck, RoundFailure, StepPlan, StepRecord, ValidReply
 from strategies.teachers import TeacherInput
@@ -98,11 +98,7 @@ def secure_step(state: ServerState, result: SecureSum, plan: StepPlan, *,
     model = OrderedDict(state.model)
     model.update(zip(setup.param_names, params))
     server_s = time.perf_counter() - t0
-    drawn = dict(state.drawn)
-    for r in valid:
-        drawn[r.partition_id] = drawn.get(r.partition_id, 0) + r.batch * plan.local_steps
-    virtual = _virtual_seconds(setup, valid)
-    virtual_s = max(virtual) + server_s + setup.cfg.round_latency_s
+    drawn, virtual, virtual_s = round_progress(state, plan, valid, server_s)
     state = dataclasses.replace(
         state, model=model, velocity=velocity, teacher=teacher_state, drawn=drawn, round=plan.round, failed_rounds=0,
         samples_seen=state.samples_seen + int(total) * plan.local_steps, virtual_total=state.virtual_total + virtual_s,

@@ -188,11 +188,7 @@ def server_step(state: ServerState, replies: Sequence[ClientReply], plan: StepPl
         model.update(aggregate_buffers([r.buffers for r in valid], batches))
     server_s = time.perf_counter() - t0
 
-    drawn = dict(state.drawn)
-    for r in valid:
-        drawn[r.partition_id] = drawn.get(r.partition_id, 0) + r.batch * plan.local_steps
-    virtual = _virtual_seconds(setup, valid)
-    virtual_s = max(virtual) + server_s + setup.cfg.round_latency_s
+    drawn, virtual, virtual_s = round_progress(state, plan, valid, server_s)
     state = dataclasses.replace(
         state, model=model, velocity=velocity, teacher=teacher_state, drawn=drawn, round=plan.round,
         client_momentum=momenta, failed_rounds=0, dp_history=_dp_history(state, plan),
@@ -261,6 +257,16 @@ def _dp_epsilon(state: ServerState, plan: StepPlan) -> dict[str, float]:
     """``dp_epsilon`` at ``dp-delta`` after the round (``state`` is the state after it); {} with DP off."""
     cfg = plan.setup.cfg
     return {"dp_epsilon": epsilon(state.dp_history, cfg.dp_delta, cfg.dp_accountant)} if dp_on(cfg) else {}
+
+
+def round_progress(state: ServerState, plan: StepPlan, valid: Sequence[ValidReply],
+                   server_s: float) -> tuple[dict[int, int], list[float], float]:
+    """A taken step's examples drawn per partition, each client's virtual s, and the round's virtual s."""
+    drawn = dict(state.drawn)
+    for r in valid:
+        drawn[r.partition_id] = drawn.get(r.partition_id, 0) + r.batch * plan.local_steps
+    virtual = _virtual_seconds(plan.setup, valid)
+    return drawn, virtual, max(virtual) + server_s + plan.setup.cfg.round_latency_s
 
 
 def _virtual_seconds(setup: RunSetup, valid: Sequence[ValidReply]) -> list[float]:
