@@ -55,6 +55,7 @@ import torch
 from estimators.performance import (
     IterTimeModel, comm_seconds, fit_iter_time, profile_batches, round_seconds, split_for_equal_finish,
 )
+from strategies.aggregation import weighted_mean
 from strategies.batch_policy import noise_batch, noise_ema, scheduled_batch
 from strategies.noise_scale import noise_stats
 from strategies.server_opt import ServerSGD, lr_at
@@ -184,7 +185,7 @@ def round_gradient(model, loss_fn, splits: Splits, pos: torch.Tensor, clients: i
         losses.append(batch_gradient(model, loss_fn, splits.inputs, splits.x_train[idx], splits.y_train[idx]))
         parts.append([p.grad.clone() for p in params])
     total = float(sum(sizes))
-    grad = [sum(b / total * g[j] for b, g in zip(sizes, parts)) for j in range(len(params))]
+    grad = weighted_mean(parts, sizes)
     stats = noise_stats(grad, parts, sizes)
     return grad, float(np.dot(sizes, losses) / total), stats.b_simple
 
