@@ -53,12 +53,13 @@ def _stack(arrays: Sequence[Sequence[torch.Tensor]], weights: Sequence[float]) -
     return torch.stack([flatten(a) for a in arrays]), w
 
 
-def centered_clip(x: torch.Tensor, w: torch.Tensor, center: torch.Tensor, radius: float, iterations: int) -> torch.Tensor:
+def centered_clip(x: torch.Tensor, w: torch.Tensor, center: torch.Tensor, radius: float, iterations: int,
+                  radius_scale: float = 1.0) -> torch.Tensor:
     """Iterated centered clipping of the rows of ``x`` (K x D) around ``center`` (D); ``radius`` 0 = auto.
 
-    ``radius`` (tau) is in the units of the rows; 0 takes the weighted median of the first
-    iteration's distances |x_i - center|, which honest clients set as long as they hold more than
-    half of the weight.
+    ``radius`` (tau) is in the units of the rows; 0 takes ``radius_scale`` times the weighted median
+    of the first iteration's distances |x_i - center|, which honest clients set as long as they hold
+    more than half of the weight.
     """
     v = center.to(torch.float64)
     x, share = x.to(torch.float64), (w / w.sum()).to(torch.float64)
@@ -66,7 +67,7 @@ def centered_clip(x: torch.Tensor, w: torch.Tensor, center: torch.Tensor, radius
         d = x - v
         dist = d.norm(dim=1)
         if it == 0 and radius <= 0:
-            radius = float(weighted_median(dist[:, None], w)[0])
+            radius = radius_scale * float(weighted_median(dist[:, None], w)[0])
         scale = torch.clamp(radius / dist.clamp_min(1e-30), max=1.0)
         v = v + (share * scale) @ d
     return v.to(torch.float32)
@@ -108,17 +109,18 @@ def krum(x: torch.Tensor, f: int) -> int:
 @dataclass(frozen=True)
 class Aggregator:
     """The run's aggregation rule (run-config keys ``aggregator``, ``cc-radius``, ``cc-iterations``,
-    ``byzantine-fraction``)."""
+    ``cc-radius-scale``, ``byzantine-fraction``)."""
 
     name: str = "mean"
     radius: float = 0.0  # centered-clip: tau; 0 = the weighted median distance (auto)
     iterations: int = 3  # centered-clip: L
     byzantine_fraction: float = 0.2  # krum: f = floor(fraction * K); trimmed-mean: the weight trimmed at each end
+    radius_scale: float = 1.0  # centered-clip with the auto radius: tau = scale * the median distance
 
     @classmethod
     def from_config(cls, cfg: RunConfig) -> Aggregator:
         """The aggregator the run config names."""
-        return cls(cfg.aggregator, cfg.cc_radius, cfg.cc_iterations, cfg.byzantine_fraction)
+        return cls(cfg.aggregator, cfg.cc_radius, cfg.cc_iterations, cfg.byzantine_fraction, cfg.cc_radius_scale)
 
     def __post_init__(self) -> None:
         if self.name not in AGGREGATORS:
@@ -132,7 +134,7 @@ class Aggregator:
         x, w = _stack(arrays, weights)
         if self.name == "centered-clip":
             start = torch.zeros(x.shape[1]) if center is None else flatten(center)
-            out = centered_clip(x, w, start, self.radius, self.iterations)
+            out = centered_clip(x, w, start, self.radius, self.iterations, self.radius_scale)
         elif self.name == "median":
             out = weighted_median(x, w)
         elif self.name == "trimmed-mean":

@@ -49,6 +49,9 @@ def test_centered_clip_bounds_each_clients_pull():
     # radius 0 = auto: the weighted median distance (1.0 here), so the far client pulls by 1/3 only
     auto = centered_clip(x, torch.ones(3), center, radius=0.0, iterations=1)
     torch.testing.assert_close(auto, torch.tensor([2.0 / 3, 1.0 / 3, 0.0]))
+    # cc-radius-scale 2: tau = 2 x the median distance, the near clients unclipped, the far one pulls by 2/3
+    wide = centered_clip(x, torch.ones(3), center, radius=0.0, iterations=1, radius_scale=2.0)
+    torch.testing.assert_close(wide, torch.tensor([1.0 / 3 + 2.0 / 3, 1.0 / 3, 0.0]))
     # a huge radius is the plain weighted mean
     torch.testing.assert_close(centered_clip(x, torch.tensor([1.0, 2.0, 3.0]), center, 1e12, 1),
                                torch.tensor([3001.0 / 6, 2.0 / 6, 0.0]))

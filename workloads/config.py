@@ -149,6 +149,9 @@ class RunConfig:
         0.0, "`centered-clip`: clipping radius tau, in gradient units; `0` = the weighted median of the clients' "
              "distances to the previous aggregate, every round")
     cc_iterations: int = _key(3, "`centered-clip`: clipping iterations L per round")
+    cc_radius_scale: float = _key(
+        1.0, "`centered-clip` with `cc-radius = 0`: tau = this times the median distance; larger passes more of "
+             "every client (toward `mean`), smaller clips more ([faults.md](faults.md#choosing-the-radius))")
     byzantine_fraction: float = _key(
         0.2, "`krum`: assumes floor(fraction * K) Byzantine clients; `trimmed-mean`: share of the weight (b_i) "
              "trimmed at each end, per coordinate")
@@ -318,7 +321,7 @@ _CHOICES = (("partitioner", PARTITIONERS), ("schedule", SCHEDULES), ("device", D
             ("dp-accountant", DP_ACCOUNTANTS))
 _POSITIVE = ("calibration-rounds", "dirichlet-alpha", "num-server-rounds", "global-batch-size", "local-steps", "lr",
              "eval-every", "teacher-small-batch", "teacher-local-steps", "teacher-val-batch", "round-timeout-s",
-             "cc-iterations")
+             "cc-iterations", "cc-radius-scale")
 _NON_NEGATIVE = ("clients-per-round", "virtual-clients", "client-threads", "micro-batch-size", "weight-decay",
                  "warmup-rounds", "seed", "train-limit", "teacher-hyper-lr", "memory-budget-mb", "checkpoint-every",
                  "round-retries", "max-failed-rounds", "cc-radius", "round-latency-s", "dp-clip-norm",
