@@ -13,6 +13,8 @@ of each round and the learning-rate schedule:
 - ``batch-step``: Smith et al. 2018, the batch grows where a step schedule would decay the
   learning rate: B = 64, 128, 256, 512 over the four quarters of the epochs (1,465 rounds),
   constant learning rate after warm-up. ``batch-step-cosine``: the same batches, cosine decay.
+  ``batch-step-128``: B = 128, 256, 512, 1,024 (733 rounds), constant; at twice the learning
+  rate its first phase has batch-step's noise scale lr/B (Smith et al.'s "increase lr and B").
 - ``batch-noise``: B_r from the gradient noise scale (McCandlish et al. 2018), the product's
   ``batch-policy = noise`` rule (``noise_ema``, ``noise_batch``, batch-ema 0.9): from 32, never
   shrinking, capped at 512; B_simple measured every round from 8 clients' gradients
@@ -88,22 +90,24 @@ class Method:
 
     name: str
     schedule: str  # lr after warm-up: cosine or constant
-    batch: int = 0  # fixed B; 0 = a schedule
+    batch: int = 0  # fixed B; 0 = a schedule (steps, or the noise rule)
+    steps: tuple[int, ...] = ()  # a step schedule: one B per equal share of the epochs
 
 
-METHODS = {m.name: m for m in (
-    Method("small", "cosine", SMALL), Method("large", "cosine", LARGE), Method("batch-step", "constant"),
-    Method("batch-step-cosine", "cosine"), Method("batch-noise", "constant"))}
 STEP_BATCHES = (64, 128, 256, 512)  # batch-step: one per quarter of the epochs
+METHODS = {m.name: m for m in (
+    Method("small", "cosine", SMALL), Method("large", "cosine", LARGE),
+    Method("batch-step", "constant", steps=STEP_BATCHES), Method("batch-step-cosine", "cosine", steps=STEP_BATCHES),
+    Method("batch-noise", "constant"), Method("batch-step-128", "constant", steps=(128, 256, 512, 1024)))}
 
 
-def step_schedule(n: int) -> tuple[list[tuple[int, float]], int]:
-    """``batch-steps`` of batch-step as (rounds completed, multiplier of 64) and its number of rounds."""
+def step_schedule(n: int, batches: tuple[int, ...] = STEP_BATCHES) -> tuple[list[tuple[int, float]], int]:
+    """A step schedule's ``batch-steps`` as (rounds completed, multiplier of batches[0]) and its rounds."""
     steps, rounds = [], 0
-    quarter = EPOCHS * n // len(STEP_BATCHES)
-    for b in STEP_BATCHES:
-        steps.append((rounds, b / STEP_BATCHES[0]))
-        rounds += math.ceil(quarter / b)
+    share = EPOCHS * n // len(batches)
+    for b in batches:
+        steps.append((rounds, b / batches[0]))
+        rounds += math.ceil(share / b)
     return steps, rounds
 
 
@@ -111,8 +115,8 @@ def planned_rounds(method: Method, n: int) -> int:
     """Rounds of a method with a known schedule (for warm-up and cosine); batch-noise: small's."""
     if method.batch:
         return math.ceil(EPOCHS * n / method.batch)
-    if method.name.startswith("batch-step"):
-        return step_schedule(n)[1]
+    if method.steps:
+        return step_schedule(n, method.steps)[1]
     return math.ceil(EPOCHS * n / SMALL)  # batch-noise: warm-up as small batch's (constant lr after it)
 
 
@@ -198,7 +202,7 @@ def train(method: Method, lr: float, seed: int, splits: Splits, clock: FleetCloc
     n = len(splits.y_train)
     total, rounds_planned = EPOCHS * n, planned_rounds(method, n)
     warmup = max(1, round(WARMUP_FRAC * rounds_planned))
-    steps = step_schedule(n)[0]
+    steps = step_schedule(n, method.steps)[0] if method.steps else []
     seen = rnd = epoch = cursor = 0
     virtual, ema, batch, next_eval = 0.0, None, 0, EVAL_EPOCHS * n
     curve, batches = [], []
@@ -206,8 +210,8 @@ def train(method: Method, lr: float, seed: int, splits: Splits, clock: FleetCloc
         rnd += 1
         if method.batch:
             batch = method.batch
-        elif method.name.startswith("batch-step"):
-            batch = scheduled_batch(STEP_BATCHES[0], steps, rnd)
+        elif method.steps:
+            batch = scheduled_batch(method.steps[0], steps, rnd)
         else:
             batch = noise_batch(batch, ema, SMALL, LARGE)
         pos, epoch, cursor = draw_batch(n, batch, seed, epoch, cursor)
@@ -372,6 +376,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--methods", default=",".join(METHODS))
     p.add_argument("--seeds", default=",".join(map(str, SEEDS)))
     p.add_argument("--tune", action="store_true", help="run the seed-0 tuning runs of the methods that tune")
+    p.add_argument("--tune-lrs", default=",".join(map(str, TUNE_LRS)),
+                   help="with --tune: only these of the tuning rates (to split tuning over processes)")
     p.add_argument("--report", action="store_true", help="train nothing; write the CSVs, the plot and the summary")
     p.add_argument("--data-dir", default=os.environ.get("FLB_DATA_DIR", ""))
     p.add_argument("--out", default="experiments/results")
@@ -386,6 +392,9 @@ def main(argv: list[str] | None = None) -> None:
     if bad:
         raise SystemExit(f"--methods: {bad[0]!r} is not one of {', '.join(METHODS)}")
     seeds = [int(s) for s in args.seeds.split(",") if s]
+    tune_lrs = [float(v) for v in args.tune_lrs.split(",") if v]
+    if any(lr not in TUNE_LRS for lr in tune_lrs):
+        raise SystemExit(f"--tune-lrs: {args.tune_lrs!r}: each must be one of {', '.join(map(str, TUNE_LRS))}")
     if not args.data_dir:
         raise SystemExit("--data-dir (or FLB_DATA_DIR): a folder with cifar10/ is needed (docs/data.md)")
     torch.set_num_threads(1)
@@ -396,7 +405,7 @@ def main(argv: list[str] | None = None) -> None:
     print(f"fleet: {len(FLEET)} devices; round seconds at B = 32, 512: {clock(32):.2f}, {clock(512):.2f}", flush=True)
     for method in methods:
         if args.tune and method not in CHOSEN_LR:
-            for lr in TUNE_LRS:
+            for lr in tune_lrs:
                 ensure_run(out, method, lr, 0, splits, clock)
         lr = chosen_lr(method, load_runs(out))
         if lr is None:

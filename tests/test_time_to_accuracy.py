@@ -33,6 +33,15 @@ def test_the_batch_step_schedule_doubles_every_quarter_of_the_epochs():
     assert steps == [(0, 1.0), (782, 2.0), (1173, 4.0), (1369, 8.0)]
     assert tta.planned_rounds(tta.METHODS["small"], 5000) == 6250
     assert tta.planned_rounds(tta.METHODS["large"], 5000) == 391
+    assert tta.planned_rounds(tta.METHODS["batch-step"], 5000) == rounds
+
+
+def test_batch_step_128_starts_at_128_and_ends_at_1024_in_a_quarter_of_small_batchs_rounds():
+    method = tta.METHODS["batch-step-128"]
+    steps, rounds = tta.step_schedule(5000, method.steps)
+    assert steps == [(0, 1.0), (391, 2.0), (587, 4.0), (685, 8.0)]
+    assert rounds == 391 + 196 + 98 + 49 == tta.planned_rounds(method, 5000)
+    assert rounds / tta.planned_rounds(tta.METHODS["small"], 5000) < 0.118
 
 
 def test_the_clients_split_gives_the_union_batch_gradient(digits):
@@ -98,3 +107,10 @@ def test_target_rounds_to_it_and_the_goal_check():
     assert lines[0].startswith("large: reached 0/2") and lines[0].endswith("not reached")
     assert lines[1].startswith("batch-step: reached 2/2, rounds x0.100") and lines[1].endswith("REACHED")
     assert np.isclose(curves[curves.method == "small"].val_accuracy.max(), 0.62)
+
+
+def test_bad_command_line_values_are_named_before_any_training():
+    with pytest.raises(SystemExit, match="--methods: 'huge'"):
+        tta.main(["--methods", "huge", "--data-dir", "x"])
+    with pytest.raises(SystemExit, match=r"--tune-lrs: '0.1': each must be one of 0.0125, 0.025, 0.05"):
+        tta.main(["--tune", "--tune-lrs", "0.1", "--data-dir", "x"])
