@@ -112,13 +112,14 @@ class Bench:
 
 
 def run_config(dataset: str, aggregator: str, attack: str, scale: Scale, seed: int,
-               radius_scale: float = 1.0) -> RunConfig:
+               radius_scale: float = 1.0, bucket_size: int = 1) -> RunConfig:
     """The run config of one run: the defaults but for the keys the module docstring names."""
     f = ATTACKS[attack]
     return RunConfig.from_mapping({
         "dataset": dataset, "aggregator": aggregator, "num-server-rounds": scale.rounds,
         "global-batch-size": scale.global_batch, "lr": scale.lr, "seed": seed, "min-batch-fraction": 0.5,
-        "byzantine-fraction": f / N_CLIENTS if f else 0.2, "cc-radius-scale": radius_scale})
+        "byzantine-fraction": f / N_CLIENTS if f else 0.2, "cc-radius-scale": radius_scale,
+        "bucket-size": bucket_size})
 
 
 def client_vectors(bench: Bench, attack: str, state: ServerState, plan: StepPlan,
@@ -161,13 +162,14 @@ def reply(node: int, pid: int, b: int, vec: torch.Tensor, names: list[str], like
     return ClientReply(node, pid, grads=dict(zip(names, unflatten(vec, like))), metrics=metrics)
 
 
-def run_one(bench: Bench, aggregator: str, attack: str, scale: Scale, radius_scale: float = 1.0) -> dict:
+def run_one(bench: Bench, aggregator: str, attack: str, scale: Scale, radius_scale: float = 1.0,
+            bucket_size: int = 1) -> dict:
     """One run from a fresh model of ``bench.seed``; its CSV row (module docstring)."""
     start, f = time.perf_counter(), ATTACKS[attack]
     w = WORKLOADS[bench.dataset]
     fresh = build_model(resolve_model(bench.dataset, "auto"), w.input_shape, w.num_classes, bench.seed)
     names = [n for n, _ in fresh.named_parameters()]
-    setup = RunSetup.create(run_config(bench.dataset, aggregator, attack, scale, bench.seed, radius_scale),
+    setup = RunSetup.create(run_config(bench.dataset, aggregator, attack, scale, bench.seed, radius_scale, bucket_size),
                             fresh.state_dict(), names, IdentityTeacher())
     state = ServerState.initial(fresh.state_dict(), bench.seed, setup.teacher.state_dict())
     usable = {NODE_BASE + p: p for p in range(N_CLIENTS)}

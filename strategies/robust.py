@@ -16,6 +16,11 @@ over the union batch (the exact large-batch step) in general; the mean does.
   weight from each end (Yin et al. 2018, weighted by b_i; a boundary client counts in part).
 - ``krum`` (Blanchard et al. 2017): the one client whose squared distances to its
   K - f - 2 nearest others sum least; the weights are not used.
+- ``bucket_means`` (Karimireddy, He and Jaggi, ICLR 2022, "Byzantine-Robust Learning on
+  Heterogeneous Datasets via Bucketing", Algorithm 1): the K clients in a random order, cut
+  into ceil(K / s) buckets of s, each replaced by its b_i-weighted mean with weight sum b_i.
+  Any of the rules above then runs on the buckets: the honest inputs vary s times less, and
+  f attackers reach at most f of the buckets, each diluted by its honest members.
 """
 
 from __future__ import annotations
@@ -73,6 +78,24 @@ def centered_clip(x: torch.Tensor, w: torch.Tensor, center: torch.Tensor, radius
     return v.to(torch.float32)
 
 
+def bucket_means(x: torch.Tensor, w: torch.Tensor, size: int, generator: torch.Generator
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows of ``x`` (K x D) in a random order, averaged (weights ``w``) in buckets of ``size``; and the buckets' weights.
+
+    The weighted mean of the bucket means, weighted by the buckets' weight sums, is the weighted
+    mean of the rows: bucketing leaves the exact step unchanged.
+    """
+    if size < 1:
+        raise ValueError(f"bucket size must be at least 1, got {size}")
+    order = torch.randperm(x.shape[0], generator=generator)
+    rows, weights = [], []
+    for chunk in order.split(size):
+        wc = w[chunk].to(torch.float64)
+        rows.append((wc @ x[chunk].to(torch.float64)) / wc.sum())
+        weights.append(wc.sum())
+    return torch.stack(rows).to(x.dtype), torch.stack(weights)
+
+
 def weighted_median(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     """Per column of ``x`` (K x D): the smallest value whose cumulative weight reaches half of ``w.sum()``."""
     values, order = torch.sort(x, dim=0)
@@ -109,29 +132,34 @@ def krum(x: torch.Tensor, f: int) -> int:
 @dataclass(frozen=True)
 class Aggregator:
     """The run's aggregation rule (run-config keys ``aggregator``, ``cc-radius``, ``cc-iterations``,
-    ``cc-radius-scale``, ``byzantine-fraction``)."""
+    ``cc-radius-scale``, ``byzantine-fraction``, ``bucket-size``)."""
 
     name: str = "mean"
     radius: float = 0.0  # centered-clip: tau; 0 = the weighted median distance (auto)
     iterations: int = 3  # centered-clip: L
     byzantine_fraction: float = 0.2  # krum: f = floor(fraction * K); trimmed-mean: the weight trimmed at each end
     radius_scale: float = 1.0  # centered-clip with the auto radius: tau = scale * the median distance
+    bucket_size: int = 1  # clients averaged per random bucket before the rule (1 = off)
 
     @classmethod
     def from_config(cls, cfg: RunConfig) -> Aggregator:
         """The aggregator the run config names."""
-        return cls(cfg.aggregator, cfg.cc_radius, cfg.cc_iterations, cfg.byzantine_fraction, cfg.cc_radius_scale)
+        return cls(cfg.aggregator, cfg.cc_radius, cfg.cc_iterations, cfg.byzantine_fraction, cfg.cc_radius_scale,
+                   cfg.bucket_size)
 
     def __post_init__(self) -> None:
         if self.name not in AGGREGATORS:
             raise ValueError(f"aggregator {self.name!r} is unknown; allowed: {', '.join(AGGREGATORS)}")
 
     def __call__(self, arrays: Sequence[Sequence[torch.Tensor]], weights: Sequence[float],
-                 center: Sequence[torch.Tensor] | None = None) -> list[torch.Tensor]:
-        """The aggregate of ``arrays[i]`` (client i's tensors) with weights b_i; ``center``: centered-clip's v."""
+                 center: Sequence[torch.Tensor] | None = None, seed: int = 0) -> list[torch.Tensor]:
+        """The aggregate of ``arrays[i]`` (client i's tensors) with weights b_i; ``center``: centered-clip's v;
+        ``seed``: the buckets' random order (``bucket-size`` > 1)."""
         if self.name == "mean":
             return weighted_mean(arrays, weights)
         x, w = _stack(arrays, weights)
+        if self.bucket_size > 1:
+            x, w = bucket_means(x, w, self.bucket_size, torch.Generator().manual_seed(seed))
         if self.name == "centered-clip":
             start = torch.zeros(x.shape[1]) if center is None else flatten(center)
             out = centered_clip(x, w, start, self.radius, self.iterations, self.radius_scale)
@@ -140,7 +168,8 @@ class Aggregator:
         elif self.name == "trimmed-mean":
             out = trimmed_mean(x, w, self.byzantine_fraction)
         else:
-            out = x[krum(x, math.floor(self.byzantine_fraction * len(arrays) + 1e-9))]  # (0.29 * 100 = 28.999...)
+            f = math.floor(self.byzantine_fraction * len(arrays) + 1e-9)  # (0.29 * 100 = 28.999...)
+            out = x[krum(x, min(f, len(x)))]  # with buckets: f attackers taint at most f of them
         return unflatten(out, arrays[0])
 
 

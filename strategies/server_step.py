@@ -284,14 +284,15 @@ def _aggregate(state: ServerState, plan: StepPlan, grads: list[list[torch.Tensor
     momentum and weight decay move into the clients' momenta) around the previous direction.
     """
     aggregator, cfg = plan.setup.aggregator, plan.setup.cfg
+    seed = cfg.seed * 1_000_003 + plan.round  # bucket-size: the buckets' order, the same on a resumed run
     if aggregator.name == "mean":
         return mean, state.client_momentum
     if aggregator.name != "centered-clip":
-        return aggregator(grads, batches), state.client_momentum
+        return aggregator(grads, batches, seed=seed), state.client_momentum
     if cfg.weight_decay:
         grads = [[g.to(torch.float32) + cfg.weight_decay * p for g, p in zip(gi, params)] for gi in grads]
     momenta = worker_momenta(grads, partitions, cfg.momentum, state.client_momentum, state.velocity)
-    direction = aggregator([momenta[p] for p in partitions], batches, state.velocity)
+    direction = aggregator([momenta[p] for p in partitions], batches, state.velocity, seed)
     return direction, {**state.client_momentum, **momenta}
 
 

@@ -67,14 +67,18 @@ def test_grid_filters_name_the_bad_value():
 def test_cc_radius_sweep_picks_the_scale_with_the_best_worst_attack(tmp_path, capsys):
     from experiments import cc_radius
 
-    cc_radius.main(["--datasets", "digits", "--seeds", "1", "--scales", "0.5,2", "--rounds", "1",
-                    "--out", str(tmp_path)])
-    df = pd.read_csv(tmp_path / "cc_radius.csv")
-    assert len(df) == 6 * 3 and set(df.radius_scale) == {0.0, 0.5, 2.0}
+    cc_radius.main(["--datasets", "digits", "--seeds", "1", "--scales", "0.5,2", "--bucket-sizes", "1,2",
+                    "--rounds", "1", "--out", str(tmp_path), "--csv", "sweep.csv"])
+    df = pd.read_csv(tmp_path / "sweep.csv")
+    assert len(df) == 6 * 5 and set(df.radius_scale) == {0.0, 0.5, 2.0} and set(df.bucket_size) == {1, 2}
     assert "chosen on validation: cc-radius-scale" in capsys.readouterr().out
     # the worst drop is computed against the clean mean run: fix the numbers and check them
     df["val_accuracy"] = 0.9
     df.loc[(df.radius_scale == 0) & (df.attack == "clean"), "val_accuracy"] = 0.95
+    df.loc[df.bucket_size == 2, "val_accuracy"] = 0.93
     df.loc[(df.radius_scale == 2.0) & (df.attack == "ipm"), "val_accuracy"] = 0.80
     _, worst = cc_radius.table(df, "digits", "val")
-    assert worst[0.5] == pytest.approx(-5.0) and worst[2.0] == pytest.approx(-15.0)
+    assert worst[(0.5, 1)] == pytest.approx(-5.0) and worst[(2.0, 1)] == pytest.approx(-15.0)
+    assert worst[(0.5, 2)] == pytest.approx(-2.0) and worst[(2.0, 2)] == pytest.approx(-15.0)
+    with pytest.raises(SystemExit, match=r"--bucket-sizes = '1,x'"):
+        cc_radius.main(["--bucket-sizes", "1,x"])

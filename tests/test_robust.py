@@ -7,6 +7,7 @@ import torch
 
 from strategies.robust import (
     Aggregator,
+    bucket_means,
     centered_clip,
     krum,
     trimmed_mean,
@@ -76,6 +77,37 @@ def test_centered_clip_with_an_unbounded_radius_is_the_mean_with_server_momentum
     # the default (auto) radius clips honest clients too: not the mean step any more
     auto = _run(_setup(**config, aggregator="centered-clip"))
     assert not torch.allclose(auto.model["w"], mean.model["w"], atol=1e-4)
+
+
+def test_bucket_means_keep_the_weighted_mean_and_dilute_an_attacker():
+    gen = torch.Generator().manual_seed(3)
+    x, w = torch.randn(7, 5, generator=gen, dtype=torch.float64), torch.tensor([1.0, 2, 3, 1, 1, 4, 2])
+    xb, wb = bucket_means(x, w, 3, torch.Generator().manual_seed(0))
+    assert xb.shape == (3, 5) and float(wb.sum()) == 14.0
+    # buckets of 3, 3 and 1 clients; the bucket-weighted mean of the bucket means is the exact mean
+    torch.testing.assert_close((wb @ xb) / wb.sum(), (w.double() @ x) / w.sum())
+    # the same seed gives the same buckets; size 1 is a permutation of the rows
+    torch.testing.assert_close(bucket_means(x, w, 3, torch.Generator().manual_seed(0))[0], xb)
+    one, w1 = bucket_means(x, w, 1, torch.Generator().manual_seed(0))
+    assert sorted(one[:, 0].tolist()) == sorted(x[:, 0].tolist()) and sorted(w1.tolist()) == sorted(w.tolist())
+    # one attacker at 1,000 among 5 clients at 1 (equal weights), buckets of 2: its bucket mean is 500.5
+    bad = torch.tensor([[1.0], [1.0], [1.0], [1000.0], [1.0], [1.0]])
+    b, _ = bucket_means(bad, torch.ones(6), 2, torch.Generator().manual_seed(1))
+    assert sorted(b[:, 0].tolist()) == [1.0, 1.0, 500.5]
+    with pytest.raises(ValueError, match="bucket size must be at least 1, got 0"):
+        bucket_means(x, w, 0, gen)
+
+
+@pytest.mark.parametrize("name", ["median", "trimmed-mean", "krum", "centered-clip"])
+def test_one_bucket_of_every_client_is_the_exact_mean_step(name):
+    """bucket-size >= K: one bucket, the b_i-weighted mean, so every rule takes the mean's step."""
+    config = {"momentum": 0.9, "weight-decay": 0.0, "global-batch-size": 9}
+    mean = _run(_setup(**config))
+    bucketed = _run(_setup(**config, aggregator=name, **{"bucket-size": 3}))
+    for n in NAMES:
+        torch.testing.assert_close(bucketed.model[n], mean.model[n], rtol=1e-5, atol=1e-6)
+    with pytest.raises(ConfigError, match="'bucket-size' = 0"):
+        RunConfig.from_mapping({"bucket-size": 0})
 
 
 @pytest.mark.parametrize("name", ["median", "trimmed-mean", "krum"])

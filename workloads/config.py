@@ -152,6 +152,10 @@ class RunConfig:
     cc_radius_scale: float = _key(
         1.0, "`centered-clip` with `cc-radius = 0`: tau = this times the median distance; larger passes more of "
              "every client (toward `mean`), smaller clips more ([faults.md](faults.md#choosing-the-radius))")
+    bucket_size: int = _key(
+        1, "robust aggregators: average the round's clients in random buckets of this many (b_i-weighted) and "
+           "aggregate the bucket means (Karimireddy et al. 2022); `1` = off "
+           "([faults.md](faults.md#bucketing))")
     byzantine_fraction: float = _key(
         0.2, "`krum`: assumes floor(fraction * K) Byzantine clients; `trimmed-mean`: share of the weight (b_i) "
              "trimmed at each end, per coordinate")
@@ -321,7 +325,7 @@ _CHOICES = (("partitioner", PARTITIONERS), ("schedule", SCHEDULES), ("device", D
             ("dp-accountant", DP_ACCOUNTANTS))
 _POSITIVE = ("calibration-rounds", "dirichlet-alpha", "num-server-rounds", "global-batch-size", "local-steps", "lr",
              "eval-every", "teacher-small-batch", "teacher-local-steps", "teacher-val-batch", "round-timeout-s",
-             "cc-iterations", "cc-radius-scale")
+             "cc-iterations", "cc-radius-scale", "bucket-size")
 _NON_NEGATIVE = ("clients-per-round", "virtual-clients", "client-threads", "micro-batch-size", "weight-decay",
                  "warmup-rounds", "seed", "train-limit", "teacher-hyper-lr", "memory-budget-mb", "checkpoint-every",
                  "round-retries", "max-failed-rounds", "cc-radius", "round-latency-s", "dp-clip-norm",
