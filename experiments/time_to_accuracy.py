@@ -98,7 +98,9 @@ STEP_BATCHES = (64, 128, 256, 512)  # batch-step: one per quarter of the epochs
 METHODS = {m.name: m for m in (
     Method("small", "cosine", SMALL), Method("large", "cosine", LARGE),
     Method("batch-step", "constant", steps=STEP_BATCHES), Method("batch-step-cosine", "cosine", steps=STEP_BATCHES),
-    Method("batch-noise", "constant"), Method("batch-step-128", "constant", steps=(128, 256, 512, 1024)))}
+    Method("batch-noise", "constant"), Method("batch-step-128", "constant", steps=(128, 256, 512, 1024)),
+    # 64 and 128 for 5 epochs each, then 256 and 512 for 15: the first jump at epoch 5 rather than 10
+    Method("batch-step-fast", "constant", steps=(64, 128, 256, 256, 256, 512, 512, 512)))}
 
 
 def step_schedule(n: int, batches: tuple[int, ...] = STEP_BATCHES) -> tuple[list[tuple[int, float]], int]:
