@@ -43,8 +43,9 @@ def sweep(datasets: list[str], seeds: int, scales: list[float], rounds: int, dat
                     row = run_one(bench, aggregator, attack, scale, radius_scale or 1.0, bucket)
                     rows.append({**row, "radius_scale": radius_scale, "bucket_size": bucket})
                     print(f"[{len(rows)}/{total}] {dataset} seed {seed} {attack:<10} {aggregator:<13} "
-                          f"scale {radius_scale:<4g} bucket {bucket} val {row['val_accuracy']:.4f} test {row['test_accuracy']:.4f} "
-                          f"{row['status']} ({time.perf_counter() - start:.0f} s)", flush=True)
+                          f"scale {radius_scale:<4g} bucket {bucket} val {row['val_accuracy']:.4f} "
+                          f"test {row['test_accuracy']:.4f} {row['status']} ({time.perf_counter() - start:.0f} s)",
+                          flush=True)
                     atomic_write_text(csv, pd.DataFrame(rows).to_csv(index=False))
     return pd.DataFrame(rows)
 
@@ -53,8 +54,6 @@ def table(df: pd.DataFrame, dataset: str, split: str) -> tuple[str, pd.Series]:
     """Markdown: accuracy (%) mean +- std over seeds, row per (scale, bucket size) (scale 0 = mean), column per
     attack; and each row's worst drop (pp) below the clean ``mean`` run, on ``split``, indexed (scale, bucket)."""
     d = df[df.dataset == dataset]
-    if "bucket_size" not in d:
-        d = d.assign(bucket_size=1)
     col = f"{split}_accuracy"
     clean = 100 * d[(d.radius_scale == 0) & (d.attack == "clean")][col].mean()
     attacks = [a for a in ATTACKS if a in set(d.attack)]
@@ -87,9 +86,10 @@ def main(argv: list[str] | None = None) -> None:
     scales = [float(s) for s in args.scales.split(",") if s]
     if not scales or min(scales) <= 0:
         raise SystemExit(f"--scales = {args.scales!r}: need one or more values > 0")
-    buckets = tuple(int(b) for b in args.bucket_sizes.split(",") if b.strip().isdigit())
-    if not buckets or min(buckets) < 1 or len(buckets) != len([b for b in args.bucket_sizes.split(",") if b]):
+    parts = [b for b in args.bucket_sizes.split(",") if b]
+    if not parts or not all(b.isdigit() and int(b) >= 1 for b in parts):
         raise SystemExit(f"--bucket-sizes = {args.bucket_sizes!r}: need one or more integers >= 1")
+    buckets = tuple(int(b) for b in parts)
     datasets = [d for d in args.datasets.split(",") if d]
     bad = [d for d in datasets if d not in SCALES]
     if bad:

@@ -80,7 +80,7 @@ def centered_clip(x: torch.Tensor, w: torch.Tensor, center: torch.Tensor, radius
 
 def bucket_means(x: torch.Tensor, w: torch.Tensor, size: int, generator: torch.Generator
                  ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Rows of ``x`` (K x D) in a random order, averaged (weights ``w``) in buckets of ``size``; and the buckets' weights.
+    """Rows of ``x`` (K x D) in a random order, averaged (weights ``w``) in buckets of ``size``; the buckets' weights.
 
     The weighted mean of the bucket means, weighted by the buckets' weight sums, is the weighted
     mean of the rows: bucketing leaves the exact step unchanged.
@@ -168,8 +168,7 @@ class Aggregator:
         elif self.name == "trimmed-mean":
             out = trimmed_mean(x, w, self.byzantine_fraction)
         else:
-            f = math.floor(self.byzantine_fraction * len(arrays) + 1e-9)  # (0.29 * 100 = 28.999...)
-            out = x[krum(x, min(f, len(x)))]  # with buckets: f attackers taint at most f of them
+            out = x[krum(x, math.floor(self.byzantine_fraction * len(arrays) + 1e-9))]  # (0.29 * 100 = 28.999...)
         return unflatten(out, arrays[0])
 
 

@@ -284,9 +284,9 @@ def _aggregate(state: ServerState, plan: StepPlan, grads: list[list[torch.Tensor
     momentum and weight decay move into the clients' momenta) around the previous direction.
     """
     aggregator, cfg = plan.setup.aggregator, plan.setup.cfg
-    seed = cfg.seed * 1_000_003 + plan.round  # bucket-size: the buckets' order, the same on a resumed run
     if aggregator.name == "mean":
         return mean, state.client_momentum
+    seed = cfg.seed * 1_000_003 + plan.round  # bucket-size: the buckets' order, the same on a resumed run
     if aggregator.name != "centered-clip":
         return aggregator(grads, batches, seed=seed), state.client_momentum
     if cfg.weight_decay:
