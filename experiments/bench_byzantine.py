@@ -112,14 +112,17 @@ class Bench:
 
 
 def run_config(dataset: str, aggregator: str, attack: str, scale: Scale, seed: int,
-               radius_scale: float = 1.0, bucket_size: int = 1) -> RunConfig:
-    """The run config of one run: the defaults but for the keys the module docstring names."""
+               radius_scale: float | None = None, bucket_size: int = 1) -> RunConfig:
+    """The run config of one run: the defaults but for the keys the module docstring names.
+
+    ``radius_scale`` None keeps the run-config default ``cc-radius-scale``.
+    """
     f = ATTACKS[attack]
+    scale_key = {} if radius_scale is None else {"cc-radius-scale": radius_scale}
     return RunConfig.from_mapping({
         "dataset": dataset, "aggregator": aggregator, "num-server-rounds": scale.rounds,
         "global-batch-size": scale.global_batch, "lr": scale.lr, "seed": seed, "min-batch-fraction": 0.5,
-        "byzantine-fraction": f / N_CLIENTS if f else 0.2, "cc-radius-scale": radius_scale,
-        "bucket-size": bucket_size})
+        "byzantine-fraction": f / N_CLIENTS if f else 0.2, "bucket-size": bucket_size, **scale_key})
 
 
 def client_vectors(bench: Bench, attack: str, state: ServerState, plan: StepPlan,
@@ -162,7 +165,7 @@ def reply(node: int, pid: int, b: int, vec: torch.Tensor, names: list[str], like
     return ClientReply(node, pid, grads=dict(zip(names, unflatten(vec, like))), metrics=metrics)
 
 
-def run_one(bench: Bench, aggregator: str, attack: str, scale: Scale, radius_scale: float = 1.0,
+def run_one(bench: Bench, aggregator: str, attack: str, scale: Scale, radius_scale: float | None = None,
             bucket_size: int = 1) -> dict:
     """One run from a fresh model of ``bench.seed``; its CSV row (module docstring)."""
     start, f = time.perf_counter(), ATTACKS[attack]

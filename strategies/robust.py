@@ -138,7 +138,7 @@ class Aggregator:
     radius: float = 0.0  # centered-clip: tau; 0 = the weighted median distance (auto)
     iterations: int = 3  # centered-clip: L
     byzantine_fraction: float = 0.2  # krum: f = floor(fraction * K); trimmed-mean: the weight trimmed at each end
-    radius_scale: float = 1.0  # centered-clip with the auto radius: tau = scale * the median distance
+    radius_scale: float = 1.5  # centered-clip with the auto radius: tau = scale * the median distance
     bucket_size: int = 1  # clients averaged per random bucket before the rule (1 = off)
 
     @classmethod

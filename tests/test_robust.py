@@ -74,8 +74,8 @@ def test_centered_clip_with_an_unbounded_radius_is_the_mean_with_server_momentum
     for n in NAMES:
         torch.testing.assert_close(clipped.model[n], mean.model[n], rtol=1e-5, atol=1e-6)
     assert sorted(clipped.client_momentum) == [0, 1, 2] and mean.client_momentum == {}
-    # the default (auto) radius clips honest clients too: not the mean step any more
-    auto = _run(_setup(**config, aggregator="centered-clip"))
+    # the auto radius at scale 1 (the median distance) clips the farthest honest client: not the mean step any more
+    auto = _run(_setup(**config, **{"aggregator": "centered-clip", "cc-radius-scale": 1.0}))
     assert not torch.allclose(auto.model["w"], mean.model["w"], atol=1e-4)
 
 

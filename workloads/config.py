@@ -150,8 +150,8 @@ class RunConfig:
              "distances to the previous aggregate, every round")
     cc_iterations: int = _key(3, "`centered-clip`: clipping iterations L per round")
     cc_radius_scale: float = _key(
-        1.0, "`centered-clip` with `cc-radius = 0`: tau = this times the median distance; larger passes more of "
-             "every client (toward `mean`), smaller clips more ([faults.md](faults.md#choosing-the-radius))")
+        1.5, "`centered-clip` with `cc-radius = 0`: tau = this times the median distance; larger passes more of "
+             "every client (toward `mean`), smaller clips more; 1.5 was chosen on validation ([faults.md](faults.md#choosing-the-radius))")
     bucket_size: int = _key(
         1, "robust aggregators: average the round's clients in random buckets of this many (b_i-weighted) and "
            "aggregate the bucket means (Karimireddy et al. 2022); `1` = off "
