@@ -16,9 +16,16 @@ of each round and the learning-rate schedule:
   ``batch-step-128``: B = 128, 256, 512, 1,024 (733 rounds), constant; at twice the learning
   rate its first phase has batch-step's noise scale lr/B (Smith et al.'s "increase lr and B").
 - ``batch-noise``: B_r from the gradient noise scale (McCandlish et al. 2018), the product's
-  ``batch-policy = noise`` rule (``noise_ema``, ``noise_batch``, batch-ema 0.9): from 32, never
+  ``batch-policy = noise`` rule until it averaged tr(Sigma) and |mu|^2 apart (``ratio_ema``: the EMA
+  of each round's B_simple, ``noise_batch``, batch-ema 0.9): from 32, never
   shrinking, capped at 512; B_simple measured every round from 8 clients' gradients
-  (``noise_stats``); constant learning rate after warm-up.
+  (``noise_stats``); constant learning rate after warm-up. ``batch-noise-warm``: the same rule,
+  but B_simple measured during the learning-rate warm-up is not used (the estimate swings from
+  520 to 1,250 in batch-noise's first 100 rounds, then settles at 85-180), so B stays 32 until then.
+  ``batch-noise-follow``: as batch-noise-warm, but B_r is the clamped EMA, free to shrink (Pollux
+  re-chooses the batch as the noise scale changes rather than only growing it).
+  ``batch-noise-moments``: the product's ``noise`` rule now: as batch-noise-warm, but tr(Sigma)
+  and |mu|^2 are averaged apart and E is their ratio (``noise_moments``; McCandlish et al. App. A).
 
 Each round is computed centrally as the union batch of its clients. Without BatchNorm that is
 exactly the federated step (the weighted mean of the clients' mean gradients, one server SGD
@@ -58,8 +65,8 @@ from estimators.performance import (
     IterTimeModel, comm_seconds, fit_iter_time, profile_batches, round_seconds, split_for_equal_finish,
 )
 from strategies.aggregation import weighted_mean
-from strategies.batch_policy import noise_batch, noise_ema, scheduled_batch
-from strategies.noise_scale import noise_stats
+from strategies.batch_policy import noise_batch, noise_moments, noise_scale_of, scheduled_batch
+from strategies.noise_scale import NoiseStats, noise_stats
 from strategies.server_opt import ServerSGD, lr_at
 from workloads.config import split_global_batch
 from workloads.data import Splits, load_splits
@@ -92,6 +99,9 @@ class Method:
     schedule: str  # lr after warm-up: cosine or constant
     batch: int = 0  # fixed B; 0 = a schedule (steps, or the noise rule)
     steps: tuple[int, ...] = ()  # a step schedule: one B per equal share of the epochs
+    settle: bool = False  # noise rule: B_simple measured during the lr warm-up is not used
+    ratchet: bool = True  # noise rule: B never shrinks (False: B_r = the clamped EMA, up or down)
+    moments: bool = False  # noise rule: tr(Sigma) and |mu|^2 averaged apart (the product's rule), else B_simple
 
 
 STEP_BATCHES = (64, 128, 256, 512)  # batch-step: one per quarter of the epochs
@@ -100,7 +110,10 @@ METHODS = {m.name: m for m in (
     Method("batch-step", "constant", steps=STEP_BATCHES), Method("batch-step-cosine", "cosine", steps=STEP_BATCHES),
     Method("batch-noise", "constant"), Method("batch-step-128", "constant", steps=(128, 256, 512, 1024)),
     # 64 and 128 for 5 epochs each, then 256 and 512 for 15: the first jump at epoch 5 rather than 10
-    Method("batch-step-fast", "constant", steps=(64, 128, 256, 256, 256, 512, 512, 512)))}
+    Method("batch-step-fast", "constant", steps=(64, 128, 256, 256, 256, 512, 512, 512)),
+    Method("batch-noise-warm", "constant", settle=True),
+    Method("batch-noise-follow", "constant", settle=True, ratchet=False),
+    Method("batch-noise-moments", "constant", settle=True, moments=True))}
 
 
 def step_schedule(n: int, batches: tuple[int, ...] = STEP_BATCHES) -> tuple[list[tuple[int, float]], int]:
@@ -174,8 +187,8 @@ def calibrate(splits: Splits, path: Path) -> dict[int, float]:
     return out
 
 
-def round_gradient(model, loss_fn, splits: Splits, pos: torch.Tensor, clients: int) -> tuple[list, float, float]:
-    """The union batch's mean gradient, its mean loss and B_simple (nan unless ``clients`` >= 2).
+def round_gradient(model, loss_fn, splits: Splits, pos: torch.Tensor, clients: int) -> tuple[list, float, NoiseStats]:
+    """The union batch's mean gradient, its mean loss and its noise statistics (nan unless ``clients`` >= 2).
 
     With clients >= 2 the batch is split as the server would split it, each part's mean gradient
     computed, and their b_i-weighted mean taken: the federated step's own gradient.
@@ -183,7 +196,7 @@ def round_gradient(model, loss_fn, splits: Splits, pos: torch.Tensor, clients: i
     params = list(model.parameters())
     if clients < 2:
         loss = batch_gradient(model, loss_fn, splits.inputs, splits.x_train[pos], splits.y_train[pos])
-        return [p.grad.clone() for p in params], loss, math.nan
+        return [p.grad.clone() for p in params], loss, NoiseStats(math.nan, math.nan, math.nan)
     sizes, parts, losses, start = split_global_batch(len(pos), clients), [], [], 0
     for b in sizes:
         idx = pos[start:start + b]
@@ -192,8 +205,15 @@ def round_gradient(model, loss_fn, splits: Splits, pos: torch.Tensor, clients: i
         parts.append([p.grad.clone() for p in params])
     total = float(sum(sizes))
     grad = weighted_mean(parts, sizes)
-    stats = noise_stats(grad, parts, sizes)
-    return grad, float(np.dot(sizes, losses) / total), stats.b_simple
+    return grad, float(np.dot(sizes, losses) / total), noise_stats(grad, parts, sizes)
+
+
+def ratio_ema(previous: float | None, b_simple: float, decay: float = 0.9) -> float | None:
+    """The noise rule's average before it averaged tr(Sigma) and |mu|^2 apart (batch-noise, -warm, -follow):
+    the EMA of each round's B_simple; a non-finite or non-positive one is skipped."""
+    if not (math.isfinite(b_simple) and b_simple > 0):
+        return previous
+    return b_simple if previous is None else decay * previous + (1.0 - decay) * b_simple
 
 
 def train(method: Method, lr: float, seed: int, splits: Splits, clock: FleetClock) -> dict:
@@ -206,7 +226,7 @@ def train(method: Method, lr: float, seed: int, splits: Splits, clock: FleetCloc
     warmup = max(1, round(WARMUP_FRAC * rounds_planned))
     steps = step_schedule(n, method.steps)[0] if method.steps else []
     seen = rnd = epoch = cursor = 0
-    virtual, ema, batch, next_eval = 0.0, None, 0, EVAL_EPOCHS * n
+    virtual, ema, moments, batch, next_eval = 0.0, None, None, 0, EVAL_EPOCHS * n
     curve, batches = [], []
     while seen < total:
         rnd += 1
@@ -215,13 +235,17 @@ def train(method: Method, lr: float, seed: int, splits: Splits, clock: FleetCloc
         elif method.steps:
             batch = scheduled_batch(method.steps[0], steps, rnd)
         else:
-            batch = noise_batch(batch, ema, SMALL, LARGE)
+            batch = noise_batch(batch if method.ratchet else 0, ema, SMALL, LARGE)
         pos, epoch, cursor = draw_batch(n, batch, seed, epoch, cursor)
-        clients = CLIENTS if method.name == "batch-noise" else 1
-        grad, loss, b_simple = round_gradient(model, loss_fn, splits, pos, clients)
+        clients = 1 if method.batch or method.steps else CLIENTS  # the noise rule measures B_simple
+        grad, loss, stats = round_gradient(model, loss_fn, splits, pos, clients)
         if not math.isfinite(loss) or loss > 1e3:
             return _record(method, lr, seed, rnd, seen, virtual, curve, batches, t0, diverged=True)
-        ema = noise_ema(ema, b_simple, 0.9)
+        if method.moments and not (method.settle and rnd <= warmup):
+            moments = noise_moments(moments, stats.tr_sigma, stats.grad_sq, 0.9)
+            ema = noise_scale_of(moments) or ema
+        elif not (method.settle and rnd <= warmup):
+            ema = ratio_ema(ema, stats.b_simple)
         opt.step(params, grad, lr_at(rnd, rounds_planned, lr, warmup, method.schedule))
         seen, virtual = seen + batch, virtual + clock(batch)
         batches.append(batch)

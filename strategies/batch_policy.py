@@ -15,9 +15,12 @@
   m(r) the ``batch-steps`` multiplier in force (``start:multiplier``, as ``teacher-steps``),
   split evenly over the round's clients as ``fixed`` splits it. No probe.
 - ``noise``: grows B with the measured gradient noise scale B_simple = tr(Sigma)/|G|^2
-  (McCandlish et al. 2018): E_r = batch-ema * E_{r-1} + (1 - batch-ema) * B_simple_r over the
-  rounds measured so far (the first measurement starts it; non-finite or non-positive ones are
-  skipped), B_r = max(B_{r-1}, clamp(round(E_{r-1}), global-batch-size, cap)), cap = the sum of the
+  (McCandlish et al. 2018): the round's unbiased estimates of tr(Sigma) and |G|^2 are averaged
+  separately, T_r = batch-ema * T_{r-1} + (1 - batch-ema) * tr_sigma_r (the same for |G|^2; the
+  first measurement starts them; rounds within ``warmup-rounds`` and non-finite ones are not
+  used), and E = T / |G|^2-average once that is positive (McCandlish et al. App. A and AdaptDL
+  average numerator and denominator apart: a near-zero |G|^2 of one round no longer makes a spike),
+  B_r = max(B_{r-1}, clamp(round(E_{r-1}), global-batch-size, cap)), cap = the sum of the
   clients' probed memory limits and, with ``batch-time-cap`` (default), at most the performance
   model's time-optimal batch at B_noise = E (``noise_time_cap``).
   Rounds before any measurement use ``global-batch-size``. E and B live in ``PolicyMemory``.
@@ -48,6 +51,7 @@ from flwr.serverapp import Grid
 from estimators.performance import (
     BatchChoice, IterTimeModel, KneeModel, PowerLawModel, choose_batch, comm_seconds, fit_iter_time,
 )
+from strategies.noise_scale import NoiseStats
 from strategies.teachers import parse_steps
 from workloads.config import RunConfig, split_global_batch
 from workloads.devices import DeviceProfile, profile_for
@@ -169,14 +173,25 @@ def largest_scheduled_batch(global_batch: int, steps: list[tuple[int, float]], n
     return max(scheduled_batch(global_batch, steps, start + 1) for start, _ in steps if start < num_rounds)
 
 
-def noise_ema(previous: float | None, b_simple: float, decay: float) -> float | None:
-    """E_r = decay * E_{r-1} + (1 - decay) * B_simple_r; the first usable B_simple starts it (E_1 = B_simple_1).
+def noise_moments(previous: tuple[float, float] | None, tr_sigma: float, grad_sq: float, decay: float
+                  ) -> tuple[float, float] | None:
+    """EMAs (decay per round) of the unbiased tr(Sigma) and |mu|^2 estimates, squared gradient units.
 
-    A non-finite or non-positive B_simple (a single client, a zero gradient) leaves E as it was.
+    The first finite pair starts them; a non-finite one (a single client) leaves them as they were.
+    A negative |mu|^2 estimate is kept: it is unbiased, and dropping it would bias the average up.
     """
-    if not (math.isfinite(b_simple) and b_simple > 0):
+    if not (math.isfinite(tr_sigma) and math.isfinite(grad_sq)):
         return previous
-    return b_simple if previous is None else decay * previous + (1.0 - decay) * b_simple
+    if previous is None:
+        return tr_sigma, grad_sq
+    return decay * previous[0] + (1.0 - decay) * tr_sigma, decay * previous[1] + (1.0 - decay) * grad_sq
+
+
+def noise_scale_of(moments: tuple[float, float] | None) -> float | None:
+    """E = averaged tr(Sigma) / averaged |mu|^2, examples (McCandlish et al. 2018); None while |mu|^2 <= 0."""
+    if moments is None or moments[1] <= 0 or moments[0] < 0:
+        return None
+    return moments[0] / moments[1]
 
 
 def noise_batch(previous: int, ema: float | None, global_batch: int, cap: int) -> int:
@@ -189,13 +204,16 @@ def noise_batch(previous: int, ema: float | None, global_batch: int, cap: int) -
     return max(previous, target)
 
 
-def noise_batches(b_simple: list[float], global_batch: int, cap: int, decay: float) -> list[int]:
-    """B_1..B_n of the ``noise`` policy when round r measures ``b_simple[r-1]`` (B_r sees rounds < r)."""
-    out, ema, batch = [], None, 0
-    for x in b_simple:
-        batch = noise_batch(batch, ema, global_batch, cap)
+def noise_batches(stats: list[tuple[float, float]], global_batch: int, cap: int, decay: float,
+                  skip: int = 0) -> list[int]:
+    """B_1..B_n of the ``noise`` policy when round r measures ``stats[r-1]`` = (tr_sigma, grad_sq); B_r sees
+    rounds < r; the first ``skip`` rounds (``warmup-rounds``) are not used."""
+    out, moments, batch = [], None, 0
+    for r, (tr_sigma, grad_sq) in enumerate(stats, start=1):
+        previous = moments
+        batch = noise_batch(batch, noise_scale_of(previous), global_batch, cap)
         out.append(batch)
-        ema = noise_ema(ema, x, decay)
+        moments = previous if r <= skip else noise_moments(previous, tr_sigma, grad_sq, decay)
     return out
 
 
@@ -238,31 +256,38 @@ class PolicyMemory:
     current: Mapping[int, int] | None = None  # b_i per partition id
     batch_plan: Mapping[str, Any] = field(default_factory=dict)  # what the policy chose and why (batch_plan.json)
     calibration: tuple[tuple[float, float], ...] = ()  # (b_simple, server_s) of calibration rounds
-    noise_ema: float | None = None  # ``noise``: EMA of B_simple over the rounds so far, examples (None: none measured)
+    noise_ema: float | None = None  # ``noise``: the averaged noise scale E so far, examples (None: none yet)
     noise_batch: int = 0  # ``noise``: the last round's global batch B, examples (0: no round planned yet)
+    noise_moments: tuple[float, float] | None = None  # ``noise``: EMAs of tr_sigma and grad_sq (``noise_moments``)
 
-    def observe(self, cfg: RunConfig, rnd: int, b_simple: float, server_s: float) -> PolicyMemory:
-        """Record a round's noise scale: a calibration round's and its server time (``optimal``), the EMA (``noise``)."""
+    def observe(self, cfg: RunConfig, rnd: int, stats: NoiseStats, server_s: float) -> PolicyMemory:
+        """Record a round's noise statistics: a calibration round's B_simple and server time (``optimal``), the
+        averages (``noise``, after ``warmup-rounds``)."""
         if cfg.batch_policy == "optimal" and rnd <= cfg.calibration_rounds:
-            return dataclasses.replace(self, calibration=(*self.calibration, (b_simple, server_s)))
-        if cfg.batch_policy == "noise":
-            return dataclasses.replace(self, noise_ema=noise_ema(self.noise_ema, b_simple, cfg.batch_ema))
+            return dataclasses.replace(self, calibration=(*self.calibration, (stats.b_simple, server_s)))
+        if cfg.batch_policy == "noise" and rnd > cfg.warmup_rounds:
+            moments = noise_moments(self.noise_moments, stats.tr_sigma, stats.grad_sq, cfg.batch_ema)
+            scale = noise_scale_of(moments)
+            return dataclasses.replace(self, noise_moments=moments,
+                                       noise_ema=self.noise_ema if scale is None else scale)
         return self
 
     def to_dict(self) -> dict[str, Any]:
         """Plain values for a checkpoint."""
         return {"capacities": None if self.capacities is None else [c.to_dict() for c in self.capacities],
                 "current": None if self.current is None else dict(self.current), "batch_plan": dict(self.batch_plan),
-                "calibration": list(self.calibration), "noise_ema": self.noise_ema, "noise_batch": self.noise_batch}
+                "calibration": list(self.calibration), "noise_ema": self.noise_ema, "noise_batch": self.noise_batch,
+                "noise_moments": None if self.noise_moments is None else list(self.noise_moments)}
 
     @classmethod
     def from_dict(cls, state: dict[str, Any]) -> PolicyMemory:
         """Inverse of ``to_dict`` (also of a checkpoint written before the ``noise`` policy existed)."""
-        caps, ema = state["capacities"], state.get("noise_ema")
+        caps, ema, moments = state["capacities"], state.get("noise_ema"), state.get("noise_moments")
         return cls(None if caps is None else tuple(ClientCapacity.from_dict(c) for c in caps),
                    None if state["current"] is None else {int(k): int(v) for k, v in state["current"].items()},
                    dict(state["batch_plan"]), tuple(tuple(c) for c in state["calibration"]),
-                   None if ema is None else float(ema), int(state.get("noise_batch", 0)))
+                   None if ema is None else float(ema), int(state.get("noise_batch", 0)),
+                   None if moments is None else (float(moments[0]), float(moments[1])))
 
 
 class BatchPolicy:

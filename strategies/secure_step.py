@@ -102,7 +102,7 @@ def secure_step(state: ServerState, result: SecureSum, plan: StepPlan, *,
     state = dataclasses.replace(
         state, model=model, velocity=velocity, teacher=teacher_state, drawn=drawn, round=plan.round, failed_rounds=0,
         samples_seen=state.samples_seen + int(total) * plan.local_steps, virtual_total=state.virtual_total + virtual_s,
-        policy=state.policy.observe(setup.cfg, plan.round, stats.b_simple, server_s))
+        policy=state.policy.observe(setup.cfg, plan.round, stats, server_s))
     timing = {"virtual_s": virtual_s, "round_trip_s": received_at - plan.sent_at, "server_s": server_s,
               "teacher_time_s": teacher_s}
     row = _round_row(state, plan, check, stats, taught, lr, timing) | {"secure": 1, "clipped_share": mean.clipped}

@@ -194,7 +194,7 @@ def server_step(state: ServerState, replies: Sequence[ClientReply], plan: StepPl
         client_momentum=momenta, failed_rounds=0, dp_history=_dp_history(state, plan),
         norm_history=(*state.norm_history, max(r.norm for r in valid))[-NORM_WINDOW:],
         samples_seen=state.samples_seen + sum(batches) * plan.local_steps, virtual_total=state.virtual_total + virtual_s,
-        policy=state.policy.observe(setup.cfg, plan.round, stats.b_simple, server_s))
+        policy=state.policy.observe(setup.cfg, plan.round, stats, server_s))
     timing = {"virtual_s": virtual_s, "round_trip_s": received_at - plan.sent_at, "server_s": server_s,
               "teacher_time_s": teacher_s}
     return state, StepRecord(_round_row(state, plan, check, stats, taught, lr, timing) | privacy

@@ -18,12 +18,14 @@ from strategies.batch_policy import (
     PolicyMemory,
     largest_scheduled_batch,
     noise_batches,
-    noise_ema,
+    noise_moments,
+    noise_scale_of,
     noise_time_cap,
     scheduled_batch,
     split_batch,
 )
 from strategies.teachers import parse_steps
+from strategies.noise_scale import NoiseStats
 from workloads.config import ConfigError, RunConfig
 
 BASE = {"num-server-rounds": 6, "eval-every": 100, "global-batch-size": 32, "warmup-rounds": 0,
@@ -73,23 +75,31 @@ def test_even_split_over_partitions_respects_limits():
     assert split_batch(101, [0, 1, 2], 2) == {0: 50, 1: 50, 2: 50}  # K < partitions: round(B / K) each
 
 
-def test_noise_policy_sequence_is_the_clamped_monotone_ema():
-    # decay 0.5, B = 64, memory cap 500; round r uses the EMA of rounds < r
-    seq = [100.0, math.nan, 400.0, 1000.0, 50.0, 10.0]
-    # E: 100 (first), 100 (nan skipped), 0.5*100+0.5*400 = 250, 0.5*250+0.5*1000 = 625, 337.5, 173.75
-    assert noise_batches(seq, 64, 500, 0.5) == [64, 100, 100, 250, 500, 500]  # 625 capped; never shrinks after
-    assert noise_batches([10.0, 20.0], 64, 500, 0.9) == [64, 64]  # below global-batch-size: held at it
-    assert noise_batches([900.0, 900.0], 64, 32, 0.9) == [64, 64]  # a cap below global-batch-size: B stays B
-    assert noise_ema(None, -3.0, 0.9) is None and noise_ema(2.0, 4.0, 0.75) == pytest.approx(2.5)
+def test_noise_policy_sequence_is_the_clamped_monotone_ratio_of_averages():
+    # decay 0.5, B = 64, memory cap 500; round r uses the averages of rounds < r; stats = (tr_sigma, grad_sq)
+    seq = [(100.0, 1.0), (math.nan, math.nan), (300.0, 0.5), (2000.0, 1.0), (50.0, 1.0), (10.0, 1.0)]
+    # averages: (100, 1) -> E 100; nan skipped; (200, 0.75) -> 266.7; (1100, 0.875) -> 1257; (575, .9375) -> 613
+    assert noise_batches(seq, 64, 500, 0.5) == [64, 100, 100, 267, 500, 500]  # capped; never shrinks after
+    # the ratio of averages: a round with |mu|^2 near zero is no spike (the mean of ratios would be 5,000,050)
+    assert noise_batches([(100.0, 1.0), (100.0, 1e-5), (100.0, 1.0)], 64, 10**6, 0.5) == [64, 100, 200]
+    # an unbiased negative |mu|^2 counts; E waits until the averaged |mu|^2 is positive
+    assert noise_batches([(100.0, -1.0), (100.0, 2.0), (100.0, 1.0)], 64, 500, 0.5) == [64, 64, 200]
+    assert noise_scale_of(noise_moments((100.0, -1.0), 100.0, 2.0, 0.5)) == pytest.approx(200.0)
+    assert noise_batches([(100.0, 1.0)] * 3, 64, 500, 0.5, skip=2) == [64, 64, 64]  # warm-up rounds unused
+    assert noise_batches([(10.0, 1.0), (20.0, 1.0)], 64, 500, 0.9) == [64, 64]  # below global-batch-size: held at it
+    assert noise_batches([(900.0, 1.0)] * 2, 64, 32, 0.9) == [64, 64]  # a cap below global-batch-size: B stays B
+    assert noise_moments(None, math.nan, 1.0, 0.9) is None and noise_scale_of(None) is None
 
 
 def test_policy_memory_round_trips_and_reads_old_checkpoints():
-    memory = PolicyMemory(current={0: 5}, noise_ema=123.5, noise_batch=77)
+    memory = PolicyMemory(current={0: 5}, noise_ema=123.5, noise_batch=77, noise_moments=(247.0, 2.0))
     assert PolicyMemory.from_dict(memory.to_dict()) == memory
-    old = {k: v for k, v in memory.to_dict().items() if k not in ("noise_ema", "noise_batch")}
+    old = {k: v for k, v in memory.to_dict().items() if k not in ("noise_ema", "noise_batch", "noise_moments")}
     assert PolicyMemory.from_dict(old) == PolicyMemory(current={0: 5})
-    cfg = RunConfig.from_mapping({"batch-policy": "noise", "batch-ema": 0.5})
-    assert memory.observe(cfg, 3, 200.0, 0.0).noise_ema == pytest.approx(161.75)
+    cfg = RunConfig.from_mapping({"batch-policy": "noise", "batch-ema": 0.5, "warmup-rounds": 2})
+    seen = memory.observe(cfg, 3, NoiseStats(153.0, 0.0, math.inf), 0.0)  # averages (200, 1)
+    assert seen.noise_moments == pytest.approx((200.0, 1.0)) and seen.noise_ema == pytest.approx(200.0)
+    assert memory.observe(cfg, 2, NoiseStats(153.0, 0.0, math.inf), 0.0) == memory  # a warm-up round: not used
 
 
 def test_refusals_name_the_key_the_value_and_what_is_allowed(tmp_path):
@@ -133,7 +143,8 @@ def test_noise_policy_resumes_to_the_uninterrupted_model_bit_for_bit(tmp_path):
     # the batches follow the EMA of the measured B_simple (rounds.csv keeps 6 digits: allow one example)
     plan = json.loads((tmp_path / "a" / "batch_plan.json").read_text())
     cap = sum(c["max_batch"] for c in plan["clients"])  # memory unlimited: each client's partition
-    expected = noise_batches(a["b_simple"].tolist(), 16, cap, 0.5)
+    stats = list(zip(a["tr_sigma"].tolist(), a["grad_sq"].tolist()))
+    expected = noise_batches(stats, 16, cap, 0.5, skip=BASE["warmup-rounds"])
     assert a["global_batch"].iloc[0] == 16
     assert all(abs(x - y) <= 1 for x, y in zip(a["global_batch"], expected))
     assert a["global_batch"].is_monotonic_increasing and a["global_batch"].iloc[-1] > 16  # it grew

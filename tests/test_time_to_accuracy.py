@@ -48,9 +48,12 @@ def test_the_clients_split_gives_the_union_batch_gradient(digits):
     w = WORKLOADS["digits"]
     model = build_model("mlp", w.input_shape, w.num_classes, 3)
     pos = torch.arange(64)
-    whole, loss1, nan = tta.round_gradient(model, w.loss(), digits, pos, 1)
-    split, loss8, b_simple = tta.round_gradient(model, w.loss(), digits, pos, 8)
-    assert math.isnan(nan) and math.isfinite(b_simple) and b_simple > 0
+    whole, loss1, none = tta.round_gradient(model, w.loss(), digits, pos, 1)
+    split, loss8, stats = tta.round_gradient(model, w.loss(), digits, pos, 8)
+    assert math.isnan(none.b_simple) and math.isnan(none.tr_sigma) and math.isnan(none.grad_sq)
+    assert math.isfinite(stats.b_simple) and stats.b_simple == pytest.approx(stats.tr_sigma / stats.grad_sq)
+    # the old rule's EMA of B_simple skips what is not a positive number
+    assert tta.ratio_ema(None, math.nan) is None and tta.ratio_ema(2.0, 4.0, 0.75) == pytest.approx(2.5)
     assert loss8 == pytest.approx(loss1, rel=1e-5)
     assert max(float((a - b).abs().max()) for a, b in zip(whole, split)) < 1e-6
 
