@@ -114,8 +114,8 @@ class RunConfig:
         "0:1", "`step` policy: `start:multiplier` entries as `teacher-steps`; the round's global batch is "
                "`global-batch-size` x multiplier (Smith et al. 2018)")
     batch_ema: float = _key(
-        0.9, "`noise` policy: per-round EMA decay of the measured tr(Sigma) and |G|^2 (averaged apart; their ratio "
-             "is the noise scale that sets the global batch)")
+        0.9, "`noise` policy: per-round EMA decay of the measured tr(Sigma) and squared gradient norm (averaged apart; "
+             "their ratio is the noise scale that sets the global batch)")
     batch_time_cap: bool = _key(
         True, "`noise` policy: also cap the global batch at the performance model's time-optimal batch for the "
               "measured noise scale (where more batch stops buying time); `false` = the fleet's memory only")
