@@ -241,11 +241,13 @@ def train(method: Method, lr: float, seed: int, splits: Splits, clock: FleetCloc
         grad, loss, stats = round_gradient(model, loss_fn, splits, pos, clients)
         if not math.isfinite(loss) or loss > 1e3:
             return _record(method, lr, seed, rnd, seen, virtual, curve, batches, t0, diverged=True)
-        if method.moments and not (method.settle and rnd <= warmup):
-            moments = noise_moments(moments, stats.tr_sigma, stats.grad_sq, 0.9)
-            ema = noise_scale_of(moments) or ema
-        elif not (method.settle and rnd <= warmup):
-            ema = ratio_ema(ema, stats.b_simple)
+        if not (method.settle and rnd <= warmup):
+            if method.moments:  # the product's PolicyMemory.observe: keep E while the averaged |mu|^2 <= 0
+                moments = noise_moments(moments, stats.tr_sigma, stats.grad_sq, 0.9)
+                scale = noise_scale_of(moments)
+                ema = ema if scale is None else scale
+            else:
+                ema = ratio_ema(ema, stats.b_simple)
         opt.step(params, grad, lr_at(rnd, rounds_planned, lr, warmup, method.schedule))
         seen, virtual = seen + batch, virtual + clock(batch)
         batches.append(batch)
