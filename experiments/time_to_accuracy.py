@@ -26,10 +26,17 @@ of each round and the learning-rate schedule:
   re-chooses the batch as the noise scale changes rather than only growing it).
   ``batch-noise-moments``: the product's ``noise`` rule now: as batch-noise-warm, but tr(Sigma)
   and |mu|^2 are averaged apart and E is their ratio (``noise_moments``; McCandlish et al. App. A).
+- ``post-local``: Lin et al. 2020 with the product's teacher defaults: B = 512 rounds for half the
+  epochs, then rounds of H = 16 local steps on 16 clients of 32 examples (small batch's b), the
+  weights and velocities averaged after each (``local_round``); cosine over all sequential steps
+  (391, as large). Its local rounds are not union-batch steps; each costs 16 steps of compute on
+  the fleet's first 16 devices and sends weights and velocity (``FleetClock.local``).
 
-Each round is computed centrally as the union batch of its clients. Without BatchNorm that is
-exactly the federated step (the weighted mean of the clients' mean gradients, one server SGD
-step; tested in ``tests/test_equivalence.py``), so the accuracy curves are the app's.
+Each round but post-local's local ones is computed centrally as the union batch of its clients.
+Without BatchNorm that is exactly the federated step (the weighted mean of the clients' mean
+gradients, one server SGD step; tested in ``tests/test_equivalence.py``), so the accuracy curves
+are the app's. The setting and the methods are in ``experiments/tta_methods.py``, the clock and
+the training runs in ``experiments/tta_training.py``.
 
 The virtual clock is a 64-device fleet (``FLEET``: four device kinds, their speed and link), the
 round's B split over min(64, B) devices so that they finish together (``split_for_equal_finish``),
@@ -51,223 +58,21 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
-import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import torch
 
-from estimators.performance import (
-    IterTimeModel, comm_seconds, fit_iter_time, profile_batches, round_seconds, split_for_equal_finish,
+from experiments.tta_methods import (
+    CHOSEN_LR, DATASET, METHODS, MODEL, SEEDS, TARGET_MARGIN, TRAIN_LIMIT, TUNE_LRS,
 )
-from strategies.aggregation import weighted_mean
-from strategies.batch_policy import noise_batch, noise_moments, noise_scale_of, scheduled_batch
-from strategies.noise_scale import NoiseStats, noise_stats
-from strategies.server_opt import ServerSGD, lr_at
-from workloads.config import split_global_batch
+from experiments.tta_training import FLEET, FleetClock, calibrate, train
 from workloads.data import Splits, load_splits
-from workloads.devices import DeviceProfile, parse_profiles
 from workloads.files import atomic_write_json, atomic_write_text
 from workloads.models import build_model
 from workloads.registry import WORKLOADS
-from workloads.training import batch_gradient, draw_batch, evaluate
-
-DATASET, MODEL, TRAIN_LIMIT, EPOCHS = "cifar10", "cnn", 5000, 40
-SMALL, LARGE, CLIENTS = 32, 512, 8  # CLIENTS: the clients whose spread measures B_simple (batch-noise)
-WARMUP_FRAC, MOMENTUM, WEIGHT_DECAY = 0.05, 0.9, 5e-4
-EVAL_EPOCHS = 2  # validation accuracy every this many epochs (and at the end)
-ROUND_LATENCY_S = 11.7  # fixed seconds per round of real SuperNodes (docs/deploy.md, the local rehearsal)
-FLEET = parse_profiles(",".join(16 * ["phone:0:0.25:20:60", "tablet:0:0.5:50:30", "laptop:0:1:100:20",
-                                      "old-phone:0:0.15:10:80"]))
-DEVICE_MAX_BATCH = 64  # per device; the fleet holds 64 x 64 = 4,096 examples a round, far above LARGE
-# small and large: the gap search's validation choice (gap_search_runs.jsonl, seed 0)
-CHOSEN_LR = {"small": 0.0125, "large": 0.05}
-TUNE_LRS = (0.0125, 0.025, 0.05)
-SEEDS = (1, 2, 3, 4, 5)
-TARGET_MARGIN = 0.005  # the target is small batch's final validation accuracy less 0.5 pp
-
-
-@dataclass(frozen=True)
-class Method:
-    """A batch method: the schedule of B_r and of the learning rate."""
-
-    name: str
-    schedule: str  # lr after warm-up: cosine or constant
-    batch: int = 0  # fixed B; 0 = a schedule (steps, or the noise rule)
-    steps: tuple[int, ...] = ()  # a step schedule: one B per equal share of the epochs
-    settle: bool = False  # noise rule: B_simple measured during the lr warm-up is not used
-    ratchet: bool = True  # noise rule: B never shrinks (False: B_r = the clamped EMA, up or down)
-    moments: bool = False  # noise rule: tr(Sigma) and |mu|^2 averaged apart (the product's rule), else B_simple
-
-
-STEP_BATCHES = (64, 128, 256, 512)  # batch-step: one per quarter of the epochs
-METHODS = {m.name: m for m in (
-    Method("small", "cosine", SMALL), Method("large", "cosine", LARGE),
-    Method("batch-step", "constant", steps=STEP_BATCHES), Method("batch-step-cosine", "cosine", steps=STEP_BATCHES),
-    Method("batch-noise", "constant"), Method("batch-step-128", "constant", steps=(128, 256, 512, 1024)),
-    # 64 and 128 for 5 epochs each, then 256 and 512 for 15: the first jump at epoch 5 rather than 10
-    Method("batch-step-fast", "constant", steps=(64, 128, 256, 256, 256, 512, 512, 512)),
-    Method("batch-noise-warm", "constant", settle=True),
-    Method("batch-noise-follow", "constant", settle=True, ratchet=False),
-    Method("batch-noise-moments", "constant", settle=True, moments=True))}
-
-
-def step_schedule(n: int, batches: tuple[int, ...] = STEP_BATCHES) -> tuple[list[tuple[int, float]], int]:
-    """A step schedule's ``batch-steps`` as (rounds completed, multiplier of batches[0]) and its rounds."""
-    steps, rounds = [], 0
-    share = EPOCHS * n // len(batches)
-    for b in batches:
-        steps.append((rounds, b / batches[0]))
-        rounds += math.ceil(share / b)
-    return steps, rounds
-
-
-def planned_rounds(method: Method, n: int) -> int:
-    """Rounds of a method with a known schedule (for warm-up and cosine); batch-noise: small's."""
-    if method.batch:
-        return math.ceil(EPOCHS * n / method.batch)
-    if method.steps:
-        return step_schedule(n, method.steps)[1]
-    return math.ceil(EPOCHS * n / SMALL)  # batch-noise: warm-up as small batch's (constant lr after it)
-
-
-class FleetClock:
-    """Virtual seconds of a round of B examples on ``FLEET``, from one measured step-time model."""
-
-    def __init__(self, seconds_at: dict[int, float], model_bytes: float) -> None:
-        self.seconds_at = seconds_at
-        self.model: IterTimeModel = fit_iter_time(list(seconds_at), list(seconds_at.values()))
-        self.comm = [comm_seconds(model_bytes, p) for p in FLEET]
-        self._cache: dict[int, float] = {}
-
-    def __call__(self, batch: int) -> float:
-        """max_i (t(b_i) / speed_i + link_i) over the round's devices, plus the fixed round latency, s."""
-        if batch not in self._cache:
-            k = min(len(FLEET), batch)
-            models = [_Scaled(self.model, p) for p in FLEET[:k]]
-            split = split_for_equal_finish(batch, models, self.comm[:k], [DEVICE_MAX_BATCH] * k)
-            compute = [m(b) for m, b in zip(models, split)]
-            self._cache[batch] = round_seconds(compute, self.comm[:k], 0.0, ROUND_LATENCY_S)
-        return self._cache[batch]
-
-
-@dataclass(frozen=True)
-class _Scaled:
-    """A device's step time: this machine's model divided by the device's speed."""
-
-    base: IterTimeModel
-    profile: DeviceProfile
-
-    def __call__(self, b: float) -> float:
-        return float(self.base(b)) / self.profile.speed
-
-    def inverse(self, t: float) -> float:
-        return float(self.base.inverse(t * self.profile.speed))
-
-
-def calibrate(splits: Splits, path: Path) -> dict[int, float]:
-    """Median seconds of a gradient step at ``profile_batches(DEVICE_MAX_BATCH)`` on this machine (stored)."""
-    if path.exists():
-        return {int(k): v for k, v in json.loads(path.read_text())["seconds_at"].items()}
-    w = WORKLOADS[DATASET]
-    model, loss_fn = build_model(MODEL, w.input_shape, w.num_classes, 0), w.loss()
-    out = {}
-    for b in profile_batches(DEVICE_MAX_BATCH):
-        times = []
-        for _ in range(7):
-            t0 = time.perf_counter()
-            batch_gradient(model, loss_fn, splits.inputs, splits.x_train[:b], splits.y_train[:b])
-            times.append(time.perf_counter() - t0)
-        out[b] = float(np.median(times[2:]))
-    atomic_write_json(path, {"seconds_at": out, "threads": torch.get_num_threads()})
-    return out
-
-
-def round_gradient(model, loss_fn, splits: Splits, pos: torch.Tensor, clients: int) -> tuple[list, float, NoiseStats]:
-    """The union batch's mean gradient, its mean loss and its noise statistics (nan unless ``clients`` >= 2).
-
-    With clients >= 2 the batch is split as the server would split it, each part's mean gradient
-    computed, and their b_i-weighted mean taken: the federated step's own gradient.
-    """
-    params = list(model.parameters())
-    if clients < 2:
-        loss = batch_gradient(model, loss_fn, splits.inputs, splits.x_train[pos], splits.y_train[pos])
-        return [p.grad.clone() for p in params], loss, NoiseStats(math.nan, math.nan, math.nan)
-    sizes, parts, losses, start = split_global_batch(len(pos), clients), [], [], 0
-    for b in sizes:
-        idx = pos[start:start + b]
-        start += b
-        losses.append(batch_gradient(model, loss_fn, splits.inputs, splits.x_train[idx], splits.y_train[idx]))
-        parts.append([p.grad.clone() for p in params])
-    total = float(sum(sizes))
-    grad = weighted_mean(parts, sizes)
-    return grad, float(np.dot(sizes, losses) / total), noise_stats(grad, parts, sizes)
-
-
-def ratio_ema(previous: float | None, b_simple: float, decay: float = 0.9) -> float | None:
-    """The noise rule's average before it averaged tr(Sigma) and |mu|^2 apart (batch-noise, -warm, -follow):
-    the EMA of each round's B_simple; a non-finite or non-positive one is skipped."""
-    if not (math.isfinite(b_simple) and b_simple > 0):
-        return previous
-    return b_simple if previous is None else decay * previous + (1.0 - decay) * b_simple
-
-
-def train(method: Method, lr: float, seed: int, splits: Splits, clock: FleetClock) -> dict:
-    """One run to ``EPOCHS`` epochs; its record with the validation curve (module docstring)."""
-    t0, w = time.perf_counter(), WORKLOADS[DATASET]
-    model, loss_fn = build_model(MODEL, w.input_shape, w.num_classes, seed), w.loss()
-    params, opt = list(model.parameters()), ServerSGD(momentum=MOMENTUM, weight_decay=WEIGHT_DECAY)
-    n = len(splits.y_train)
-    total, rounds_planned = EPOCHS * n, planned_rounds(method, n)
-    warmup = max(1, round(WARMUP_FRAC * rounds_planned))
-    steps = step_schedule(n, method.steps)[0] if method.steps else []
-    seen = rnd = epoch = cursor = 0
-    virtual, ema, moments, batch, next_eval = 0.0, None, None, 0, EVAL_EPOCHS * n
-    curve, batches = [], []
-    while seen < total:
-        rnd += 1
-        if method.batch:
-            batch = method.batch
-        elif method.steps:
-            batch = scheduled_batch(method.steps[0], steps, rnd)
-        else:
-            batch = noise_batch(batch if method.ratchet else 0, ema, SMALL, LARGE)
-        pos, epoch, cursor = draw_batch(n, batch, seed, epoch, cursor)
-        clients = 1 if method.batch or method.steps else CLIENTS  # the noise rule measures B_simple
-        grad, loss, stats = round_gradient(model, loss_fn, splits, pos, clients)
-        if not math.isfinite(loss) or loss > 1e3:
-            return _record(method, lr, seed, rnd, seen, virtual, curve, batches, t0, diverged=True)
-        if not (method.settle and rnd <= warmup):
-            if method.moments:  # the product's PolicyMemory.observe: keep E while the averaged |mu|^2 <= 0
-                moments = noise_moments(moments, stats.tr_sigma, stats.grad_sq, 0.9)
-                scale = noise_scale_of(moments)
-                ema = ema if scale is None else scale
-            else:
-                ema = ratio_ema(ema, stats.b_simple)
-        opt.step(params, grad, lr_at(rnd, rounds_planned, lr, warmup, method.schedule))
-        seen, virtual = seen + batch, virtual + clock(batch)
-        batches.append(batch)
-        if seen >= next_eval or seen >= total:
-            next_eval += EVAL_EPOCHS * n
-            _, val = evaluate(model, loss_fn, splits.inputs, splits.x_val, splits.y_val, 500)
-            curve.append({"round": rnd, "samples_seen": seen, "virtual_total_s": virtual, "val_accuracy": val,
-                          "global_batch": batch, "b_simple_ema": ema if ema is not None else math.nan})
-    _, test = evaluate(model, loss_fn, splits.inputs, splits.x_test, splits.y_test, 500)
-    return _record(method, lr, seed, rnd, seen, virtual, curve, batches, t0, test=test)
-
-
-def _record(method: Method, lr: float, seed: int, rnd: int, seen: int, virtual: float, curve: list, batches: list,
-            t0: float, test: float = 0.1, diverged: bool = False) -> dict:
-    """The JSON record of one run."""
-    return {"method": method.name, "lr": lr, "seed": seed, "rounds": rnd, "samples_seen": seen,
-            "epochs": seen / TRAIN_LIMIT, "virtual_s": virtual, "final_test_accuracy": test,
-            "final_val_accuracy": curve[-1]["val_accuracy"] if curve and not diverged else 0.1,
-            "diverged": diverged, "curve": curve, "mean_batch": float(np.mean(batches)) if batches else 0.0,
-            "wall_s": time.perf_counter() - t0}
 
 
 def run_path(out: Path, method: str, lr: float, seed: int) -> Path:

@@ -10,6 +10,8 @@ import torch
 
 from estimators.performance import comm_seconds
 from experiments import time_to_accuracy as tta
+from experiments import tta_methods as tm
+from experiments import tta_training as tt
 from strategies.batch_policy import scheduled_batch
 from workloads.data import load_splits
 from workloads.models import build_model
@@ -20,59 +22,59 @@ from workloads.registry import WORKLOADS
 def digits(monkeypatch):
     """The study's module shrunk to digits, the MLP, 2 epochs, an evaluation every epoch."""
     torch.set_num_threads(1)
-    monkeypatch.setattr(tta, "DATASET", "digits")
-    monkeypatch.setattr(tta, "MODEL", "mlp")
-    monkeypatch.setattr(tta, "EPOCHS", 2)
-    monkeypatch.setattr(tta, "EVAL_EPOCHS", 1)
+    for module in (tm, tt):  # the constants as each module reads them
+        for name, value in (("DATASET", "digits"), ("MODEL", "mlp"), ("EPOCHS", 2), ("EVAL_EPOCHS", 1)):
+            if hasattr(module, name):
+                monkeypatch.setattr(module, name, value)
     return load_splits("digits", "", 0.1)
 
 
 def test_the_batch_step_schedule_doubles_every_quarter_of_the_epochs():
-    steps, rounds = tta.step_schedule(5000)  # a quarter is 50,000 examples
+    steps, rounds = tm.step_schedule(5000)  # a quarter is 50,000 examples
     assert rounds == 782 + 391 + 196 + 98
     assert steps == [(0, 1.0), (782, 2.0), (1173, 4.0), (1369, 8.0)]
-    assert tta.planned_rounds(tta.METHODS["small"], 5000) == 6250
-    assert tta.planned_rounds(tta.METHODS["large"], 5000) == 391
-    assert tta.planned_rounds(tta.METHODS["batch-step"], 5000) == rounds
+    assert tm.planned_rounds(tm.METHODS["small"], 5000) == 6250
+    assert tm.planned_rounds(tm.METHODS["large"], 5000) == 391
+    assert tm.planned_rounds(tm.METHODS["batch-step"], 5000) == rounds
 
 
 def test_batch_step_128_starts_at_128_and_ends_at_1024_in_a_quarter_of_small_batchs_rounds():
-    method = tta.METHODS["batch-step-128"]
-    steps, rounds = tta.step_schedule(5000, method.steps)
+    method = tm.METHODS["batch-step-128"]
+    steps, rounds = tm.step_schedule(5000, method.steps)
     assert steps == [(0, 1.0), (391, 2.0), (587, 4.0), (685, 8.0)]
-    assert rounds == 391 + 196 + 98 + 49 == tta.planned_rounds(method, 5000)
-    assert rounds / tta.planned_rounds(tta.METHODS["small"], 5000) < 0.118
+    assert rounds == 391 + 196 + 98 + 49 == tm.planned_rounds(method, 5000)
+    assert rounds / tm.planned_rounds(tm.METHODS["small"], 5000) < 0.118
 
 
 def test_the_clients_split_gives_the_union_batch_gradient(digits):
     w = WORKLOADS["digits"]
     model = build_model("mlp", w.input_shape, w.num_classes, 3)
     pos = torch.arange(64)
-    whole, loss1, none = tta.round_gradient(model, w.loss(), digits, pos, 1)
-    split, loss8, stats = tta.round_gradient(model, w.loss(), digits, pos, 8)
+    whole, loss1, none = tt.round_gradient(model, w.loss(), digits, pos, 1)
+    split, loss8, stats = tt.round_gradient(model, w.loss(), digits, pos, 8)
     assert math.isnan(none.b_simple) and math.isnan(none.tr_sigma) and math.isnan(none.grad_sq)
     assert math.isfinite(stats.b_simple) and stats.b_simple == pytest.approx(stats.tr_sigma / stats.grad_sq)
     # the old rule's EMA of B_simple skips what is not a positive number
-    assert tta.ratio_ema(None, math.nan) is None and tta.ratio_ema(2.0, 4.0, 0.75) == pytest.approx(2.5)
+    assert tt.ratio_ema(None, math.nan) is None and tt.ratio_ema(2.0, 4.0, 0.75) == pytest.approx(2.5)
     assert loss8 == pytest.approx(loss1, rel=1e-5)
     assert max(float((a - b).abs().max()) for a, b in zip(whole, split)) < 1e-6
 
 
 def test_the_fleet_clock_is_the_slowest_device_plus_the_round_latency():
-    clock = tta.FleetClock({1: 0.01, 4: 0.02, 16: 0.05, 64: 0.2}, model_bytes=2.5e6)
-    phone = tta.FLEET[0]  # B = 1: one device, the first of the fleet
-    expected = float(clock.model(1)) / phone.speed + comm_seconds(2.5e6, phone) + tta.ROUND_LATENCY_S
+    clock = tt.FleetClock({1: 0.01, 4: 0.02, 16: 0.05, 64: 0.2}, model_bytes=2.5e6)
+    phone = tt.FLEET[0]  # B = 1: one device, the first of the fleet
+    expected = float(clock.model(1)) / phone.speed + comm_seconds(2.5e6, phone) + tt.ROUND_LATENCY_S
     assert clock(1) == pytest.approx(expected, rel=1e-9)
-    old_phone = tta.FLEET[3]  # with 4+ devices the 10 Mbit/s link of the old phone sets the pace
-    assert clock(64) >= comm_seconds(2.5e6, old_phone) + tta.ROUND_LATENCY_S
+    old_phone = tt.FLEET[3]  # with 4+ devices the 10 Mbit/s link of the old phone sets the pace
+    assert clock(64) >= comm_seconds(2.5e6, old_phone) + tt.ROUND_LATENCY_S
     assert clock(512) >= clock(64)
 
 
 def test_a_batch_step_run_follows_its_schedule_and_sees_every_epoch(digits):
-    clock = tta.FleetClock({1: 0.01, 4: 0.02, 16: 0.05, 64: 0.2}, model_bytes=1e5)
+    clock = tt.FleetClock({1: 0.01, 4: 0.02, 16: 0.05, 64: 0.2}, model_bytes=1e5)
     n = len(digits.y_train)
-    rec = tta.train(tta.METHODS["batch-step"], 0.1, 1, digits, clock)
-    steps, planned = tta.step_schedule(n)
+    rec = tt.train(tm.METHODS["batch-step"], 0.1, 1, digits, clock)
+    steps, planned = tm.step_schedule(n)
     batches = [scheduled_batch(64, steps, r) for r in range(1, planned + 1)]
     rounds = int(np.searchsorted(np.cumsum(batches), 2 * n)) + 1  # the first round that completes 2 epochs
     assert not rec["diverged"] and rec["rounds"] == rounds and planned - 1 <= rounds <= planned
@@ -80,6 +82,32 @@ def test_a_batch_step_run_follows_its_schedule_and_sees_every_epoch(digits):
     assert [c["global_batch"] for c in rec["curve"]][-1] == 512
     assert rec["virtual_s"] == pytest.approx(sum(clock(b) for b in batches[:rounds]), rel=1e-9)
     assert 0.5 < rec["final_val_accuracy"] <= 1.0  # chance is 0.1
+
+
+def test_post_local_rounds_of_one_step_are_the_large_batch_steps(digits):
+    clock = tt.FleetClock({1: 0.01, 4: 0.02, 16: 0.05, 64: 0.2}, model_bytes=1e5)
+    large = tt.train(tm.METHODS["large"], 0.05, 1, digits, clock)
+    one = tt.train(tm.Method("post-local-1", "cosine", tm.LARGE, local_steps=1), 0.05, 1, digits, clock)
+    assert one["rounds"] == large["rounds"] == tm.planned_rounds(tm.METHODS["large"], len(digits.y_train))
+    assert one["samples_seen"] == large["samples_seen"]
+    for a, b in zip(one["curve"], large["curve"]):  # same data order, same steps: the same model to rounding
+        assert abs(a["val_accuracy"] - b["val_accuracy"]) <= 1 / len(digits.y_val)
+    assert one["final_test_accuracy"] == pytest.approx(large["final_test_accuracy"], abs=0.006)
+
+
+def test_a_post_local_run_takes_h_steps_a_round_after_the_switch(digits):
+    clock = tt.FleetClock({1: 0.01, 4: 0.02, 16: 0.05, 64: 0.2}, model_bytes=1e5)
+    n, method = len(digits.y_train), tm.METHODS["post-local"]
+    s, local = tm.local_phase(method, n)
+    assert s == math.ceil(n / 512) and local == math.ceil((2 * n - 512 * s) / 512)  # half of 2 epochs, then the rest
+    rec = tt.train(method, 0.05, 1, digits, clock)
+    last = local - 16 * (math.ceil(local / 16) - 1)  # the last local round takes the steps left
+    assert rec["rounds"] == s + math.ceil(local / 16) == tm.planned_rounds(method, n)
+    assert rec["samples_seen"] == 512 * (s + local) and 2 * n <= rec["samples_seen"] < 2 * n + 512
+    expected = s * clock(512) + (math.ceil(local / 16) - 1) * clock.local(16) + clock.local(last)
+    assert rec["virtual_s"] == pytest.approx(expected, rel=1e-9)
+    assert clock.local(16) > clock.local(1) > tt.ROUND_LATENCY_S
+    assert 0.2 < rec["final_val_accuracy"] <= 1.0  # 6 steps of 512 at most: above chance (0.1), not trained
 
 
 def _run(method: str, seed: int, lr: float, accs: list[float], test: float, rounds_per_eval: int) -> dict:
