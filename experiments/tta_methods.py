@@ -48,7 +48,9 @@ METHODS = {m.name: m for m in (
     Method("batch-noise-follow", "constant", settle=True, ratchet=False),
     Method("batch-noise-moments", "constant", settle=True, moments=True),
     # Lin et al. 2020 with the product's defaults (teacher-switch 0.5, teacher-local-steps 16)
-    Method("post-local", "cosine", LARGE, local_steps=16))}
+    Method("post-local", "cosine", LARGE, local_steps=16),
+    # local SGD from the first round (switch 0): FedAvg's rounds on the same 16 clients of 32
+    Method("local-sgd", "cosine", LARGE, local_steps=16, switch=0.0))}
 
 
 def step_schedule(n: int, batches: tuple[int, ...] = STEP_BATCHES) -> tuple[list[tuple[int, float]], int]:

@@ -36,6 +36,9 @@ def test_the_batch_step_schedule_doubles_every_quarter_of_the_epochs():
     assert tm.planned_rounds(tm.METHODS["small"], 5000) == 6250
     assert tm.planned_rounds(tm.METHODS["large"], 5000) == 391
     assert tm.planned_rounds(tm.METHODS["batch-step"], 5000) == rounds
+    assert tm.local_phase(tm.METHODS["post-local"], 5000) == (196, 195)  # 391 steps: half at 512, then local
+    assert tm.planned_rounds(tm.METHODS["post-local"], 5000) == 196 + 13
+    assert tm.planned_steps(tm.METHODS["local-sgd"], 5000) == 391 and tm.planned_rounds(tm.METHODS["local-sgd"], 5000) == 25
 
 
 def test_batch_step_128_starts_at_128_and_ends_at_1024_in_a_quarter_of_small_batchs_rounds():
