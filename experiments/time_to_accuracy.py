@@ -31,6 +31,7 @@ of each round and the learning-rate schedule:
   weights and velocities averaged after each (``local_round``); cosine over all sequential steps
   (391, as large). Its local rounds are not union-batch steps; each costs 16 steps of compute on
   the fleet's first 16 devices and sends weights and velocity (``FleetClock.local``).
+  ``local-sgd``: the same local rounds from the first round (25 rounds).
 
 Each round but post-local's local ones is computed centrally as the union batch of its clients.
 Without BatchNorm that is exactly the federated step (the weighted mean of the clients' mean
@@ -66,7 +67,7 @@ import pandas as pd
 import torch
 
 from experiments.tta_methods import (
-    CHOSEN_LR, DATASET, METHODS, MODEL, SEEDS, TARGET_MARGIN, TRAIN_LIMIT, TUNE_LRS,
+    CHOSEN_LR, DATASET, EPOCHS, METHODS, MODEL, SEEDS, TARGET_MARGIN, TRAIN_LIMIT, TUNE_LRS,
 )
 from experiments.tta_training import FLEET, FleetClock, calibrate, train
 from workloads.data import Splits, load_splits
