@@ -35,6 +35,7 @@ class Method:
     moments: bool = False  # noise rule: tr(Sigma) and |mu|^2 averaged apart (the product's rule), else B_simple
     local_steps: int = 0  # post-local: H local steps a round after the switch (0: every round is one step)
     switch: float = 0.5  # post-local: the share of the epochs in large-batch rounds before the local phase
+    local_clients: int = LOCAL_CLIENTS  # local rounds: the clients that share each step's batch
 
 
 STEP_BATCHES = (64, 128, 256, 512)  # batch-step: one per quarter of the epochs
@@ -50,7 +51,10 @@ METHODS = {m.name: m for m in (
     # Lin et al. 2020 with the product's defaults (teacher-switch 0.5, teacher-local-steps 16)
     Method("post-local", "cosine", LARGE, local_steps=16),
     # local SGD from the first round (switch 0): FedAvg's rounds on the same 16 clients of 32
-    Method("local-sgd", "cosine", LARGE, local_steps=16, switch=0.0))}
+    Method("local-sgd", "cosine", LARGE, local_steps=16, switch=0.0),
+    # batch-step's steps (the same batches in the same order) taken as local rounds of H = 8 steps on
+    # 8 clients, each step's batch split over them (8 to 64 examples a client)
+    Method("batch-step-local", "constant", steps=STEP_BATCHES, local_steps=8, switch=0.0, local_clients=CLIENTS))}
 
 
 def step_schedule(n: int, batches: tuple[int, ...] = STEP_BATCHES) -> tuple[list[tuple[int, float]], int]:
@@ -63,6 +67,17 @@ def step_schedule(n: int, batches: tuple[int, ...] = STEP_BATCHES) -> tuple[list
     return steps, rounds
 
 
+def local_rounds(method: Method, n: int) -> list[tuple[int, int]]:
+    """A step schedule taken in local rounds: (B of each step, H) per round; a phase's last round takes the rest."""
+    plan, share = [], EPOCHS * n // len(method.steps)
+    for b in method.steps:
+        left = math.ceil(share / b)
+        while left:
+            plan.append((b, min(method.local_steps, left)))
+            left -= plan[-1][1]
+    return plan
+
+
 def local_phase(method: Method, n: int) -> tuple[int, int]:
     """post-local: the large-batch rounds s (``switch`` of the epochs at LARGE) and the local phase's steps."""
     s = math.ceil(method.switch * EPOCHS * n / LARGE)
@@ -71,6 +86,8 @@ def local_phase(method: Method, n: int) -> tuple[int, int]:
 
 def planned_steps(method: Method, n: int) -> int:
     """Sequential steps, the learning rate's clock: the rounds, but post-local's local rounds take H steps."""
+    if method.local_steps and method.steps:
+        return step_schedule(n, method.steps)[1]
     if method.local_steps:
         return sum(local_phase(method, n))
     return planned_rounds(method, n)
@@ -78,6 +95,8 @@ def planned_steps(method: Method, n: int) -> int:
 
 def planned_rounds(method: Method, n: int) -> int:
     """Rounds of a method with a known schedule (for warm-up and cosine); batch-noise: small's."""
+    if method.local_steps and method.steps:
+        return len(local_rounds(method, n))
     if method.local_steps:
         s, local = local_phase(method, n)
         return s + math.ceil(local / method.local_steps)

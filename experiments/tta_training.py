@@ -22,7 +22,7 @@ from estimators.performance import (
 )
 from experiments.tta_methods import (
     CLIENTS, DATASET, EPOCHS, EVAL_EPOCHS, LARGE, LOCAL_CLIENTS, MODEL, MOMENTUM, SMALL, TRAIN_LIMIT, WARMUP_FRAC,
-    WEIGHT_DECAY, Method, local_phase, planned_steps, step_schedule,
+    WEIGHT_DECAY, Method, local_phase, local_rounds, planned_steps, step_schedule,
 )
 from strategies.aggregation import weighted_mean
 from strategies.batch_policy import noise_batch, noise_moments, noise_scale_of, scheduled_batch
@@ -49,7 +49,7 @@ class FleetClock:
         self.seconds_at = seconds_at
         self.model: IterTimeModel = fit_iter_time(list(seconds_at), list(seconds_at.values()))
         self.comm = [comm_seconds(model_bytes, p) for p in FLEET]
-        self.comm_local = [comm_seconds(2 * model_bytes, p) for p in FLEET[:LOCAL_CLIENTS]]  # weights + velocity
+        self.comm_local = [comm_seconds(2 * model_bytes, p) for p in FLEET]  # weights + velocity
         self._cache: dict[int, float] = {}
 
     def __call__(self, batch: int) -> float:
@@ -63,12 +63,11 @@ class FleetClock:
         return self._cache[batch]
 
 
-    def local(self, steps: int) -> float:
-        """A post-local round: FLEET's first LOCAL_CLIENTS devices each run ``steps`` steps of
-        LARGE / LOCAL_CLIENTS examples and send weights and velocity, plus the round latency, s."""
-        b = LARGE // LOCAL_CLIENTS
-        compute = [steps * _Scaled(self.model, p)(b) for p in FLEET[:LOCAL_CLIENTS]]
-        return round_seconds(compute, self.comm_local, 0.0, ROUND_LATENCY_S)
+    def local(self, steps: int, batch: int = LARGE, clients: int = LOCAL_CLIENTS) -> float:
+        """A local round: FLEET's first ``clients`` devices each run ``steps`` steps of
+        ``batch / clients`` examples and send weights and velocity, plus the round latency, s."""
+        compute = [steps * _Scaled(self.model, p)(batch // clients) for p in FLEET[:clients]]
+        return round_seconds(compute, self.comm_local[:clients], 0.0, ROUND_LATENCY_S)
 
 
 @dataclass(frozen=True)
@@ -132,22 +131,25 @@ def ratio_ema(previous: float | None, b_simple: float, decay: float = 0.9) -> fl
     return b_simple if previous is None else decay * previous + (1.0 - decay) * b_simple
 
 
-def local_round(model, loss_fn, splits: Splits, opt: ServerSGD, draws: list[torch.Tensor], lrs: list[float]) -> float:
-    """post-local's round; returns the clients' mean loss.
+def local_round(model, loss_fn, splits: Splits, opt: ServerSGD, draws: list[torch.Tensor], lrs: list[float],
+                clients: int = LOCAL_CLIENTS) -> float:
+    """A local round (post-local's, batch-step-local's); returns the clients' mean loss.
 
-    Each of LOCAL_CLIENTS clients takes its share of every draw of LARGE positions and runs one
+    Each of ``clients`` clients takes its equal share of every draw of positions and runs one
     step per draw from the global weights and velocity (``local_momentum_sgd``, the product's
     client); weights and velocities are then averaged, as the product's ``post-local`` round
-    (strategies/local_phase.py). With one draw this is the large-batch step (tested).
+    (strategies/local_phase.py). With one draw this is the union batch's step (tested).
     """
-    params, b = list(model.parameters()), LARGE // LOCAL_CLIENTS
+    if any(len(pos) % clients for pos in draws):
+        raise ValueError(f"a local round's batches {[len(p) for p in draws]} must split evenly over {clients} clients")
+    params = list(model.parameters())
     start = [p.detach().clone() for p in params]
     w_sum, v_sum, losses = [torch.zeros_like(t) for t in start], [torch.zeros_like(t) for t in start], []
-    for k in range(LOCAL_CLIENTS):
+    for k in range(clients):
         with torch.no_grad():
             for p, w0 in zip(params, start):
                 p.copy_(w0)
-        batches = [(splits.x_train[pos[k * b:(k + 1) * b]], splits.y_train[pos[k * b:(k + 1) * b]]) for pos in draws]
+        batches = [(splits.x_train[part], splits.y_train[part]) for part in (pos.chunk(clients)[k] for pos in draws)]
         _, loss, v = local_momentum_sgd(model, loss_fn, splits.inputs, batches, lrs[0], lrs=lrs, momentum=MOMENTUM,
                                         weight_decay=WEIGHT_DECAY, velocity=opt.velocity)
         losses.append(loss)
@@ -157,8 +159,8 @@ def local_round(model, loss_fn, splits: Splits, opt: ServerSGD, draws: list[torc
             acc.add_(t)
     with torch.no_grad():
         for p, acc in zip(params, w_sum):
-            p.copy_(acc / LOCAL_CLIENTS)
-    opt.velocity = [acc / LOCAL_CLIENTS for acc in v_sum]
+            p.copy_(acc / clients)
+    opt.velocity = [acc / clients for acc in v_sum]
     return float(np.mean(losses))
 
 
@@ -172,19 +174,21 @@ def train(method: Method, lr: float, seed: int, splits: Splits, clock: FleetCloc
     warmup = max(1, round(WARMUP_FRAC * steps_planned))
     steps = step_schedule(n, method.steps)[0] if method.steps else []
     switch = local_phase(method, n)[0] if method.local_steps else math.inf
+    plan = local_rounds(method, n) if method.local_steps and method.steps else []  # batch-step-local's (B, H)
     seen = rnd = step = epoch = cursor = 0
     virtual, ema, moments, batch, next_eval = 0.0, None, None, 0, EVAL_EPOCHS * n
     curve, batches = [], []
     while seen < total:
         rnd += 1
-        if rnd > switch:  # post-local: H steps on every client (fewer in the last round), then the mean model
+        if rnd > switch:  # local rounds: H steps on every client (fewer in a phase's last round), then the mean
+            batch, h = plan[rnd - 1] if plan else (LARGE, min(method.local_steps, math.ceil((total - seen) / LARGE)))
             draws = []
-            for _ in range(min(method.local_steps, math.ceil((total - seen) / LARGE))):
-                pos, epoch, cursor = draw_batch(n, LARGE, seed, epoch, cursor)
+            for _ in range(h):
+                pos, epoch, cursor = draw_batch(n, batch, seed, epoch, cursor)
                 draws.append(pos)
-            lrs = [lr_at(step + j + 1, steps_planned, lr, warmup, method.schedule) for j in range(len(draws))]
-            loss = local_round(model, loss_fn, splits, opt, draws, lrs)
-            step, batch, examples, cost = step + len(draws), LARGE, LARGE * len(draws), clock.local(len(draws))
+            lrs = [lr_at(step + j + 1, steps_planned, lr, warmup, method.schedule) for j in range(h)]
+            loss = local_round(model, loss_fn, splits, opt, draws, lrs, method.local_clients)
+            step, examples, cost = step + h, batch * h, clock.local(h, batch, method.local_clients)
         else:
             if method.batch:
                 batch = method.batch

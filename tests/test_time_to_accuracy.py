@@ -39,6 +39,11 @@ def test_the_batch_step_schedule_doubles_every_quarter_of_the_epochs():
     assert tm.local_phase(tm.METHODS["post-local"], 5000) == (196, 195)  # 391 steps: half at 512, then local
     assert tm.planned_rounds(tm.METHODS["post-local"], 5000) == 196 + 13
     assert tm.planned_steps(tm.METHODS["local-sgd"], 5000) == 391 and tm.planned_rounds(tm.METHODS["local-sgd"], 5000) == 25
+    local = tm.METHODS["batch-step-local"]  # batch-step's 1,467 steps in rounds of 8: 98 + 49 + 25 + 13
+    assert tm.planned_steps(local, 5000) == rounds and tm.planned_rounds(local, 5000) == 185
+    plan = tm.local_rounds(local, 5000)
+    assert plan[:2] == [(64, 8), (64, 8)] and plan[97] == (64, 6) and plan[98] == (128, 8) and plan[-1] == (512, 2)
+    assert sum(h for _, h in plan) == rounds and sum(b * h for b, h in plan) == 782 * 64 + 391 * 128 + 196 * 256 + 98 * 512
 
 
 def test_batch_step_128_starts_at_128_and_ends_at_1024_in_a_quarter_of_small_batchs_rounds():
@@ -96,6 +101,31 @@ def test_post_local_rounds_of_one_step_are_the_large_batch_steps(digits):
     for a, b in zip(one["curve"], large["curve"]):  # same data order, same steps: the same model to rounding
         assert abs(a["val_accuracy"] - b["val_accuracy"]) <= 1 / len(digits.y_val)
     assert one["final_test_accuracy"] == pytest.approx(large["final_test_accuracy"], abs=0.006)
+
+
+def test_batch_step_local_rounds_of_one_step_are_batch_steps_steps(digits):
+    clock = tt.FleetClock({1: 0.01, 4: 0.02, 16: 0.05, 64: 0.2}, model_bytes=1e5)
+    step = tt.train(tm.METHODS["batch-step"], 0.025, 1, digits, clock)
+    one = tt.train(tm.Method("local-1", "constant", steps=tm.STEP_BATCHES, local_steps=1, switch=0.0,
+                             local_clients=tm.CLIENTS), 0.025, 1, digits, clock)
+    assert one["rounds"] == step["rounds"] and one["samples_seen"] == step["samples_seen"]
+    for a, b in zip(one["curve"], step["curve"]):  # 8 clients' one step each, averaged: the union batch's step
+        assert abs(a["val_accuracy"] - b["val_accuracy"]) <= 1 / len(digits.y_val)
+    assert one["final_test_accuracy"] == pytest.approx(step["final_test_accuracy"], abs=0.006)
+
+
+def test_a_batch_step_local_run_takes_its_plan_and_pays_h_steps_a_round(digits):
+    clock = tt.FleetClock({1: 0.01, 4: 0.02, 16: 0.05, 64: 0.2}, model_bytes=1e5)
+    n, method = len(digits.y_train), tm.METHODS["batch-step-local"]
+    plan = tm.local_rounds(method, n)
+    rec = tt.train(method, 0.025, 1, digits, clock)
+    assert rec["rounds"] == len(plan) == tm.planned_rounds(method, n) < tm.planned_rounds(tm.METHODS["batch-step"], n) / 4
+    assert rec["samples_seen"] == sum(b * h for b, h in plan) >= 2 * n
+    assert rec["virtual_s"] == pytest.approx(sum(clock.local(h, b, tm.CLIENTS) for b, h in plan), rel=1e-9)
+    assert clock.local(8, 64, 8) < clock.local(8, 512, 8)  # 8 examples a step on each device against 64
+    assert 0.5 < rec["final_val_accuracy"] <= 1.0  # chance is 0.1
+    with pytest.raises(ValueError, match="split evenly over 8 clients"):
+        tt.local_round(None, None, digits, None, [torch.arange(12)], [0.1], clients=8)
 
 
 def test_a_post_local_run_takes_h_steps_a_round_after_the_switch(digits):
