@@ -5,7 +5,8 @@ arXiv 1808.07217): the first ``s`` rounds are ordinary large-batch steps; every 
 sends each client H = ``teacher-local-steps`` local steps on its own batches of b_i, and the
 server averages the clients' models. Lin et al. switch at the first learning-rate decay, with
 local momentum on every worker; ``teacher-switch`` sets s (a fraction of
-``num-server-rounds`` below 1, else a round count).
+``num-server-rounds`` below 1, else a round count; 0: every round is local, local SGD with the
+server's optimizer on every client, i.e. FedAvg's rounds with local momentum).
 
 ``swap`` (Gupta, Akle Serrano & DeCoste 2020, "Stochastic Weight Averaging in Parallel",
 arXiv 2001.02312): rounds 1..N-1 are large-batch steps; the last round sends every client
@@ -45,13 +46,14 @@ LOCAL_TEACHERS = ("post-local", "swap")
 def switch_round(cfg: RunConfig) -> int:
     """Rounds of the large-batch phase, s.
 
-    ``post-local``: ``teacher-switch`` (a fraction of ``num-server-rounds`` below 1, else a count);
+    ``post-local``: ``teacher-switch`` (a fraction of ``num-server-rounds`` below 1, else a count; 0 exactly: none);
     ``swap``: every round but the last.
 
     Raises
     ------
     ConfigError
-        If no round would be left for the local phase, or none for the large-batch phase of post-local.
+        If no round would be left for the local phase, or none for the large-batch phase of post-local
+        (unless ``teacher-switch`` is 0).
     """
     n = cfg.num_server_rounds
     if cfg.teacher == "swap":
@@ -61,10 +63,11 @@ def switch_round(cfg: RunConfig) -> int:
         return n - 1
     f = cfg.teacher_switch
     s = int(round(f * n)) if f < 1 else int(f)
-    if not 1 <= s < n:
+    if not (1 <= s < n or f == 0):
         raise ConfigError(
             f"run-config key 'teacher-switch' = {f!r} gives {s} large-batch rounds of num-server-rounds = {n}. "
-            f"Allowed: 1..{n - 1} rounds (or a fraction that gives that many), so that both phases have a round."
+            f"Allowed: 1..{n - 1} rounds (or a fraction that gives that many), so that both phases have a round, "
+            "or exactly 0 (local rounds only)."
         )
     return s
 

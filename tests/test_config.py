@@ -92,6 +92,7 @@ def test_empty_run_config_gives_defaults():
         ({"teacher-hyper-lr": -0.1}, ["'teacher-hyper-lr'", "-0.1", ">= 0"]),
         ({"teacher": "post-local", "teacher-switch": 60, "num-server-rounds": 60}, ["'teacher-switch'", "60", "1..59"]),
         ({"teacher": "post-local", "teacher-switch": 0.001, "num-server-rounds": 60}, ["'teacher-switch'", "0 large-batch rounds"]),
+        ({"teacher-switch": -0.5}, ["'teacher-switch'", "-0.5", "[0, 1)"]),
         ({"teacher": "swap", "num-server-rounds": 1}, ["'num-server-rounds'", "'swap'", "at least 2"]),
         ({"teacher": "signed-noise", "min-batch-fraction": 0.5}, ["'min-batch-fraction'", "0.5", "signed-noise", "1.0"]),
     ],

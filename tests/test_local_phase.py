@@ -83,6 +83,23 @@ def test_one_local_step_from_the_server_velocity_is_the_large_batch_step():
     assert local.plan.momentum == 0.0 and local.plan.weight_decay == 0.0  # the clients applied both
 
 
+def test_switch_zero_makes_every_round_local_and_h1_is_the_plain_run_from_the_first_round():
+    cfg = RunConfig.from_mapping({**RUN, "teacher": "post-local", "teacher-switch": 0, "teacher-local-steps": 1})
+    t = LocalPhaseTeacher(cfg)
+    assert (t.switch, t.total_steps, list(t.steps_of(1))) == (0, 4, [1])
+    assert t.plan(1, {0: 8}).local_momentum  # no large-batch round: the first round is local, without a velocity yet
+    _, plain = _strategy(IdentityTeacher())
+    _, local = _strategy(t)
+    for rnd in (1, 2, 3):
+        _round(cfg, plain, rnd)
+        _round(cfg, local, rnd)
+    for k in plain.state:
+        torch.testing.assert_close(local.state[k], plain.state[k], rtol=1e-5, atol=1e-7)
+    h3 = LocalPhaseTeacher(RunConfig.from_mapping({**RUN, "teacher": "post-local", "teacher-switch": 0,
+                                                   "teacher-local-steps": 3}))
+    assert (h3.total_steps, list(h3.steps_of(2))) == (12, [4, 5, 6])
+
+
 def test_local_momentum_round_averages_the_clients_sgd_runs():
     lrs = (0.1, 0.05, 0.02)
     cfg, strategy = _strategy(Planned({2: RoundPlan(local_steps=3, lr=0.05, local_lrs=lrs, local_momentum=True)}))

@@ -86,7 +86,7 @@ class RunConfig:
     teacher_ema: float = _key(0.9, "`adascale`: per-round EMA decay of its noise statistics")
     teacher_switch: float = _key(
         0.5, "`post-local`: rounds of the large-batch phase, a fraction of `num-server-rounds` below 1, "
-             "else a whole number of rounds; both phases need a round")
+             "else a whole number of rounds; `0`: local rounds from the first (local SGD); the local phase needs a round")
     teacher_local_steps: int = _key(
         16, "`post-local`: local steps `H` per round after the switch; `swap`: steps of the last round "
             "(the refinement) ([more](#teacher-local-steps))")
@@ -253,10 +253,10 @@ class RunConfig:
         if self.memory_check_every < -1:
             raise ConfigError(f"run-config key 'memory-check-every' = {self.memory_check_every}: must be >= -1 "
                               "(-1 never, 0 the first and last round, N also every N-th).")
-        if not (0.0 < self.teacher_switch < 1.0 or (self.teacher_switch >= 1 and float(self.teacher_switch).is_integer())):
+        if not (0.0 <= self.teacher_switch < 1.0 or (self.teacher_switch >= 1 and float(self.teacher_switch).is_integer())):
             raise ConfigError(
                 f"run-config key 'teacher-switch' = {self.teacher_switch!r}: must be a fraction of num-server-rounds "
-                "in (0, 1) or a whole number of rounds >= 1."
+                "in [0, 1) or a whole number of rounds >= 1."
             )
         if not 0.0 < self.val_fraction < 0.5:
             raise ConfigError(f"run-config key 'val-fraction' = {self.val_fraction!r}: must be in (0, 0.5).")
