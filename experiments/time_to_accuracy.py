@@ -32,8 +32,13 @@ of each round and the learning-rate schedule:
   (391, as large). Its local rounds are not union-batch steps; each costs 16 steps of compute on
   the fleet's first 16 devices and sends weights and velocity (``FleetClock.local``).
   ``local-sgd``: the same local rounds from the first round (25 rounds).
+- ``batch-step-local``: batch-step's 1,467 steps, the same batches in the same order, taken in
+  local rounds of H = 8 steps on 8 clients, each step's batch split evenly over them (8 to 64
+  examples a client), weights and velocities averaged after each round (185 rounds). The
+  product's ``post-local`` teacher with ``teacher-switch = 0`` and ``batch-policy = step``. With
+  H = 1 its rounds are batch-step's steps (tested).
 
-Each round but post-local's local ones is computed centrally as the union batch of its clients.
+Each round but the local ones is computed centrally as the union batch of its clients.
 Without BatchNorm that is exactly the federated step (the weighted mean of the clients' mean
 gradients, one server SGD step; tested in ``tests/test_equivalence.py``), so the accuracy curves
 are the app's. The setting and the methods are in ``experiments/tta_methods.py``, the clock and

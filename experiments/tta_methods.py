@@ -54,7 +54,10 @@ METHODS = {m.name: m for m in (
     Method("local-sgd", "cosine", LARGE, local_steps=16, switch=0.0),
     # batch-step's steps (the same batches in the same order) taken as local rounds of H = 8 steps on
     # 8 clients, each step's batch split over them (8 to 64 examples a client)
-    Method("batch-step-local", "constant", steps=STEP_BATCHES, local_steps=8, switch=0.0, local_clients=CLIENTS))}
+    Method("batch-step-local", "constant", steps=STEP_BATCHES, local_steps=8, switch=0.0, local_clients=CLIENTS),
+    # the same with rounds of H = 4 and H = 2 steps (368 and 735 rounds)
+    Method("batch-step-local-4", "constant", steps=STEP_BATCHES, local_steps=4, switch=0.0, local_clients=CLIENTS),
+    Method("batch-step-local-2", "constant", steps=STEP_BATCHES, local_steps=2, switch=0.0, local_clients=CLIENTS))}
 
 
 def step_schedule(n: int, batches: tuple[int, ...] = STEP_BATCHES) -> tuple[list[tuple[int, float]], int]:

@@ -41,6 +41,7 @@ def test_the_batch_step_schedule_doubles_every_quarter_of_the_epochs():
     assert tm.planned_steps(tm.METHODS["local-sgd"], 5000) == 391 and tm.planned_rounds(tm.METHODS["local-sgd"], 5000) == 25
     local = tm.METHODS["batch-step-local"]  # batch-step's 1,467 steps in rounds of 8: 98 + 49 + 25 + 13
     assert tm.planned_steps(local, 5000) == rounds and tm.planned_rounds(local, 5000) == 185
+    assert [tm.planned_rounds(tm.METHODS[f"batch-step-local-{h}"], 5000) for h in (4, 2)] == [196 + 98 + 49 + 25, 391 + 196 + 98 + 49]
     plan = tm.local_rounds(local, 5000)
     assert plan[:2] == [(64, 8), (64, 8)] and plan[97] == (64, 6) and plan[98] == (128, 8) and plan[-1] == (512, 2)
     assert sum(h for _, h in plan) == rounds and sum(b * h for b, h in plan) == 782 * 64 + 391 * 128 + 196 * 256 + 98 * 512
