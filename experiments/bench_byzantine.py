@@ -12,8 +12,11 @@ Every round goes through the product's ``plan_round`` and ``server_step`` (reply
 norm guard, the aggregator, server SGD with momentum 0.9 and the run's lr schedule), with
 ``min-batch-fraction = 0.5`` so that rejected attackers do not stop the round, and
 ``byzantine-fraction = f / n`` (0.2 for ``clean``): Krum and the trimmed mean are told the
-true f. A run whose round fails (``RoundFailure``, ``DivergenceError``) stops there and is
-recorded as failed, with the accuracy of its last model.
+true f. ``absent-4`` and ``absent-8`` (only through ``--attacks``) are the oracle: partitions
+0..f-1 send nothing, so each round is the honest clients' step on their share of the data, the
+best any aggregator could do if it recognised every attacker. A run whose round fails
+(``RoundFailure``, ``DivergenceError``) stops there and is recorded as failed, with the
+accuracy of its last model.
 
 Full run: every aggregator x every attack x seeds 1..S; writes ``<out>/bench_byzantine.csv``
 (one row per run) and ``docs/byzantine.png``, prints mean +- std of the final test accuracy.
@@ -50,6 +53,8 @@ from workloads.training import batch_gradient, draw_batch, evaluate
 
 N_CLIENTS = 20
 ATTACKS = {"clean": 0, "alie": 4, "ipm": 8, "sign-flip": 4, "label-flip": 4, "bit-flip": 4}  # attack -> f
+ABSENT = {"absent-4": 4, "absent-8": 8}  # the oracle: the f Byzantine partitions removed (module docstring)
+CONDITIONS = {**ATTACKS, **ABSENT}
 QUICK_RUNS = (("mean", "clean"), ("mean", "alie"), ("centered-clip", "alie"), ("mean", "ipm"), ("centered-clip", "ipm"))
 NODE_BASE = 1000  # node id of partition p is NODE_BASE + p
 
@@ -117,7 +122,7 @@ def run_config(dataset: str, aggregator: str, attack: str, scale: Scale, seed: i
 
     ``radius_scale`` None keeps the run-config default ``cc-radius-scale``.
     """
-    f = ATTACKS[attack]
+    f = CONDITIONS[attack]
     scale_key = {} if radius_scale is None else {"cc-radius-scale": radius_scale}
     return RunConfig.from_mapping({
         "dataset": dataset, "aggregator": aggregator, "num-server-rounds": scale.rounds,
@@ -130,15 +135,18 @@ def client_vectors(bench: Bench, attack: str, state: ServerState, plan: StepPlan
     """What each sampled partition sends this round: (flat gradient, train loss).
 
     Partitions below f run ``attack``; they report the honest clients' mean loss. ALIE and IPM
-    compute one vector from the honest gradients, which all f attackers send.
+    compute one vector from the honest gradients, which all f attackers send. ``absent-f``:
+    partitions below f send nothing.
     """
-    if attack not in ATTACKS:
-        raise ValueError(f"unknown attack {attack!r}; allowed: {', '.join(ATTACKS)}")
-    f = ATTACKS[attack]
+    if attack not in CONDITIONS:
+        raise ValueError(f"unknown attack {attack!r}; allowed: {', '.join(CONDITIONS)}")
+    f = CONDITIONS[attack]
     batches = {pid: bench.draw(state, pid, b) for pid, b in plan.assigned.values()}
     own = {pid: bench.gradient(*xy) for pid, xy in batches.items() if pid >= f or attack in ("sign-flip", "bit-flip")}
     loss = float(np.mean([own[p][1] for p in own if p >= f]))
     out = {p: own[p] for p in own if p >= f}
+    if attack in ABSENT:
+        return out
     shared = None
     if attack in ("alie", "ipm"):
         honest = torch.stack([own[p][0] for p in sorted(out)])
@@ -168,7 +176,7 @@ def reply(node: int, pid: int, b: int, vec: torch.Tensor, names: list[str], like
 def run_one(bench: Bench, aggregator: str, attack: str, scale: Scale, radius_scale: float | None = None,
             bucket_size: int = 1) -> dict:
     """One run from a fresh model of ``bench.seed``; its CSV row (module docstring)."""
-    start, f = time.perf_counter(), ATTACKS[attack]
+    start, f = time.perf_counter(), CONDITIONS[attack]
     w = WORKLOADS[bench.dataset]
     fresh = build_model(resolve_model(bench.dataset, "auto"), w.input_shape, w.num_classes, bench.seed)
     names = [n for n, _ in fresh.named_parameters()]
@@ -184,7 +192,7 @@ def run_one(bench: Bench, aggregator: str, attack: str, scale: Scale, radius_sca
         like = [state.model[n] for n in names]
         sent = client_vectors(bench, attack, state, plan, generator)
         replies = [reply(node, pid, b, sent[pid][0], names, like, sent[pid][1])
-                   for node, (pid, b) in plan.assigned.items()]
+                   for node, (pid, b) in plan.assigned.items() if pid in sent]
         try:
             state, record = server_step(state, replies, plan)
             failures = record.check.failures
@@ -245,8 +253,8 @@ def quick_line(df: pd.DataFrame) -> str:
 def summary(df: pd.DataFrame, dataset: str) -> str:
     """A markdown table of test accuracy (%) mean +- std over seeds, aggregator x attack; ``*k``: k runs failed."""
     d = df[df.dataset == dataset]
-    attack_names = [a for a in ATTACKS if a in set(d.attack)]
-    lines = ["| aggregator | " + " | ".join(f"{a} (f={ATTACKS[a]})" for a in attack_names) + " |",
+    attack_names = [a for a in CONDITIONS if a in set(d.attack)]
+    lines = ["| aggregator | " + " | ".join(f"{a} (f={CONDITIONS[a]})" for a in attack_names) + " |",
              "| --- |" + " --- |" * len(attack_names)]
     for agg in [a for a in AGGREGATORS if a in set(d.aggregator)]:
         cells = []
@@ -272,7 +280,7 @@ def plot(df: pd.DataFrame, path: Path) -> bool:
     fig, axes = plt.subplots(len(datasets), 1, figsize=(10, 4.2 * len(datasets)), squeeze=False)
     for ax, dataset in zip(axes[:, 0], datasets):
         stats = df[df.dataset == dataset].groupby(["attack", "aggregator"])["test_accuracy"].agg(["mean", "std"])
-        attack_names = [a for a in ATTACKS if a in stats.index.get_level_values(0)]
+        attack_names = [a for a in CONDITIONS if a in stats.index.get_level_values(0)]
         aggs = [a for a in AGGREGATORS if a in stats.index.get_level_values(1)]
         width = 0.8 / len(aggs)
         for j, agg in enumerate(aggs):
@@ -281,7 +289,7 @@ def plot(df: pd.DataFrame, path: Path) -> bool:
             ax.bar(np.arange(len(attack_names)) + j * width, [100 * r["mean"] for r in rows], width,
                    yerr=[100 * (0.0 if np.isnan(r["std"]) else r["std"]) for r in rows], label=agg, capsize=2)
         ax.set_xticks(np.arange(len(attack_names)) + 0.4 - width / 2)
-        ax.set_xticklabels([f"{a}\n(f={ATTACKS[a]})" for a in attack_names])
+        ax.set_xticklabels([f"{a}\n(f={CONDITIONS[a]})" for a in attack_names])
         ax.set_ylabel("final test accuracy (%)")
         ax.set_ylim(0, 100)
         ax.axhline(10, color="grey", linestyle=":", linewidth=1)  # chance: 10 classes
@@ -297,7 +305,7 @@ def plot(df: pd.DataFrame, path: Path) -> bool:
 def grid_runs(aggregators: str, attack_names: str) -> list[tuple[str, str]]:
     """The (aggregator, attack) pairs of two comma-separated lists; an unknown name raises ``ValueError``."""
     aggs, atts = [a for a in aggregators.split(",") if a], [a for a in attack_names.split(",") if a]
-    for key, names, allowed in (("--aggregators", aggs, AGGREGATORS), ("--attacks", atts, tuple(ATTACKS))):
+    for key, names, allowed in (("--aggregators", aggs, AGGREGATORS), ("--attacks", atts, tuple(CONDITIONS))):
         bad = [n for n in names if n not in allowed] or ([] if names else ["(empty)"])
         if bad:
             raise ValueError(f"{key} = {','.join(names) or repr('')}: {bad[0]!r} is not one of {', '.join(allowed)}")
@@ -313,7 +321,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--rounds", type=int, default=0, help="rounds of every run; 0 = the dataset's (SCALES)")
     p.add_argument("--lr", type=float, default=0.0, help="peak lr of every run; 0 = the dataset's (SCALES)")
     p.add_argument("--aggregators", default=",".join(AGGREGATORS), help="comma-separated subset of the aggregators")
-    p.add_argument("--attacks", default=",".join(ATTACKS), help="comma-separated subset of the attacks and 'clean'")
+    p.add_argument("--attacks", default=",".join(ATTACKS),
+                   help="comma-separated attacks and 'clean'; the oracle 'absent-4', 'absent-8' only when named")
     p.add_argument("--data-dir", default=os.environ.get("FLB_DATA_DIR", ""))
     p.add_argument("--out", default="experiments/results")
     p.add_argument("--plot", default="docs/byzantine.png")

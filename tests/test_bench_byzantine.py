@@ -41,6 +41,14 @@ def test_bit_flips_break_the_mean_and_the_failed_run_is_recorded(bench):
     assert median["status"] == "ok" and median["rounds"] == 5
 
 
+def test_the_oracle_removes_the_byzantine_partitions_and_the_run_goes_on(bench):
+    """``absent-8``: partitions 0..7 never reply; each round is the 12 honest clients' step (min-batch-fraction 0.5)."""
+    row = run_one(bench, "mean", "absent-8", Scale(rounds=15, global_batch=320, lr=0.3))
+    assert row["status"] == "ok" and row["rounds"] == 15 and row["f"] == 8
+    assert row["rejected_byzantine"] == 8 * 15 and row["rejected_honest"] == 0  # missing replies are recorded
+    assert row["test_accuracy"] > 0.6
+
+
 def test_the_quick_line_and_the_table():
     rows = [{"dataset": "mnist", "aggregator": a, "attack": t, "seed": s, "test_accuracy": 0.5 + 0.1 * i + 0.01 * s,
              "status": "ok"} for i, (a, t) in enumerate(QUICK_RUNS) for s in (1, 2)]
@@ -62,6 +70,7 @@ def test_grid_filters_name_the_bad_value():
         grid_runs("mean,foo", "clean")
     with pytest.raises(ValueError, match=r"--attacks"):
         grid_runs("mean", "")
+    assert grid_runs("mean", "absent-4") == [("mean", "absent-4")]  # the oracle: only when asked for
 
 
 def test_cc_radius_sweep_picks_the_scale_with_the_best_worst_attack(tmp_path, capsys):
