@@ -36,6 +36,9 @@ class Method:
     local_steps: int = 0  # post-local: H local steps a round after the switch (0: every round is one step)
     switch: float = 0.5  # post-local: the share of the epochs in large-batch rounds before the local phase
     local_clients: int = LOCAL_CLIENTS  # local rounds: the clients that share each step's batch
+    # local rounds: True, the clients continue the server's momentum and send weights and velocity
+    # (post-local); False, plain local SGD and the server's momentum on the mean pseudo-gradient (FedAvgM)
+    local_momentum: bool = True
 
 
 STEP_BATCHES = (64, 128, 256, 512)  # batch-step: one per quarter of the epochs
@@ -57,7 +60,11 @@ METHODS = {m.name: m for m in (
     Method("batch-step-local", "constant", steps=STEP_BATCHES, local_steps=8, switch=0.0, local_clients=CLIENTS),
     # the same with rounds of H = 4 and H = 2 steps (368 and 735 rounds)
     Method("batch-step-local-4", "constant", steps=STEP_BATCHES, local_steps=4, switch=0.0, local_clients=CLIENTS),
-    Method("batch-step-local-2", "constant", steps=STEP_BATCHES, local_steps=2, switch=0.0, local_clients=CLIENTS))}
+    Method("batch-step-local-2", "constant", steps=STEP_BATCHES, local_steps=2, switch=0.0, local_clients=CLIENTS),
+    # rounds of 2 plain SGD steps on each client, the server's momentum on the mean pseudo-gradient
+    # (FedAvgM, Hsu et al. 2019; the product's local-steps = 2): clients send weights only
+    Method("batch-step-fedavgm-2", "constant", steps=STEP_BATCHES, local_steps=2, switch=0.0, local_clients=CLIENTS,
+           local_momentum=False))}
 
 
 def step_schedule(n: int, batches: tuple[int, ...] = STEP_BATCHES) -> tuple[list[tuple[int, float]], int]:

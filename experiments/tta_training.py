@@ -63,11 +63,12 @@ class FleetClock:
         return self._cache[batch]
 
 
-    def local(self, steps: int, batch: int = LARGE, clients: int = LOCAL_CLIENTS) -> float:
+    def local(self, steps: int, batch: int = LARGE, clients: int = LOCAL_CLIENTS, velocity: bool = True) -> float:
         """A local round: FLEET's first ``clients`` devices each run ``steps`` steps of
-        ``batch / clients`` examples and send weights and velocity, plus the round latency, s."""
+        ``batch / clients`` examples and send weights and velocity (``velocity`` False: weights
+        only), plus the round latency, s."""
         compute = [steps * _Scaled(self.model, p)(batch // clients) for p in FLEET[:clients]]
-        return round_seconds(compute, self.comm_local[:clients], 0.0, ROUND_LATENCY_S)
+        return round_seconds(compute, (self.comm_local if velocity else self.comm)[:clients], 0.0, ROUND_LATENCY_S)
 
 
 @dataclass(frozen=True)
@@ -132,13 +133,15 @@ def ratio_ema(previous: float | None, b_simple: float, decay: float = 0.9) -> fl
 
 
 def local_round(model, loss_fn, splits: Splits, opt: ServerSGD, draws: list[torch.Tensor], lrs: list[float],
-                clients: int = LOCAL_CLIENTS) -> float:
+                clients: int = LOCAL_CLIENTS, momentum: bool = True) -> float:
     """A local round (post-local's, batch-step-local's); returns the clients' mean loss.
 
     Each of ``clients`` clients takes its equal share of every draw of positions and runs one
     step per draw from the global weights and velocity (``local_momentum_sgd``, the product's
     client); weights and velocities are then averaged, as the product's ``post-local`` round
-    (strategies/local_phase.py). With one draw this is the union batch's step (tested).
+    (strategies/local_phase.py). ``momentum`` False: plain SGD steps on the clients, then the
+    server's momentum step on the mean pseudo-gradient (w_0 - w_H) / mean(lrs) at mean(lrs), as
+    the product's ``local-steps`` rounds (FedAvgM). With one draw either is the union batch's step (tested).
     """
     if any(len(pos) % clients for pos in draws):
         raise ValueError(f"a local round's batches {[len(p) for p in draws]} must split evenly over {clients} clients")
@@ -150,17 +153,26 @@ def local_round(model, loss_fn, splits: Splits, opt: ServerSGD, draws: list[torc
             for p, w0 in zip(params, start):
                 p.copy_(w0)
         batches = [(splits.x_train[part], splits.y_train[part]) for part in (pos.chunk(clients)[k] for pos in draws)]
-        _, loss, v = local_momentum_sgd(model, loss_fn, splits.inputs, batches, lrs[0], lrs=lrs, momentum=MOMENTUM,
-                                        weight_decay=WEIGHT_DECAY, velocity=opt.velocity)
+        _, loss, v = local_momentum_sgd(model, loss_fn, splits.inputs, batches, lrs[0], lrs=lrs,
+                                        momentum=MOMENTUM if momentum else 0.0,
+                                        weight_decay=WEIGHT_DECAY if momentum else 0.0, velocity=opt.velocity)
         losses.append(loss)
         for acc, p in zip(w_sum, params):
             acc.add_(p.detach())
-        for acc, t in zip(v_sum, v):
+        for acc, t in zip(v_sum, v or []):
             acc.add_(t)
     with torch.no_grad():
         for p, acc in zip(params, w_sum):
             p.copy_(acc / clients)
-    opt.velocity = [acc / clients for acc in v_sum]
+    if momentum:
+        opt.velocity = [acc / clients for acc in v_sum]
+    else:  # FedAvgM: back to w_0, then the server's step on the mean pseudo-gradient
+        lr = float(np.mean(lrs))
+        pseudo = [(w0 - p.detach()) / lr for w0, p in zip(start, params)]
+        with torch.no_grad():
+            for p, w0 in zip(params, start):
+                p.copy_(w0)
+        opt.step(params, pseudo, lr)
     return float(np.mean(losses))
 
 
@@ -187,8 +199,9 @@ def train(method: Method, lr: float, seed: int, splits: Splits, clock: FleetCloc
                 pos, epoch, cursor = draw_batch(n, batch, seed, epoch, cursor)
                 draws.append(pos)
             lrs = [lr_at(step + j + 1, steps_planned, lr, warmup, method.schedule) for j in range(h)]
-            loss = local_round(model, loss_fn, splits, opt, draws, lrs, method.local_clients)
-            step, examples, cost = step + h, batch * h, clock.local(h, batch, method.local_clients)
+            loss = local_round(model, loss_fn, splits, opt, draws, lrs, method.local_clients, method.local_momentum)
+            step, examples = step + h, batch * h
+            cost = clock.local(h, batch, method.local_clients, method.local_momentum)
         else:
             if method.batch:
                 batch = method.batch

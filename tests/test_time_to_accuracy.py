@@ -13,9 +13,11 @@ from experiments import time_to_accuracy as tta
 from experiments import tta_methods as tm
 from experiments import tta_training as tt
 from strategies.batch_policy import scheduled_batch
+from strategies.server_opt import ServerSGD
 from workloads.data import load_splits
 from workloads.models import build_model
 from workloads.registry import WORKLOADS
+from workloads.training import batch_gradient
 
 
 @pytest.fixture()
@@ -113,6 +115,51 @@ def test_batch_step_local_rounds_of_one_step_are_batch_steps_steps(digits):
     for a, b in zip(one["curve"], step["curve"]):  # 8 clients' one step each, averaged: the union batch's step
         assert abs(a["val_accuracy"] - b["val_accuracy"]) <= 1 / len(digits.y_val)
     assert one["final_test_accuracy"] == pytest.approx(step["final_test_accuracy"], abs=0.006)
+
+
+def test_fedavgm_rounds_of_one_step_are_batch_steps_steps_and_two_steps_upload_weights_only(digits):
+    clock = tt.FleetClock({1: 0.01, 4: 0.02, 16: 0.05, 64: 0.2}, model_bytes=1e5)
+    step = tt.train(tm.METHODS["batch-step"], 0.025, 1, digits, clock)
+    one = tt.train(tm.Method("fedavgm-1", "constant", steps=tm.STEP_BATCHES, local_steps=1, switch=0.0,
+                             local_clients=tm.CLIENTS, local_momentum=False), 0.025, 1, digits, clock)
+    assert one["rounds"] == step["rounds"]
+    for a, b in zip(one["curve"], step["curve"]):  # plain SGD step, server momentum: the union batch's step
+        assert abs(a["val_accuracy"] - b["val_accuracy"]) <= 1 / len(digits.y_val)
+    method = tm.METHODS["batch-step-fedavgm-2"]
+    plan = tm.local_rounds(method, len(digits.y_train))
+    two = tt.train(method, 0.025, 1, digits, clock)
+    assert two["rounds"] == len(plan) and two["virtual_s"] == pytest.approx(
+        sum(clock.local(h, b, tm.CLIENTS, velocity=False) for b, h in plan), rel=1e-9)
+    assert clock.local(2, 512, 8, velocity=False) < clock.local(2, 512, 8)  # half the upload
+    assert 0.5 < two["final_val_accuracy"] <= 1.0
+
+
+def test_a_fedavgm_round_is_the_server_momentum_step_on_the_clients_mean_pseudo_gradient(digits):
+    w = WORKLOADS["digits"]
+    model, loss_fn = build_model("mlp", w.input_shape, w.num_classes, 3), w.loss()
+    params, draws, lr = list(model.parameters()), [torch.arange(0, 16), torch.arange(16, 32)], 0.2
+    w0 = [p.detach().clone() for p in params]
+    finals = []
+    for k in range(2):  # each client: two plain SGD steps on its half of each draw, from w_0
+        with torch.no_grad():
+            for p, t in zip(params, w0):
+                p.copy_(t)
+        for pos in draws:
+            part = pos.chunk(2)[k]
+            batch_gradient(model, loss_fn, digits.inputs, digits.x_train[part], digits.y_train[part])
+            with torch.no_grad():
+                for p in params:
+                    p.add_(p.grad, alpha=-lr)
+        finals.append([p.detach().clone() for p in params])
+    v = [(a - (b + c) / 2) / lr + tm.WEIGHT_DECAY * a for a, b, c in zip(w0, *finals)]  # first step: v = d
+    with torch.no_grad():
+        for p, t in zip(params, w0):
+            p.copy_(t)
+    opt = ServerSGD(momentum=tm.MOMENTUM, weight_decay=tm.WEIGHT_DECAY)
+    tt.local_round(model, loss_fn, digits, opt, draws, [lr, lr], clients=2, momentum=False)
+    for p, a, vel, got in zip(params, w0, v, opt.velocity):
+        assert torch.allclose(got, vel, rtol=1e-4, atol=1e-6)
+        assert torch.allclose(p.detach(), a - lr * vel, rtol=1e-5, atol=1e-6)
 
 
 def test_a_batch_step_local_run_takes_its_plan_and_pays_h_steps_a_round(digits):
