@@ -36,7 +36,12 @@ of each round and the learning-rate schedule:
   local rounds of H = 8 steps on 8 clients, each step's batch split evenly over them (8 to 64
   examples a client), weights and velocities averaged after each round (185 rounds). The
   product's ``post-local`` teacher with ``teacher-switch = 0`` and ``batch-policy = step``. With
-  H = 1 its rounds are batch-step's steps (tested).
+  H = 1 its rounds are batch-step's steps (tested). ``batch-step-local-4`` and ``-2``: rounds of
+  H = 4 and 2 steps.
+- ``batch-step-fedavgm-2``: as batch-step-local-2, but the clients take plain SGD steps and send
+  their weights only; the server applies its momentum and weight decay to the mean
+  pseudo-gradient (w_0 - w_H) / lr (FedAvgM, Hsu et al. 2019; the product's ``local-steps = 2``
+  with ``batch-policy = step``). A round uploads the model once, not twice.
 
 Each round but the local ones is computed centrally as the union batch of its clients.
 Without BatchNorm that is exactly the federated step (the weighted mean of the clients' mean
