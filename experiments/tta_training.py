@@ -62,7 +62,6 @@ class FleetClock:
             self._cache[batch] = round_seconds(compute, self.comm[:k], 0.0, ROUND_LATENCY_S)
         return self._cache[batch]
 
-
     def local(self, steps: int, batch: int = LARGE, clients: int = LOCAL_CLIENTS, velocity: bool = True) -> float:
         """A local round: FLEET's first ``clients`` devices each run ``steps`` steps of
         ``batch / clients`` examples and send weights and velocity (``velocity`` False: weights
