@@ -160,14 +160,14 @@ def local_round(model, loss_fn, splits: Splits, opt: ServerSGD, draws: list[torc
             acc.add_(p.detach())
         for acc, t in zip(v_sum, v or []):
             acc.add_(t)
-    with torch.no_grad():
-        for p, acc in zip(params, w_sum):
-            p.copy_(acc / clients)
     if momentum:
+        with torch.no_grad():
+            for p, acc in zip(params, w_sum):
+                p.copy_(acc / clients)
         opt.velocity = [acc / clients for acc in v_sum]
-    else:  # FedAvgM: back to w_0, then the server's step on the mean pseudo-gradient
+    else:  # FedAvgM: the server's step from w_0 on the mean pseudo-gradient
         lr = float(np.mean(lrs))
-        pseudo = [(w0 - p.detach()) / lr for w0, p in zip(start, params)]
+        pseudo = [(w0 - acc / clients) / lr for w0, acc in zip(start, w_sum)]
         with torch.no_grad():
             for p, w0 in zip(params, start):
                 p.copy_(w0)
