@@ -126,6 +126,7 @@ def _step(job: ClientJob, model: torch.nn.Module, batches, micro: int, ins: m.Tr
             grads, loss, velocity = local_momentum_sgd(
                 model, job.loss_fn, inputs, batches, ins.lr, micro, local.lrs, local.momentum,
                 local.weight_decay, local.velocity_for(model))
+            velocity = velocity if local.send_velocity else None  # teacher-velocity = from-weights
         pre_clip = None
         if job.cfg.dp_clip_norm > 0:  # client-level DP: the whole gradient (or pseudo-gradient) to L2 norm C
             grads, pre_clip = clip_gradient(grads, job.cfg.dp_clip_norm)

@@ -39,6 +39,9 @@ class Method:
     # local rounds: True, the clients continue the server's momentum and send weights and velocity
     # (post-local); False, plain local SGD and the server's momentum on the mean pseudo-gradient (FedAvgM)
     local_momentum: bool = True
+    # local_momentum rounds: True, the clients send their velocity; False, weights only and the server
+    # rebuilds the mean velocity from them (strategies/local_phase.py velocity_from_weights)
+    send_velocity: bool = True
 
 
 STEP_BATCHES = (64, 128, 256, 512)  # batch-step: one per quarter of the epochs
@@ -64,7 +67,11 @@ METHODS = {m.name: m for m in (
     # rounds of 2 plain SGD steps on each client, the server's momentum on the mean pseudo-gradient
     # (FedAvgM, Hsu et al. 2019; the product's local-steps = 2): clients send weights only
     Method("batch-step-fedavgm-2", "constant", steps=STEP_BATCHES, local_steps=2, switch=0.0, local_clients=CLIENTS,
-           local_momentum=False))}
+           local_momentum=False),
+    # batch-step-local-2's rounds, but the clients send weights only and the server rebuilds the mean
+    # velocity from them (the product's teacher-velocity = "from-weights")
+    Method("batch-step-local-2-weights", "constant", steps=STEP_BATCHES, local_steps=2, switch=0.0,
+           local_clients=CLIENTS, send_velocity=False))}
 
 
 def step_schedule(n: int, batches: tuple[int, ...] = STEP_BATCHES) -> tuple[list[tuple[int, float]], int]:

@@ -27,7 +27,7 @@ from experiments.tta_methods import (
 from strategies.aggregation import weighted_mean
 from strategies.batch_policy import noise_batch, noise_moments, noise_scale_of, scheduled_batch
 from strategies.noise_scale import NoiseStats, noise_stats
-from strategies.server_opt import ServerSGD, lr_at
+from strategies.server_opt import ServerSGD, lr_at, velocity_from_weights
 from workloads.config import split_global_batch
 from workloads.data import Splits
 from workloads.devices import DeviceProfile, parse_profiles
@@ -132,7 +132,7 @@ def ratio_ema(previous: float | None, b_simple: float, decay: float = 0.9) -> fl
 
 
 def local_round(model, loss_fn, splits: Splits, opt: ServerSGD, draws: list[torch.Tensor], lrs: list[float],
-                clients: int = LOCAL_CLIENTS, momentum: bool = True) -> float:
+                clients: int = LOCAL_CLIENTS, momentum: bool = True, send_velocity: bool = True) -> float:
     """A local round (post-local's, batch-step-local's); returns the clients' mean loss.
 
     Each of ``clients`` clients takes its equal share of every draw of positions and runs one
@@ -140,7 +140,9 @@ def local_round(model, loss_fn, splits: Splits, opt: ServerSGD, draws: list[torc
     client); weights and velocities are then averaged, as the product's ``post-local`` round
     (strategies/local_phase.py). ``momentum`` False: plain SGD steps on the clients, then the
     server's momentum step on the mean pseudo-gradient (w_0 - w_H) / mean(lrs) at mean(lrs), as
-    the product's ``local-steps`` rounds (FedAvgM). With one draw either is the union batch's step (tested).
+    the product's ``local-steps`` rounds (FedAvgM). ``send_velocity`` False (with ``momentum``): the
+    server rebuilds the mean velocity from the mean weights (``velocity_from_weights``). With one
+    draw each is the union batch's step (tested).
     """
     if any(len(pos) % clients for pos in draws):
         raise ValueError(f"a local round's batches {[len(p) for p in draws]} must split evenly over {clients} clients")
@@ -164,7 +166,8 @@ def local_round(model, loss_fn, splits: Splits, opt: ServerSGD, draws: list[torc
         with torch.no_grad():
             for p, acc in zip(params, w_sum):
                 p.copy_(acc / clients)
-        opt.velocity = [acc / clients for acc in v_sum]
+        opt.velocity = ([acc / clients for acc in v_sum] if send_velocity else
+                        velocity_from_weights(start, [p.detach() for p in params], opt.velocity, lrs, MOMENTUM))
     else:  # FedAvgM: the server's step from w_0 on the mean pseudo-gradient
         lr = float(np.mean(lrs))
         pseudo = [(w0 - acc / clients) / lr for w0, acc in zip(start, w_sum)]
@@ -198,9 +201,10 @@ def train(method: Method, lr: float, seed: int, splits: Splits, clock: FleetCloc
                 pos, epoch, cursor = draw_batch(n, batch, seed, epoch, cursor)
                 draws.append(pos)
             lrs = [lr_at(step + j + 1, steps_planned, lr, warmup, method.schedule) for j in range(h)]
-            loss = local_round(model, loss_fn, splits, opt, draws, lrs, method.local_clients, method.local_momentum)
+            loss = local_round(model, loss_fn, splits, opt, draws, lrs, method.local_clients, method.local_momentum,
+                               method.send_velocity)
             step, examples = step + h, batch * h
-            cost = clock.local(h, batch, method.local_clients, method.local_momentum)
+            cost = clock.local(h, batch, method.local_clients, method.local_momentum and method.send_velocity)
         else:
             if method.batch:
                 batch = method.batch

@@ -35,6 +35,7 @@ GRADS, BUFFERS, VELOCITY = "grads", "buffers", "velocity"  # VELOCITY: the serve
 SERVER_ROUND, LOCAL_BATCH, MICRO_BATCH = "server-round", "local-batch-size", "micro-batch-size"
 LOCAL_STEPS, LR, DRAWN = "local-steps", "lr", "drawn-examples"
 LOCAL_LRS, SERVER_MOMENTUM, WEIGHT_DECAY, GRAD_SCALE = "local-lrs", "momentum", "weight-decay", "grad-scale"
+SEND_VELOCITY = "send-velocity"  # False: the server rebuilds the mean velocity from the weights (teacher-velocity)
 PROBE_COUNT = "probe-count"  # capacity probe: how many batch sizes to time
 
 # Reply metrics (every train reply has the first block).
@@ -57,6 +58,7 @@ class LocalOptimizer:
     velocity: dict[str, torch.Tensor] | None = None  # the server's velocity, by parameter name
     grad_scale: float = 1.0  # m_i, applied to the gradient before the reply
     scaled: bool = False  # the round has multipliers: the reply also carries |g_i|^2 (``grad-sq``)
+    send_velocity: bool = True  # with momentum: the reply carries the final velocity
 
     def config(self) -> dict[str, Any]:
         """The optional config entries (none for the plain step)."""
@@ -65,6 +67,8 @@ class LocalOptimizer:
             out[LOCAL_LRS] = [float(x) for x in self.lrs]
         if self.momentum:
             out |= {SERVER_MOMENTUM: float(self.momentum), WEIGHT_DECAY: float(self.weight_decay)}
+            if not self.send_velocity:
+                out[SEND_VELOCITY] = False
         if self.scaled:
             out[GRAD_SCALE] = float(self.grad_scale)
         return out
@@ -76,7 +80,8 @@ class LocalOptimizer:
         velocity = record_tensors(content[VELOCITY]) if VELOCITY in content.array_records else None
         return cls(lrs=[float(x) for x in conf[LOCAL_LRS]] if LOCAL_LRS in conf else None,
                    momentum=float(conf.get(SERVER_MOMENTUM, 0.0)), weight_decay=float(conf.get(WEIGHT_DECAY, 0.0)),
-                   velocity=velocity, grad_scale=float(conf.get(GRAD_SCALE, 1.0)), scaled=GRAD_SCALE in conf)
+                   velocity=velocity, grad_scale=float(conf.get(GRAD_SCALE, 1.0)), scaled=GRAD_SCALE in conf,
+                   send_velocity=bool(conf.get(SEND_VELOCITY, True)))
 
     @property
     def plain(self) -> bool:

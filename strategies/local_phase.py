@@ -27,6 +27,10 @@ schedule. The local steps continue the server's optimizer on each client (``Roun
 ``local_momentum``: the run's momentum and weight decay, from the server's velocity), and the
 server averages weights and velocities without adding momentum of its own: with H = 1 a
 local round is exactly the large-batch step, so the switch itself changes nothing.
+``teacher-velocity = from-weights``: the clients send their weights only and the server rebuilds
+the mean final velocity from them (strategies/server_opt.py ``velocity_from_weights``), exact
+when each client's gradient is the same at its H steps (so for H = 1); a local round then
+uploads the model once instead of twice.
 """
 
 from __future__ import annotations
@@ -102,7 +106,8 @@ class LocalPhaseTeacher(Teacher):
         if server_round <= self.switch:
             return RoundPlan(local_steps=1, lr=self.step_lr(steps[0]))
         lrs = tuple(self.step_lr(t) for t in steps)
-        return RoundPlan(local_steps=len(lrs), lr=math.fsum(lrs) / len(lrs), local_lrs=lrs, local_momentum=True)
+        return RoundPlan(local_steps=len(lrs), lr=math.fsum(lrs) / len(lrs), local_lrs=lrs, local_momentum=True,
+                         send_velocity=self.cfg.teacher_velocity == "sent")
 
     def __call__(self, inp: TeacherInput) -> TeacherOutput:
         """Return G (or the mean pseudo-gradient) unchanged; the plan did the work."""

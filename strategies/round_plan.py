@@ -37,6 +37,8 @@ class RoundPlan:
       the strategy sends them; the server then adds neither momentum nor weight decay, applies
       the mean pseudo-gradient and takes the b_i-weighted mean of the clients' final velocities
       as its own. With H = 1 this is exactly the large-batch momentum step.
+    - ``send_velocity`` (with ``local_momentum``): False, the clients send no velocity and the
+      server rebuilds the mean one from the mean weights (``velocity_from_weights``), half the upload.
     - ``grad_scale``: a multiplier m_i per partition id that client i applies to its gradient
       before replying (``signed-noise``): the server then needs only the sum of the replies. Noise
       statistics in such a round come from sums (``noise_stats_from_sums``).
@@ -48,6 +50,7 @@ class RoundPlan:
     local_lrs: tuple[float, ...] | None = None
     local_momentum: bool = False
     grad_scale: Mapping[int, float] | None = None
+    send_velocity: bool = True
 
     def check(self, steps: int, partitions: Iterable[int]) -> None:
         """Raise ValueError when the plan contradicts itself or the round (a teacher's bug)."""
@@ -70,7 +73,7 @@ def client_config(plan: RoundPlan, partition_id: int, momentum: float, weight_de
         lrs=None if plan.local_lrs is None else [float(x) for x in plan.local_lrs],
         momentum=momentum if plan.local_momentum else 0.0, weight_decay=weight_decay if plan.local_momentum else 0.0,
         grad_scale=float(plan.grad_scale[partition_id]) if plan.grad_scale is not None else 1.0,
-        scaled=plan.grad_scale is not None)
+        scaled=plan.grad_scale is not None, send_velocity=plan.send_velocity)
 
 
 def velocity_record(plan: RoundPlan, names: Sequence[str], velocity: Sequence[torch.Tensor] | None):

@@ -56,3 +56,29 @@ class ServerSGD:
         (``v = d``) at the first step with a non-zero momentum, and is kept while it is 0.
         """
         self.velocity = sgd_step(params, grads, lr, self.momentum, self.weight_decay, self.velocity)
+
+
+def velocity_from_weights(start: Sequence[torch.Tensor], mean: Sequence[torch.Tensor],
+                          velocity: Sequence[torch.Tensor] | None, lrs: Sequence[float],
+                          momentum: float) -> list[torch.Tensor]:
+    """The clients' mean final velocity of a local-momentum round, from their mean weights alone.
+
+    Every client ran v_k = mu v_{k-1} + d_k, w_k = w_{k-1} - lr_k v_k (k = 1..H) from the server's
+    (w_0, v_0); v_0 = 0 when ``velocity`` is None. If each client's d_k (gradient plus weight decay)
+    is the same at its H steps, v_k = mu^k v_0 + c_k d with c_k = 1 + mu + ... + mu^(k-1), so
+    D = w_0 - mean(w_H) = A v_0 + C d with A = sum_k lr_k mu^k and C = sum_k lr_k c_k, and the mean
+    final velocity is mu^H v_0 + c_H (D - A v_0) / C. Exact for H = 1 and for a constant d; the
+    clients then need not send their velocity, which halves a local round's upload.
+    """
+    h, mu = len(lrs), float(momentum)
+    c = [sum(mu ** j for j in range(k)) for k in range(1, h + 1)]
+    a = math.fsum(lr * mu ** k for k, lr in enumerate(lrs, start=1))
+    cc = math.fsum(lr * ck for lr, ck in zip(lrs, c))
+    if not cc > 0:
+        raise ValueError(f"velocity_from_weights needs a positive learning rate among the round's steps, got {list(lrs)}")
+    v0 = [torch.zeros_like(w) for w in start] if velocity is None else velocity
+    out = []
+    for w0, wm, v in zip(start, mean, v0):
+        d = ((w0 - wm) - a * v) / cc
+        out.append(mu ** h * v + c[-1] * d)
+    return out

@@ -13,7 +13,7 @@ from experiments import time_to_accuracy as tta
 from experiments import tta_methods as tm
 from experiments import tta_training as tt
 from strategies.batch_policy import scheduled_batch
-from strategies.server_opt import ServerSGD
+from strategies.server_opt import ServerSGD, velocity_from_weights
 from workloads.data import load_splits
 from workloads.models import build_model
 from workloads.registry import WORKLOADS
@@ -226,3 +226,26 @@ def test_bad_command_line_values_are_named_before_any_training():
         tta.main(["--methods", "huge", "--data-dir", "x"])
     with pytest.raises(SystemExit, match=r"--tune-lrs: '0.1': each must be one of 0.0125, 0.025, 0.05"):
         tta.main(["--tune", "--tune-lrs", "0.1", "--data-dir", "x"])
+
+
+def test_local_rounds_with_the_velocity_from_the_weights_keep_the_weights_and_upload_once(digits):
+    w = WORKLOADS["digits"]
+    draws, lrs = [torch.arange(0, 16), torch.arange(16, 32)], [0.2, 0.1]
+    out = {}
+    for send in (True, False):
+        model, loss_fn = build_model("mlp", w.input_shape, w.num_classes, 3), w.loss()
+        opt = ServerSGD(momentum=tm.MOMENTUM, weight_decay=tm.WEIGHT_DECAY,
+                        velocity=[torch.full_like(p, 0.01) for p in model.parameters()])
+        w0, v0 = [p.detach().clone() for p in model.parameters()], [v.clone() for v in opt.velocity]
+        tt.local_round(model, loss_fn, digits, opt, draws, lrs, clients=2, send_velocity=send)
+        out[send] = ([p.detach().clone() for p in model.parameters()], opt.velocity)
+    for a, b in zip(out[True][0], out[False][0]):  # the same clients' runs: the same mean weights
+        torch.testing.assert_close(a, b)
+    for got, want in zip(out[False][1], velocity_from_weights(w0, out[False][0], v0, lrs, tm.MOMENTUM)):
+        torch.testing.assert_close(got, want)
+    method = tm.METHODS["batch-step-local-2-weights"]
+    clock = tt.FleetClock({1: 0.01, 4: 0.02, 16: 0.05, 64: 0.2}, model_bytes=1e5)
+    plan = tm.local_rounds(method, len(digits.y_train))
+    rec = tt.train(method, 0.025, 1, digits, clock)
+    assert rec["virtual_s"] == pytest.approx(sum(clock.local(h, b, tm.CLIENTS, velocity=False) for b, h in plan))
+    assert 0.5 < rec["final_val_accuracy"] <= 1.0

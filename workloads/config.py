@@ -90,6 +90,10 @@ class RunConfig:
     teacher_local_steps: int = _key(
         16, "`post-local`: local steps `H` per round after the switch; `swap`: steps of the last round "
             "(the refinement) ([more](#teacher-local-steps))")
+    teacher_velocity: str = _key(
+        "sent", "`post-local`, `swap`: local rounds' velocity; `sent`: every client sends its final velocity with "
+                "its weights, `from-weights`: weights only, the server rebuilds the mean velocity (half the upload; "
+                "[more](#teacher-velocity))")
     teacher_hyper_lr: float = _key(
         0.05, "`learned`: step of its per-tensor log-gains per round (a cosine, so unit-free); `0` keeps the gains at 1")
     teacher_val_batch: int = _key(
@@ -323,7 +327,7 @@ class RunConfig:
 
 _CHOICES = (("partitioner", PARTITIONERS), ("schedule", SCHEDULES), ("device", DEVICES),
             ("batch-policy", BATCH_POLICIES), ("batch-objective", ("time", "cost")), ("aggregator", AGGREGATORS),
-            ("dp-accountant", DP_ACCOUNTANTS))
+            ("dp-accountant", DP_ACCOUNTANTS), ("teacher-velocity", ("sent", "from-weights")))
 _POSITIVE = ("calibration-rounds", "dirichlet-alpha", "num-server-rounds", "global-batch-size", "local-steps", "lr",
              "eval-every", "teacher-small-batch", "teacher-local-steps", "teacher-val-batch", "round-timeout-s",
              "cc-iterations", "cc-radius-scale", "bucket-size")
