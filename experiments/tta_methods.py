@@ -42,6 +42,7 @@ class Method:
     # local_momentum rounds: True, the clients send their velocity; False, weights only and the server
     # rebuilds the mean velocity from them (strategies/local_phase.py velocity_from_weights)
     send_velocity: bool = True
+    phase_steps: tuple[int, ...] = ()  # local rounds of a step schedule: H per phase of ``steps`` (default local_steps)
 
 
 STEP_BATCHES = (64, 128, 256, 512)  # batch-step: one per quarter of the epochs
@@ -71,7 +72,10 @@ METHODS = {m.name: m for m in (
     # batch-step-local-2's rounds, but the clients send weights only and the server rebuilds the mean
     # velocity from them (the product's teacher-velocity = "from-weights")
     Method("batch-step-local-2-weights", "constant", steps=STEP_BATCHES, local_steps=2, switch=0.0,
-           local_clients=CLIENTS, send_velocity=False))}
+           local_clients=CLIENTS, send_velocity=False),
+    # the same, but H = 2 only while B <= 128 and single steps after (AdaComm's shrinking period, Wang & Joshi 2019)
+    Method("batch-step-adacomm", "constant", steps=STEP_BATCHES, local_steps=2, switch=0.0, local_clients=CLIENTS,
+           send_velocity=False, phase_steps=(2, 2, 1, 1)))}
 
 
 def step_schedule(n: int, batches: tuple[int, ...] = STEP_BATCHES) -> tuple[list[tuple[int, float]], int]:
@@ -87,10 +91,10 @@ def step_schedule(n: int, batches: tuple[int, ...] = STEP_BATCHES) -> tuple[list
 def local_rounds(method: Method, n: int) -> list[tuple[int, int]]:
     """A step schedule taken in local rounds: (B of each step, H) per round; a phase's last round takes the rest."""
     plan, share = [], EPOCHS * n // len(method.steps)
-    for b in method.steps:
-        left = math.ceil(share / b)
+    for i, b in enumerate(method.steps):
+        left, h = math.ceil(share / b), method.phase_steps[i] if method.phase_steps else method.local_steps
         while left:
-            plan.append((b, min(method.local_steps, left)))
+            plan.append((b, min(h, left)))
             left -= plan[-1][1]
     return plan
 
