@@ -27,6 +27,11 @@ schedule. The local steps continue the server's optimizer on each client (``Roun
 ``local_momentum``: the run's momentum and weight decay, from the server's velocity), and the
 server averages weights and velocities without adding momentum of its own: with H = 1 a
 local round is exactly the large-batch step, so the switch itself changes nothing.
+``teacher-local-until`` u > 0 ends post-local's local phase after round u: later rounds are
+large-batch steps again (the clock goes on one step a round, T = s + (u - s) H + N - u). With
+``teacher-switch = 0`` that is AdaComm's shrinking communication period (Wang & Joshi 2019,
+"Adaptive Communication Strategies to Achieve the Best Error-Runtime Trade-off in Local-Update
+SGD"), from H steps a round to one.
 ``teacher-velocity = from-weights``: the clients send their weights only and the server rebuilds
 the mean final velocity from them (strategies/server_opt.py ``velocity_from_weights``), exact
 when each client's gradient is the same at its H steps (so for H = 1); a local round then
@@ -76,6 +81,25 @@ def switch_round(cfg: RunConfig) -> int:
     return s
 
 
+def local_until(cfg: RunConfig, switch: int) -> int:
+    """The last round of the local phase, u: ``teacher-local-until`` for post-local (0: the run's last round).
+
+    Raises
+    ------
+    ConfigError
+        If u does not leave the local phase at least one round after the switch, or lies beyond the run.
+    """
+    n, u = cfg.num_server_rounds, cfg.teacher_local_until
+    if cfg.teacher != "post-local" or u == 0:
+        return n
+    if not switch < u <= n:
+        raise ConfigError(
+            f"run-config key 'teacher-local-until' = {u}: the local phase would have no round (teacher-switch gives "
+            f"{switch} large-batch rounds of num-server-rounds = {n}). Allowed: 0 (local to the end) or "
+            f"{switch + 1}..{n}.")
+    return u
+
+
 class LocalPhaseTeacher(Teacher):
     """``post-local`` and ``swap``: large-batch rounds, then rounds of H local steps (module docstring)."""
 
@@ -84,14 +108,22 @@ class LocalPhaseTeacher(Teacher):
             raise ValueError(f"LocalPhaseTeacher is {', '.join(LOCAL_TEACHERS)}, not {cfg.teacher!r}")
         self.name, self.cfg = cfg.teacher, cfg
         self.switch = switch_round(cfg)  # s
+        self.until = local_until(cfg, self.switch)  # u
         self.local_steps = cfg.teacher_local_steps  # H
-        self.total_steps = self.switch + (cfg.num_server_rounds - self.switch) * self.local_steps  # T
+        self.total_steps = self.switch + (self.until - self.switch) * self.local_steps + cfg.num_server_rounds - self.until
+
+    def is_local(self, server_round: int) -> bool:
+        """Whether ``server_round`` is a round of H local steps (s < r <= u)."""
+        return self.switch < server_round <= self.until
 
     def steps_of(self, server_round: int) -> range:
         """The steps (1-based, of T) that round ``server_round`` takes."""
-        s, h = self.switch, self.local_steps
+        s, u, h = self.switch, self.until, self.local_steps
         if server_round <= s:
             return range(server_round, server_round + 1)
+        if server_round > u:
+            first = s + (u - s) * h + server_round - u
+            return range(first, first + 1)
         first = s + (server_round - s - 1) * h + 1
         return range(first, first + h)
 
@@ -101,9 +133,9 @@ class LocalPhaseTeacher(Teacher):
         return lr_at(step, self.total_steps, c.lr, c.warmup_rounds, c.schedule)
 
     def plan(self, server_round: int, batches: Mapping[int, int]) -> RoundPlan:
-        """One large-batch step before the switch; H local steps on every client after it."""
+        """One large-batch step outside the local phase; H local steps on every client in it."""
         steps = self.steps_of(server_round)
-        if server_round <= self.switch:
+        if not self.is_local(server_round):
             return RoundPlan(local_steps=1, lr=self.step_lr(steps[0]))
         lrs = tuple(self.step_lr(t) for t in steps)
         return RoundPlan(local_steps=len(lrs), lr=math.fsum(lrs) / len(lrs), local_lrs=lrs, local_momentum=True,
@@ -111,6 +143,6 @@ class LocalPhaseTeacher(Teacher):
 
     def __call__(self, inp: TeacherInput) -> TeacherOutput:
         """Return G (or the mean pseudo-gradient) unchanged; the plan did the work."""
-        local = inp.server_round > self.switch
+        local = self.is_local(inp.server_round)
         return TeacherOutput(inp.grad, metrics={"scale": 1.0, "local_steps": float(self.local_steps if local else 1),
                                                 "phase": float(local)})

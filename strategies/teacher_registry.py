@@ -6,7 +6,7 @@ from collections.abc import Callable
 
 from strategies.gradient_noise import AdaScaleTeacher, NoiseTeacher
 from strategies.learned_teacher import LearnedTeacher
-from strategies.local_phase import LOCAL_TEACHERS, LocalPhaseTeacher, switch_round
+from strategies.local_phase import LOCAL_TEACHERS, LocalPhaseTeacher, local_until, switch_round
 from strategies.signed_noise import SignedNoiseTeacher
 from strategies.teachers import IdentityTeacher, LarsTeacher, ScalingTeacher, StepTeacher, Teacher, parse_steps
 from workloads.config import RunConfig
@@ -42,7 +42,7 @@ def check_teacher(cfg: RunConfig) -> None:
         )
     parse_steps(cfg.teacher_steps, cfg.num_server_rounds)
     if cfg.teacher in LOCAL_TEACHERS:
-        switch_round(cfg)
+        local_until(cfg, switch_round(cfg))
     if cfg.aggregator != "mean" and cfg.teacher not in LR_ONLY_TEACHERS:
         raise ConfigError(
             f"run-config key 'teacher' = {cfg.teacher!r} with aggregator = {cfg.aggregator!r}: this teacher reads "

@@ -21,7 +21,9 @@ from strategies.large_batch import LargeBatchStrategy
 from strategies.local_phase import LocalPhaseTeacher
 from strategies.round_plan import RoundPlan
 from strategies.server_opt import lr_at, velocity_from_weights
+from strategies.teacher_registry import check_teacher
 from strategies.teachers import IdentityTeacher
+from workloads.errors import ConfigError
 from workloads.config import RunConfig
 from workloads.models import build_model
 
@@ -196,3 +198,43 @@ def test_from_weights_keeps_the_weights_and_rebuilds_the_velocity_of_a_three_ste
     # an approximation (each step's gradient is a different batch's), better than restarting from zero (error 1);
     # what it costs in accuracy is measured in experiments/time_to_accuracy.py (batch-step-local-2-weights)
     assert 0.01 < err < 0.8
+
+
+def test_local_until_ends_the_local_phase_and_the_clock_goes_on_one_step_a_round():
+    keys = {"teacher": "post-local", "num-server-rounds": 10, "teacher-switch": 0, "teacher-local-steps": 2,
+            "teacher-local-until": 6, "lr": 0.1, "warmup-rounds": 2, "schedule": "cosine"}
+    t = LocalPhaseTeacher(RunConfig.from_mapping(keys))
+    assert (t.switch, t.until, t.total_steps) == (0, 6, 6 * 2 + 4)
+    assert [list(t.steps_of(r)) for r in (1, 6, 7, 10)] == [[1, 2], [11, 12], [13], [16]]
+    assert [t.is_local(r) for r in (1, 6, 7)] == [True, True, False]
+    assert t.plan(7, {0: 8}) == RoundPlan(local_steps=1, lr=lr_at(13, 16, 0.1, 2, "cosine"))  # a large-batch step
+    assert t.plan(6, {0: 8}).local_lrs == pytest.approx([lr_at(k, 16, 0.1, 2, "cosine") for k in (11, 12)])
+    assert LocalPhaseTeacher(RunConfig.from_mapping({**keys, "teacher-local-until": 0})).until == 10
+    for bad, allowed in ((11, "1..10"), (3, "4..10")):
+        with pytest.raises(ConfigError, match=f"'teacher-local-until' = {bad}.*Allowed: 0 .* or {allowed}"):
+            check_teacher(RunConfig.from_mapping({**keys, "teacher-switch": 3 if bad == 3 else 0,
+                                                  "teacher-local-until": bad}))
+
+
+def test_local_rounds_then_large_batch_rounds_through_the_client_app():
+    """Local rounds with the velocity from the weights, then the server's own momentum steps again:
+    with H = 1 the whole run, the hand-over at u included, is the plain run."""
+    keys = {**RUN, "teacher": "post-local", "teacher-switch": 0, "teacher-local-steps": 1,
+            "teacher-local-until": 2, "teacher-velocity": "from-weights"}
+    cfg = RunConfig.from_mapping(keys)
+    _, plain = _strategy(IdentityTeacher())
+    _, local = _strategy(LocalPhaseTeacher(cfg))
+    for rnd in (1, 2, 3, 4):
+        _round(cfg, plain, rnd)
+        _round(cfg, local, rnd)
+    for k in plain.state:
+        torch.testing.assert_close(local.state[k], plain.state[k], rtol=1e-5, atol=1e-7)
+    two = RunConfig.from_mapping({**keys, "teacher-local-steps": 2})
+    t = LocalPhaseTeacher(two)
+    _, run = _strategy(t)
+    for rnd in (1, 2, 3):
+        msgs = _round(two, run, rnd)
+    assert all(m.content["config"]["local-steps"] == 1 and "momentum" not in m.content["config"] for m in msgs)
+    assert run.plan.momentum == 0.9 and t.total_steps == 6  # round 3: the server's optimizer again, at step 5
+    assert t.plan(3, {}).lr == pytest.approx(lr_at(5, 6, 0.2, 1, "cosine"))
+    assert run.server_state.samples_seen == 2 * 2 * 23 + 23

@@ -249,3 +249,12 @@ def test_local_rounds_with_the_velocity_from_the_weights_keep_the_weights_and_up
     rec = tt.train(method, 0.025, 1, digits, clock)
     assert rec["virtual_s"] == pytest.approx(sum(clock.local(h, b, tm.CLIENTS, velocity=False) for b, h in plan))
     assert 0.5 < rec["final_val_accuracy"] <= 1.0
+
+
+def test_adacomm_takes_two_steps_a_round_while_b_is_at_most_128_and_one_after():
+    method = tm.METHODS["batch-step-adacomm"]
+    plan = tm.local_rounds(method, 5000)
+    assert len(plan) == 391 + 196 + 196 + 98 == tm.planned_rounds(method, 5000)
+    assert sum(h for _, h in plan) == tm.planned_steps(method, 5000) == tm.step_schedule(5000)[1]
+    assert {h for b, h in plan if b <= 128} == {1, 2} and {h for b, h in plan if b > 128} == {1}
+    assert plan[:587] == tm.local_rounds(tm.METHODS["batch-step-local-2-weights"], 5000)[:587]

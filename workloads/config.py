@@ -90,6 +90,9 @@ class RunConfig:
     teacher_local_steps: int = _key(
         16, "`post-local`: local steps `H` per round after the switch; `swap`: steps of the last round "
             "(the refinement) ([more](#teacher-local-steps))")
+    teacher_local_until: int = _key(
+        0, "`post-local`: the last round of local steps; later rounds are large-batch steps again (AdaComm's "
+           "shrinking period); `0`: local to the end")
     teacher_velocity: str = _key(
         "sent", "`post-local`, `swap`: local rounds' velocity; `sent`: every client sends its final velocity with "
                 "its weights, `from-weights`: weights only, the server rebuilds the mean velocity (half the upload; "
@@ -334,7 +337,7 @@ _POSITIVE = ("calibration-rounds", "dirichlet-alpha", "num-server-rounds", "glob
 _NON_NEGATIVE = ("clients-per-round", "virtual-clients", "client-threads", "micro-batch-size", "weight-decay",
                  "warmup-rounds", "seed", "train-limit", "teacher-hyper-lr", "memory-budget-mb", "checkpoint-every",
                  "round-retries", "max-failed-rounds", "cc-radius", "round-latency-s", "dp-clip-norm",
-                 "dp-noise-multiplier", "dp-target-epsilon")
+                 "dp-noise-multiplier", "dp-target-epsilon", "teacher-local-until")
 _FRACTIONS = ("memory-margin", "teacher-ema", "momentum", "batch-ema")
 
 
