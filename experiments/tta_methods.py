@@ -40,7 +40,7 @@ class Method:
     # (post-local); False, plain local SGD and the server's momentum on the mean pseudo-gradient (FedAvgM)
     local_momentum: bool = True
     # local_momentum rounds: True, the clients send their velocity; False, weights only and the server
-    # rebuilds the mean velocity from them (strategies/local_phase.py velocity_from_weights)
+    # rebuilds the mean velocity from them (strategies/server_opt.py velocity_from_weights)
     send_velocity: bool = True
     phase_steps: tuple[int, ...] = ()  # local rounds of a step schedule: H per phase of ``steps`` (default local_steps)
 

@@ -52,6 +52,11 @@ class RoundPlan:
     grad_scale: Mapping[int, float] | None = None
     send_velocity: bool = True
 
+    @property
+    def replies_velocity(self) -> bool:
+        """Whether the round's replies carry the clients' final velocity."""
+        return self.local_momentum and self.send_velocity
+
     def check(self, steps: int, partitions: Iterable[int]) -> None:
         """Raise ValueError when the plan contradicts itself or the round (a teacher's bug)."""
         if self.lr is not None and not self.lr > 0:

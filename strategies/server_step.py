@@ -50,7 +50,7 @@ from strategies.reply_check import (
     NORM_WINDOW, Expected, check_buffers, check_grad_sq, check_metrics, check_tensors, norm_outliers,
 )
 from strategies.robust import worker_momenta
-from strategies.round_plan import RoundPlan, round_stats
+from strategies.round_plan import round_stats
 from strategies.server_opt import ServerSGD, lr_at, velocity_from_weights
 from strategies.server_state import ServerState
 from strategies.step_values import (  # noqa: F401 - the round's values, imported from here too
@@ -144,19 +144,14 @@ def _check_reply(reply: ClientReply, plan: StepPlan, state: ServerState) -> Vali
     reason = (check_metrics(reply.metrics, expected)
               or check_tensors("gradient", reply.grads, setup.param_shapes, sq_norms)
               or check_buffers(reply.buffers, expected)
-              or (check_tensors("velocity", reply.velocity, setup.param_shapes) if _sends_velocity(tp) else None)
+              or (check_tensors("velocity", reply.velocity, setup.param_shapes) if tp.replies_velocity else None)
               or (check_grad_sq(reply.metrics) if tp.grad_scale is not None else None))
     if reason:
         return reason
     numbers = {k: float(v) for k, v in reply.metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
-    velocity = [reply.velocity[n] for n in setup.param_names] if _sends_velocity(tp) else None
+    velocity = [reply.velocity[n] for n in setup.param_names] if tp.replies_velocity else None
     return ValidReply(reply.node_id, pid, b, [reply.grads[n] for n in setup.param_names], reply.buffers, numbers,
                       math.sqrt(sum(sq_norms)), reply.info, velocity)
-
-
-def _sends_velocity(tp: RoundPlan) -> bool:
-    """Whether the round's replies carry the clients' final velocity."""
-    return tp.local_momentum and tp.send_velocity
 
 
 def server_step(state: ServerState, replies: Sequence[ClientReply], plan: StepPlan, *,
@@ -184,7 +179,7 @@ def server_step(state: ServerState, replies: Sequence[ClientReply], plan: StepPl
     lr = plan.lr * taught.lr_scale
     start = params
     params, velocity = _finite_step(state, plan, params, taught.grad, lr, check)
-    if _sends_velocity(tp):
+    if tp.replies_velocity:
         velocity = weighted_mean([r.velocity for r in valid], batches)
     elif tp.local_momentum:  # teacher-velocity = from-weights: the clients' mean weights are the new params
         velocity = velocity_from_weights(start, params, state.velocity, tp.local_lrs or (plan.lr,) * plan.local_steps,
