@@ -43,6 +43,9 @@ class Method:
     # rebuilds the mean velocity from them (strategies/server_opt.py velocity_from_weights)
     send_velocity: bool = True
     phase_steps: tuple[int, ...] = ()  # local rounds of a step schedule: H per phase of ``steps`` (default local_steps)
+    # tail averaging (SWA, Izmailov et al. 2018): once this share of the epochs is seen, the model evaluated
+    # is the running mean of the global weights after each later round (0: no averaging)
+    average_from: float = 0.0
 
 
 STEP_BATCHES = (64, 128, 256, 512)  # batch-step: one per quarter of the epochs
@@ -75,7 +78,10 @@ METHODS = {m.name: m for m in (
            local_clients=CLIENTS, send_velocity=False),
     # the same, but H = 2 only while B <= 128 and single steps after (AdaComm's shrinking period, Wang & Joshi 2019)
     Method("batch-step-adacomm", "constant", steps=STEP_BATCHES, local_steps=2, switch=0.0, local_clients=CLIENTS,
-           send_velocity=False, phase_steps=(2, 2, 1, 1)))}
+           send_velocity=False, phase_steps=(2, 2, 1, 1)),
+    # batch-step-local-2-weights, evaluated on the mean of the global weights over the last phase (B = 512)
+    Method("batch-step-local-2-swa", "constant", steps=STEP_BATCHES, local_steps=2, switch=0.0,
+           local_clients=CLIENTS, send_velocity=False, average_from=0.75))}
 
 
 def step_schedule(n: int, batches: tuple[int, ...] = STEP_BATCHES) -> tuple[list[tuple[int, float]], int]:

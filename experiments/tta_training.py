@@ -27,7 +27,7 @@ from experiments.tta_methods import (
 from strategies.aggregation import weighted_mean
 from strategies.batch_policy import noise_batch, noise_moments, noise_scale_of, scheduled_batch
 from strategies.noise_scale import NoiseStats, noise_stats
-from strategies.server_opt import ServerSGD, lr_at, velocity_from_weights
+from strategies.server_opt import ServerSGD, lr_at, running_mean, velocity_from_weights
 from workloads.config import split_global_batch
 from workloads.data import Splits
 from workloads.devices import DeviceProfile, parse_profiles
@@ -191,7 +191,8 @@ def train(method: Method, lr: float, seed: int, splits: Splits, clock: FleetCloc
     plan = local_rounds(method, n) if method.local_steps and method.steps else []  # batch-step-local's (B, H)
     seen = rnd = step = epoch = cursor = 0
     virtual, ema, moments, batch, next_eval = 0.0, None, None, 0, EVAL_EPOCHS * n
-    curve, batches = [], []
+    curve, batches, avg, averaged = [], [], None, 0
+    average_from = method.average_from * total if method.average_from else math.inf
     while seen < total:
         rnd += 1
         if rnd > switch:  # local rounds: H steps on every client (fewer in a phase's last round), then the mean
@@ -223,13 +224,38 @@ def train(method: Method, lr: float, seed: int, splits: Splits, clock: FleetCloc
             return _record(method, lr, seed, rnd, seen, virtual, curve, batches, t0, diverged=True)
         seen, virtual = seen + examples, virtual + cost
         batches.append(batch)
+        if seen > average_from:
+            averaged += 1
+            avg = running_mean(avg, params, averaged)
         if seen >= next_eval or seen >= total:
             next_eval += EVAL_EPOCHS * n
-            _, val = evaluate(model, loss_fn, splits.inputs, splits.x_val, splits.y_val, 500)
+            val, raw = _accuracy(model, avg, splits, "val")
             curve.append({"round": rnd, "samples_seen": seen, "virtual_total_s": virtual, "val_accuracy": val,
-                          "global_batch": batch, "b_simple_ema": ema if ema is not None else math.nan})
-    _, test = evaluate(model, loss_fn, splits.inputs, splits.x_test, splits.y_test, 500)
-    return _record(method, lr, seed, rnd, seen, virtual, curve, batches, t0, test=test)
+                          "global_batch": batch, "b_simple_ema": ema if ema is not None else math.nan,
+                          **({"val_accuracy_last": raw} if avg is not None else {})})
+    test, raw = _accuracy(model, avg, splits, "test")
+    rec = _record(method, lr, seed, rnd, seen, virtual, curve, batches, t0, test=test)
+    return rec | ({"final_test_accuracy_last": raw, "averaged_rounds": averaged} if avg is not None else {})
+
+
+def _accuracy(model, avg, splits: Splits, split: str) -> tuple[float, float]:
+    """Accuracy on ``split`` of the tail average ``avg`` (the model's own weights where None), and of the
+    model's own weights (the last round's)."""
+    x, y = getattr(splits, f"x_{split}"), getattr(splits, f"y_{split}")
+    loss_fn = WORKLOADS[DATASET].loss()
+    raw = evaluate(model, loss_fn, splits.inputs, x, y, 500)[1]
+    if avg is None:
+        return raw, raw
+    params = list(model.parameters())
+    last = [p.detach().clone() for p in params]
+    with torch.no_grad():
+        for p, m in zip(params, avg):
+            p.copy_(m)
+    acc = evaluate(model, loss_fn, splits.inputs, x, y, 500)[1]
+    with torch.no_grad():
+        for p, w in zip(params, last):
+            p.copy_(w)
+    return acc, raw
 
 
 def _observe(method: Method, ema: float | None, moments, stats: NoiseStats) -> tuple[float | None, object]:

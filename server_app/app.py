@@ -15,6 +15,7 @@ from server_app.preflight import parse_run_config
 from server_app.results import RunResults, resolve_out_dir
 from strategies.large_batch import LargeBatchStrategy
 from strategies.secure_round import SecureLargeBatchStrategy
+from strategies.tail_average import delivered_model
 from strategies.privacy import dp_on, privacy_summary
 from strategies.teacher_registry import build_teacher
 from workloads.config import RunConfig
@@ -57,7 +58,12 @@ def main(grid: Grid, context: Context) -> None:
         evaluation = {}
         last = rnd == cfg.num_server_rounds
         if rnd % cfg.eval_every == 0 or last:
-            model.load_state_dict(arrays.to_torch_state_dict())
+            average = strategy.server_state.average
+            if average is not None:  # average-from: the tail mean is the run's model; the last one is scored too
+                model.load_state_dict(arrays.to_torch_state_dict())
+                evaluation["last_val_accuracy"] = evaluate(model, loss_fn, inputs, splits.x_val, splits.y_val)[1]
+                evaluation["last_test_accuracy"] = evaluate(model, loss_fn, inputs, splits.x_test, splits.y_test)[1]
+            model.load_state_dict(arrays.to_torch_state_dict() if average is None else average)
             evaluation["val_loss"], evaluation["val_accuracy"] = evaluate(model, loss_fn, inputs, splits.x_val, splits.y_val)
             evaluation["test_loss"], evaluation["test_accuracy"] = evaluate(model, loss_fn, inputs, splits.x_test, splits.y_test)
         row = results.finish_round(rnd, evaluation, wall0 + time.perf_counter() - t_start)
@@ -80,7 +86,7 @@ def main(grid: Grid, context: Context) -> None:
         finally:
             logging.getLogger("flwr").removeFilter(chatter)
             results.flush()  # rows committed since the last write, also when a round failed
-    path = results.save_model(strategy.state)
+    path = results.save_model(delivered_model(strategy.server_state))
     log(INFO, "final model: %s", path)
     if dp_on(cfg):
         privacy = privacy_summary(cfg, strategy.server_state.dp_history)

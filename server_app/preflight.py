@@ -19,6 +19,7 @@ from typing import Any
 from strategies.batch_policy import largest_scheduled_batch, scheduled_batch
 from strategies.secure import check_secure
 from strategies.privacy import check_privacy, check_private_model, dp_on
+from strategies.tail_average import average_start
 from strategies.teacher_registry import check_teacher
 from strategies.teachers import parse_steps
 from workloads.config import RunConfig, check_batches_fit, split_global_batch
@@ -35,6 +36,7 @@ def parse_run_config(mapping: Mapping[str, Any]) -> RunConfig:
     check_teacher(cfg)
     parse_steps(cfg.batch_steps, cfg.num_server_rounds, "batch-steps")
     parse_profiles(cfg.device_profiles)
+    average_start(cfg)
     check_privacy(cfg)
     return cfg
 

@@ -31,6 +31,7 @@ from protocol import messages as proto
 from protocol.secure import SecureMean, read_secure_mean
 from strategies.noise_scale import NoiseStats, noise_stats_from_sums
 from strategies.server_state import ServerState
+from strategies.tail_average import with_average
 from strategies.server_step import (
     _client_rows, _finite_step, _require_enough, _round_row, _teach, round_progress,
 )
@@ -103,6 +104,7 @@ def secure_step(state: ServerState, result: SecureSum, plan: StepPlan, *,
         state, model=model, velocity=velocity, teacher=teacher_state, drawn=drawn, round=plan.round, failed_rounds=0,
         samples_seen=state.samples_seen + int(total) * plan.local_steps, virtual_total=state.virtual_total + virtual_s,
         policy=state.policy.observe(setup.cfg, plan.round, stats, server_s))
+    state = with_average(state, setup.cfg)
     timing = {"virtual_s": virtual_s, "round_trip_s": received_at - plan.sent_at, "server_s": server_s,
               "teacher_time_s": teacher_s}
     row = _round_row(state, plan, check, stats, taught, lr, timing) | {"secure": 1, "clipped_share": mean.clipped}

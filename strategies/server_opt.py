@@ -82,3 +82,16 @@ def velocity_from_weights(start: Sequence[torch.Tensor], mean: Sequence[torch.Te
         d = ((w0 - wm) - a * v) / cc
         out.append(mu ** h * v + c[-1] * d)
     return out
+
+
+def running_mean(mean: Sequence[torch.Tensor] | None, weights: Sequence[torch.Tensor],
+                 count: int) -> list[torch.Tensor]:
+    """Tail average of the global weights (SWA, Izmailov et al. 2018): m_k = m_{k-1} + (w_k - m_{k-1}) / k.
+
+    ``count`` is k, the number of models averaged including ``weights`` (k = 1 returns a copy).
+    """
+    if count < 1:
+        raise ValueError(f"count must be >= 1, got {count}")
+    if mean is None or count == 1:
+        return [w.detach().clone() for w in weights]
+    return [m + (w.detach() - m) / count for m, w in zip(mean, weights)]

@@ -5,7 +5,8 @@ the next one; the Flower strategy (strategies/large_batch.py) only keeps the lat
 server_app/results.py saves ``to_dict()`` as checkpoint.pt and reads it back with ``from_dict``.
 Everything a resumed run needs to continue bit for bit is here: the model, the optimizer's
 velocity, the teacher's ``state_dict``, the client sampler's generator, every partition's
-sampler position, the norm guard's memory, the batch policy's and the DP accountant's history.
+sampler position, the norm guard's memory, the batch policy's and the DP accountant's history, and
+the tail average of ``average-from``.
 """
 
 from __future__ import annotations
@@ -45,6 +46,8 @@ class ServerState:
     dp_noise_multiplier: float | None = None  # client-level DP: the run's z, fixed in round 1 (None: not yet, or off)
     dp_history: tuple[tuple[float, float, int], ...] = ()  # DP: Opacus' (z, q, steps) entries so far
     dp_noise_seed: int | None = None  # DP: the noise generator's seed, fixed in round 1 (a secret by default)
+    average: OrderedDict[str, torch.Tensor] | None = None  # average-from: the tail mean of the global models
+    averaged: int = 0  # average-from: the global models in ``average``
 
     @classmethod
     def initial(cls, model: Mapping[str, torch.Tensor], seed: int, teacher: Mapping[str, Any]) -> ServerState:
@@ -68,6 +71,7 @@ class ServerState:
             "client_momentum": {int(k): list(v) for k, v in self.client_momentum.items()},
             "failed_rounds": self.failed_rounds, "dp_noise_multiplier": self.dp_noise_multiplier,
             "dp_history": [list(step) for step in self.dp_history], "dp_noise_seed": self.dp_noise_seed,
+            "average": None if self.average is None else OrderedDict(self.average), "averaged": self.averaged,
         }
 
     @classmethod
@@ -85,6 +89,7 @@ class ServerState:
             dp_noise_multiplier=_optional(float, state.get("dp_noise_multiplier")),
             dp_history=tuple((float(z), float(q), int(n)) for z, q, n in state.get("dp_history", [])),
             dp_noise_seed=_optional(int, state.get("dp_noise_seed")),
+            average=_optional(OrderedDict, state.get("average")), averaged=int(state.get("averaged", 0)),
         )
 
 

@@ -53,6 +53,7 @@ from strategies.robust import worker_momenta
 from strategies.round_plan import round_stats
 from strategies.server_opt import ServerSGD, lr_at, velocity_from_weights
 from strategies.server_state import ServerState
+from strategies.tail_average import with_average
 from strategies.step_values import (  # noqa: F401 - the round's values, imported from here too
     ClientReply, DivergenceError, ReplyCheck, RoundFailure, RunSetup, StepError, StepPlan, StepRecord, ValidReply,
     refused_by_config,
@@ -199,6 +200,7 @@ def server_step(state: ServerState, replies: Sequence[ClientReply], plan: StepPl
         norm_history=(*state.norm_history, max(r.norm for r in valid))[-NORM_WINDOW:],
         samples_seen=state.samples_seen + sum(batches) * plan.local_steps, virtual_total=state.virtual_total + virtual_s,
         policy=state.policy.observe(setup.cfg, plan.round, stats, server_s))
+    state = with_average(state, setup.cfg)
     timing = {"virtual_s": virtual_s, "round_trip_s": received_at - plan.sent_at, "server_s": server_s,
               "teacher_time_s": teacher_s}
     return state, StepRecord(_round_row(state, plan, check, stats, taught, lr, timing) | privacy

@@ -258,3 +258,19 @@ def test_adacomm_takes_two_steps_a_round_while_b_is_at_most_128_and_one_after():
     assert sum(h for _, h in plan) == tm.planned_steps(method, 5000) == tm.step_schedule(5000)[1]
     assert {h for b, h in plan if b <= 128} == {1, 2} and {h for b, h in plan if b > 128} == {1}
     assert plan[:587] == tm.local_rounds(tm.METHODS["batch-step-local-2-weights"], 5000)[:587]
+
+
+def test_tail_averaging_scores_the_mean_of_the_last_rounds_and_leaves_training_alone(digits):
+    clock = tt.FleetClock({1: 0.01, 4: 0.02, 16: 0.05, 64: 0.2}, model_bytes=1e5)
+    plain = tt.train(tm.METHODS["batch-step-local-2-weights"], 0.025, 1, digits, clock)
+    swa = tt.train(tm.METHODS["batch-step-local-2-swa"], 0.025, 1, digits, clock)
+    assert swa["rounds"] == plain["rounds"] and swa["samples_seen"] == plain["samples_seen"]
+    # the rounds that end past 3/4 of the epochs' examples
+    n = len(digits.y_train)
+    seen = np.cumsum([b * h for b, h in tm.local_rounds(tm.METHODS["batch-step-local-2-swa"], n)])[:swa["rounds"]]
+    assert swa["averaged_rounds"] == int((seen > 0.75 * 2 * n).sum()) >= 2
+    assert swa["final_test_accuracy_last"] == pytest.approx(plain["final_test_accuracy"], abs=0.006)
+    assert swa["curve"][0]["val_accuracy"] == pytest.approx(plain["curve"][0]["val_accuracy"], abs=0.006)
+    assert "val_accuracy_last" not in swa["curve"][0] and "val_accuracy_last" in swa["curve"][-1]
+    assert swa["final_test_accuracy"] != swa["final_test_accuracy_last"]  # the mean is another model
+    assert 0.5 < swa["final_test_accuracy"] <= 1.0

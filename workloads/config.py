@@ -71,6 +71,10 @@ class RunConfig:
     weight_decay: float = _key(5e-4, "L2 coefficient, added to the gradient on the server")
     warmup_rounds: int = _key(2, "linear warm-up from `lr/warmup` to `lr`")
     schedule: str = _key("cosine", "after warm-up: `constant`, `cosine` or `linear` decay")
+    average_from: float = _key(
+        0.0, "tail averaging (SWA): after this round (a fraction of `num-server-rounds` below 1, else a round count) "
+             "the global model of every later round joins a running mean, which is evaluated and saved as the run's "
+             "model; clients still train the last model ([more](#average-from)); `0` = off")
     eval_every: int = _key(5, "central evaluation (validation and test) every this many rounds, and at the last")
     seed: int = _key(0, "seeds partitioning, client sampling, shuffles, augmentation and the initial model")
     out_dir: str = _key("", "results folder; `\"\"` = `./results/<time>-<dataset>-s<seed>`")
@@ -264,6 +268,12 @@ class RunConfig:
             raise ConfigError(
                 f"run-config key 'teacher-switch' = {self.teacher_switch!r}: must be a fraction of num-server-rounds "
                 "in [0, 1) or a whole number of rounds >= 1."
+            )
+        if not (self.average_from == 0.0 or 0.0 < self.average_from < 1.0
+                or (self.average_from >= 1 and float(self.average_from).is_integer())):
+            raise ConfigError(
+                f"run-config key 'average-from' = {self.average_from!r}: must be 0 (off), a fraction of "
+                "num-server-rounds in (0, 1) or a whole number of rounds >= 1."
             )
         if not 0.0 < self.val_fraction < 0.5:
             raise ConfigError(f"run-config key 'val-fraction' = {self.val_fraction!r}: must be in (0, 0.5).")
