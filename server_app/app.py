@@ -58,14 +58,8 @@ def main(grid: Grid, context: Context) -> None:
         evaluation = {}
         last = rnd == cfg.num_server_rounds
         if rnd % cfg.eval_every == 0 or last:
-            average = strategy.server_state.average
-            if average is not None:  # average-from: the tail mean is the run's model; the last one is scored too
-                model.load_state_dict(arrays.to_torch_state_dict())
-                evaluation["last_val_accuracy"] = evaluate(model, loss_fn, inputs, splits.x_val, splits.y_val)[1]
-                evaluation["last_test_accuracy"] = evaluate(model, loss_fn, inputs, splits.x_test, splits.y_test)[1]
-            model.load_state_dict(arrays.to_torch_state_dict() if average is None else average)
-            evaluation["val_loss"], evaluation["val_accuracy"] = evaluate(model, loss_fn, inputs, splits.x_val, splits.y_val)
-            evaluation["test_loss"], evaluation["test_accuracy"] = evaluate(model, loss_fn, inputs, splits.x_test, splits.y_test)
+            evaluation = _evaluation(model, arrays.to_torch_state_dict(), strategy.server_state.average, loss_fn,
+                                     inputs, splits)
         row = results.finish_round(rnd, evaluation, wall0 + time.perf_counter() - t_start)
         if rnd > 0 and (last or (cfg.checkpoint_every and rnd % cfg.checkpoint_every == 0)):
             results.save_checkpoint(strategy.server_state, row["wall_s"])
@@ -93,6 +87,24 @@ def main(grid: Grid, context: Context) -> None:
         results.privacy(privacy)
         log(INFO, "client-level DP: epsilon = %s at delta = %g after %d rounds (z = %s, accountant %s)",
             privacy["dp_epsilon"], cfg.dp_delta, privacy["rounds"], privacy["dp_noise_multiplier"], cfg.dp_accountant)
+
+
+def _evaluation(model, weights, average, loss_fn, inputs, splits) -> dict[str, float]:
+    """The round's scores: of the global model ``weights``, or with ``average-from`` of the tail mean
+    ``average`` (the run's model) and, as ``last_*_accuracy``, of the global model."""
+    if average is None:
+        return _scores(model, weights, loss_fn, inputs, splits)
+    last = _scores(model, weights, loss_fn, inputs, splits)
+    return {f"last_{k}": v for k, v in last.items() if k.endswith("accuracy")} | _scores(
+        model, average, loss_fn, inputs, splits)
+
+
+def _scores(model, weights, loss_fn, inputs, splits) -> dict[str, float]:
+    """Validation and test loss and accuracy of ``model`` with ``weights`` (a state_dict) loaded."""
+    model.load_state_dict(weights)
+    val_loss, val_accuracy = evaluate(model, loss_fn, inputs, splits.x_val, splits.y_val)
+    test_loss, test_accuracy = evaluate(model, loss_fn, inputs, splits.x_test, splits.y_test)
+    return {"val_loss": val_loss, "val_accuracy": val_accuracy, "test_loss": test_loss, "test_accuracy": test_accuracy}
 
 
 def _resume(cfg: RunConfig, results: RunResults, strategy: LargeBatchStrategy) -> tuple[int, float]:
