@@ -229,20 +229,19 @@ def train(method: Method, lr: float, seed: int, splits: Splits, clock: FleetCloc
             avg = running_mean(avg, params, averaged)
         if seen >= next_eval or seen >= total:
             next_eval += EVAL_EPOCHS * n
-            val, raw = _accuracy(model, avg, splits, "val")
+            val, raw = _accuracy(model, loss_fn, avg, splits, "val")
             curve.append({"round": rnd, "samples_seen": seen, "virtual_total_s": virtual, "val_accuracy": val,
                           "global_batch": batch, "b_simple_ema": ema if ema is not None else math.nan,
                           **({"val_accuracy_last": raw} if avg is not None else {})})
-    test, raw = _accuracy(model, avg, splits, "test")
+    test, raw = _accuracy(model, loss_fn, avg, splits, "test")
     rec = _record(method, lr, seed, rnd, seen, virtual, curve, batches, t0, test=test)
     return rec | ({"final_test_accuracy_last": raw, "averaged_rounds": averaged} if avg is not None else {})
 
 
-def _accuracy(model, avg, splits: Splits, split: str) -> tuple[float, float]:
+def _accuracy(model, loss_fn, avg, splits: Splits, split: str) -> tuple[float, float]:
     """Accuracy on ``split`` of the tail average ``avg`` (the model's own weights where None), and of the
     model's own weights (the last round's)."""
     x, y = getattr(splits, f"x_{split}"), getattr(splits, f"y_{split}")
-    loss_fn = WORKLOADS[DATASET].loss()
     raw = evaluate(model, loss_fn, splits.inputs, x, y, 500)[1]
     if avg is None:
         return raw, raw

@@ -39,7 +39,7 @@ def average_start(cfg: RunConfig) -> int:
         raise ConfigError(
             f"run-config key 'average-from' = {f:g} gives round {a} of num-server-rounds = {n}: no round would be "
             f"averaged. Allowed: a fraction in (0, 1) or a round count 1..{n - 1} (or 0, off).")
-    return max(a, 0)
+    return a
 
 
 def with_average(state: ServerState, cfg: RunConfig) -> ServerState:
