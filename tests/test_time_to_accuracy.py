@@ -203,7 +203,7 @@ def test_target_rounds_to_it_and_the_goal_check():
     runs = [_run("small", s, 0.0125, [0.3, 0.5, 0.6, 0.62], 0.61, 100) for s in (1, 2)]
     runs += [_run("large", s, 0.05, [0.4, 0.55, 0.58], 0.58, 10) for s in (1, 2)]
     runs += [_run("batch-step", 0, lr, [0.1, v], 0.5, 10) for lr, v in ((0.0125, 0.5), (0.025, 0.6), (0.05, 0.4))]
-    runs += [_run("batch-step", s, 0.025, [0.5, 0.616, 0.619], 0.607, 20) for s in (1, 2)]
+    runs += [_run("batch-step", s, 0.025, accs, 0.607, 20) for s, accs in ((1, [0.5, 0.62, 0.63]), (2, [0.5, 0.6, 0.61]))]
     runs += [_run("batch-step", 1, 0.05, [0.9, 0.9], 0.9, 1)]  # not the validation choice: ignored
     df, curves, target = tta.results(runs)
     assert target == pytest.approx(0.615)
@@ -212,12 +212,15 @@ def test_target_rounds_to_it_and_the_goal_check():
     small = df[df.method == "small"]
     assert (small.rounds_to_target == 400).all() and (small.virtual_s_to_target == 4000.0).all()
     assert df[df.method == "large"].rounds_to_target.isna().all()
-    s = tta.summary(df).set_index("method")
-    assert s.loc["batch-step", "round_ratio"] == pytest.approx(40 / 400)
+    assert df[df.method == "batch-step"].rounds_to_target.tolist()[0] == 40  # seed 2 never reaches 0.615
+    assert np.isnan(df[df.method == "batch-step"].rounds_to_target.tolist()[1])
+    s = tta.summary(df, curves, target).set_index("method")
+    assert s.loc["batch-step", "curve_rounds"] == 60 and s.loc["small", "curve_rounds"] == 400  # means 0.61, 0.62
+    assert s.loc["batch-step", "round_ratio"] == pytest.approx(60 / 400)
     assert s.loc["batch-step", "vs_small_pp"] == pytest.approx(-0.3)
     lines = tta.goal_lines(s.reset_index())
-    assert lines[0].startswith("large: reached 0/2") and lines[0].endswith("not reached")
-    assert lines[1].startswith("batch-step: reached 2/2, rounds x0.100") and lines[1].endswith("REACHED")
+    assert lines[0].startswith("large: seeds reaching 0/2, mean curve: rounds xnan") and lines[0].endswith("not reached")
+    assert lines[1].startswith("batch-step: seeds reaching 1/2, mean curve: rounds x0.150") and lines[1].endswith("REACHED")
     assert np.isclose(curves[curves.method == "small"].val_accuracy.max(), 0.62)
 
 
