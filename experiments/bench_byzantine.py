@@ -117,13 +117,15 @@ class Bench:
 
 
 def run_config(dataset: str, aggregator: str, attack: str, scale: Scale, seed: int,
-               radius_scale: float | None = None, bucket_size: int = 1) -> RunConfig:
+               radius_scale: float | None = None, bucket_size: int = 1, drop_ratio: float | None = None) -> RunConfig:
     """The run config of one run: the defaults but for the keys the module docstring names.
 
-    ``radius_scale`` None keeps the run-config default ``cc-radius-scale``.
+    ``radius_scale`` and ``drop_ratio`` None keep the run-config defaults ``cc-radius-scale``, ``cc-drop-ratio``.
     """
     f = CONDITIONS[attack]
     scale_key = {} if radius_scale is None else {"cc-radius-scale": radius_scale}
+    if drop_ratio is not None:
+        scale_key["cc-drop-ratio"] = drop_ratio
     return RunConfig.from_mapping({
         "dataset": dataset, "aggregator": aggregator, "num-server-rounds": scale.rounds,
         "global-batch-size": scale.global_batch, "lr": scale.lr, "seed": seed, "min-batch-fraction": 0.5,
@@ -174,13 +176,14 @@ def reply(node: int, pid: int, b: int, vec: torch.Tensor, names: list[str], like
 
 
 def run_one(bench: Bench, aggregator: str, attack: str, scale: Scale, radius_scale: float | None = None,
-            bucket_size: int = 1) -> dict:
+            bucket_size: int = 1, drop_ratio: float | None = None) -> dict:
     """One run from a fresh model of ``bench.seed``; its CSV row (module docstring)."""
     start, f = time.perf_counter(), CONDITIONS[attack]
     w = WORKLOADS[bench.dataset]
     fresh = build_model(resolve_model(bench.dataset, "auto"), w.input_shape, w.num_classes, bench.seed)
     names = [n for n, _ in fresh.named_parameters()]
-    setup = RunSetup.create(run_config(bench.dataset, aggregator, attack, scale, bench.seed, radius_scale, bucket_size),
+    setup = RunSetup.create(run_config(bench.dataset, aggregator, attack, scale, bench.seed, radius_scale, bucket_size,
+                                       drop_ratio),
                             fresh.state_dict(), names, IdentityTeacher())
     state = ServerState.initial(fresh.state_dict(), bench.seed, setup.teacher.state_dict())
     usable = {NODE_BASE + p: p for p in range(N_CLIENTS)}

@@ -1,13 +1,14 @@
-"""Choosing centered-clip's radius on validation: ``cc-radius-scale`` (and ``bucket-size``) against every attack.
+"""Choosing centered-clip's radius on validation: ``cc-radius-scale`` (``bucket-size``, ``cc-drop-ratio``) per attack.
 
 ``python -m experiments.cc_radius [--datasets digits] [--seeds 3] [--scales 0.5,1,1.5,2] [--bucket-sizes 1]
-[--rounds 150] [--data-dir DIR] [--out DIR] [--csv cc_radius.csv]``
+[--drop-ratios 0] [--rounds 150] [--data-dir DIR] [--out DIR] [--csv cc_radius.csv]``
 
 The setting of ``experiments.bench_byzantine`` (n = 20, the same attacks and fractions, the
 product's server step). For every dataset and seed: the plain ``mean`` under every attack and
 without one, and ``centered-clip`` at each radius scale (tau = scale x the b_i-weighted median
-distance to the previous aggregate, ``cc-radius = 0``) and each bucket size (clients averaged in
-random buckets first, Karimireddy et al. 2022). A (scale, bucket size) is chosen per dataset on the
+distance to the previous aggregate, ``cc-radius = 0``), each bucket size (clients averaged in
+random buckets first, Karimireddy et al. 2022) and each drop ratio (clients beyond that many median
+distances get no weight; 0 = off). A (scale, bucket size, drop ratio) is chosen per dataset on the
 **validation** split: the one whose worst attack is least below the clean ``mean`` run
 (mean over seeds). Writes ``<out>/<csv>`` (one row per run, atomically after each run)
 and prints, per dataset, validation and test accuracy by scale and attack, and the choice.
@@ -28,10 +29,10 @@ from workloads.files import atomic_write_text
 
 
 def sweep(datasets: list[str], seeds: int, scales: list[float], rounds: int, data_dir: str, csv: Path,
-          buckets: tuple[int, ...] = (1,)) -> pd.DataFrame:
+          buckets: tuple[int, ...] = (1,), drops: tuple[float, ...] = (0.0,)) -> pd.DataFrame:
     """Every run of the module docstring, progress printed; ``csv`` rewritten after every run."""
     rows, start = [], time.perf_counter()
-    runs = [("mean", 0.0, 1)] + [("centered-clip", s, b) for b in buckets for s in scales]
+    runs = [("mean", 0.0, 1, 0.0)] + [("centered-clip", s, b, r) for r in drops for b in buckets for s in scales]
     total = len(datasets) * seeds * len(ATTACKS) * len(runs)
     for dataset in datasets:
         base = SCALES[dataset]
@@ -39,11 +40,11 @@ def sweep(datasets: list[str], seeds: int, scales: list[float], rounds: int, dat
         for seed in range(1, seeds + 1):
             bench = Bench.create(dataset, data_dir, seed)
             for attack in ATTACKS:
-                for aggregator, radius_scale, bucket in runs:
-                    row = run_one(bench, aggregator, attack, scale, radius_scale or 1.0, bucket)
-                    rows.append({**row, "radius_scale": radius_scale, "bucket_size": bucket})
+                for aggregator, radius_scale, bucket, drop in runs:
+                    row = run_one(bench, aggregator, attack, scale, radius_scale or 1.0, bucket, drop)
+                    rows.append({**row, "radius_scale": radius_scale, "bucket_size": bucket, "drop_ratio": drop})
                     print(f"[{len(rows)}/{total}] {dataset} seed {seed} {attack:<10} {aggregator:<13} "
-                          f"scale {radius_scale:<4g} bucket {bucket} val {row['val_accuracy']:.4f} "
+                          f"scale {radius_scale:<4g} bucket {bucket} drop {drop:g} val {row['val_accuracy']:.4f} "
                           f"test {row['test_accuracy']:.4f} {row['status']} ({time.perf_counter() - start:.0f} s)",
                           flush=True)
                     atomic_write_text(csv, pd.DataFrame(rows).to_csv(index=False))
@@ -51,22 +52,25 @@ def sweep(datasets: list[str], seeds: int, scales: list[float], rounds: int, dat
 
 
 def table(df: pd.DataFrame, dataset: str, split: str) -> tuple[str, pd.Series]:
-    """Markdown: accuracy (%) mean +- std over seeds, row per (scale, bucket size) (scale 0 = mean), column per
-    attack; and each row's worst drop (pp) below the clean ``mean`` run, on ``split``, indexed (scale, bucket)."""
+    """Markdown: accuracy (%) mean +- std over seeds, row per (scale, bucket size, drop ratio) (scale 0 = mean),
+    column per attack; and each row's worst drop (pp) below the clean ``mean`` run, on ``split``, indexed by them."""
     d = df[df.dataset == dataset]
+    if "drop_ratio" not in d:  # rows written before cc-drop-ratio existed
+        d = d.assign(drop_ratio=0.0)
     col = f"{split}_accuracy"
     clean = 100 * d[(d.radius_scale == 0) & (d.attack == "clean")][col].mean()
     attacks = [a for a in ATTACKS if a in set(d.attack)]
     lines = [f"| {split}: radius scale | " + " | ".join(attacks) + " | worst vs clean mean |",
              "| --- |" + " --- |" * (len(attacks) + 1)]
     worst = {}
-    for key in sorted(set(zip(d.radius_scale, d.bucket_size))):
-        s, b = key
-        run = d[(d.radius_scale == s) & (d.bucket_size == b)]
+    for key in sorted(set(zip(d.radius_scale, d.bucket_size, d.drop_ratio))):
+        s, b, r = key
+        run = d[(d.radius_scale == s) & (d.bucket_size == b) & (d.drop_ratio == r)]
         acc = {a: 100 * run[run.attack == a][col] for a in attacks}
         worst[key] = min(acc[a].mean() for a in attacks) - clean
         cells = [f"{acc[a].mean():.1f} ± {acc[a].std(ddof=1) if len(acc[a]) > 1 else 0.0:.1f}" for a in attacks]
-        name = "mean" if s == 0 else f"centered-clip x{s:g}" + (f", buckets of {b}" if b > 1 else "")
+        name = "mean" if s == 0 else (f"centered-clip x{s:g}" + (f", buckets of {b}" if b > 1 else "")
+                                      + (f", drop beyond {r:g} medians" if r > 0 else ""))
         lines.append(f"| {name} | " + " | ".join(cells) + f" | {worst[key]:+.1f} |")
     return "\n".join(lines), pd.Series(worst)
 
@@ -78,6 +82,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--seeds", type=int, default=3)
     p.add_argument("--scales", default="0.5,1,1.5,2", help="comma-separated cc-radius-scale values (> 0)")
     p.add_argument("--bucket-sizes", default="1", help="comma-separated bucket-size values (>= 1; 1 = off)")
+    p.add_argument("--drop-ratios", default="0", help="comma-separated cc-drop-ratio values (0 = off, or > 1)")
     p.add_argument("--rounds", type=int, default=150, help="rounds of every run; 0 = bench_byzantine's")
     p.add_argument("--data-dir", default=os.environ.get("FLB_DATA_DIR", ""))
     p.add_argument("--out", default="experiments/results")
@@ -90,18 +95,22 @@ def main(argv: list[str] | None = None) -> None:
     if not parts or not all(b.isdigit() and int(b) >= 1 for b in parts):
         raise SystemExit(f"--bucket-sizes = {args.bucket_sizes!r}: need one or more integers >= 1")
     buckets = tuple(int(b) for b in parts)
+    drops = tuple(float(r) for r in args.drop_ratios.split(",") if r)
+    if not drops or any(r != 0 and r <= 1 for r in drops):
+        raise SystemExit(f"--drop-ratios = {args.drop_ratios!r}: need one or more values, each 0 (off) or > 1")
     datasets = [d for d in args.datasets.split(",") if d]
     bad = [d for d in datasets if d not in SCALES]
     if bad:
         raise SystemExit(f"--datasets: {bad[0]!r} is not one of {', '.join(SCALES)}")
     torch.set_num_threads(1)
-    df = sweep(datasets, args.seeds, scales, args.rounds, args.data_dir, Path(args.out) / args.csv, buckets)
+    df = sweep(datasets, args.seeds, scales, args.rounds, args.data_dir, Path(args.out) / args.csv, buckets, drops)
     for dataset in datasets:
         val, worst = table(df, dataset, "val")
         test, _ = table(df, dataset, "test")
-        chosen = worst.drop((0.0, 1)).idxmax()
+        chosen = worst.drop((0.0, 1, 0.0)).idxmax()
         print(f"\n{dataset}, {args.seeds} seeds\n{val}\n\n{test}\n\nchosen on validation: cc-radius-scale "
-              f"{chosen[0]:g}, bucket-size {chosen[1]} (worst attack {worst[chosen]:+.1f} pp against clean mean)")
+              f"{chosen[0]:g}, bucket-size {chosen[1]}, cc-drop-ratio {chosen[2]:g} "
+              f"(worst attack {worst[chosen]:+.1f} pp against clean mean)")
 
 
 if __name__ == "__main__":

@@ -59,21 +59,28 @@ def _stack(arrays: Sequence[Sequence[torch.Tensor]], weights: Sequence[float]) -
 
 
 def centered_clip(x: torch.Tensor, w: torch.Tensor, center: torch.Tensor, radius: float, iterations: int,
-                  radius_scale: float = 1.0) -> torch.Tensor:
+                  radius_scale: float = 1.0, drop_ratio: float = 0.0) -> torch.Tensor:
     """Iterated centered clipping of the rows of ``x`` (K x D) around ``center`` (D); ``radius`` 0 = auto.
 
     ``radius`` (tau) is in the units of the rows; 0 takes ``radius_scale`` times the weighted median
-    of the first iteration's distances |x_i - center|, which honest clients set as long as they hold
-    more than half of the weight.
+    of the distances |x_i - center|, which honest clients set as long as they hold more than half
+    of the weight. ``drop_ratio`` r > 1 gives no weight to the rows farther than r times that median
+    (0 = keep every row): a clipped row still pulls by tau, a dropped one not at all.
     """
     v = center.to(torch.float64)
-    x, share = x.to(torch.float64), (w / w.sum()).to(torch.float64)
-    for it in range(iterations):
+    x = x.to(torch.float64)
+    dist = (x - v).norm(dim=1)
+    median = float(weighted_median(dist[:, None], w)[0])
+    if radius <= 0:
+        radius = radius_scale * median
+    if drop_ratio > 0:
+        kept = w.to(torch.float64) * (dist <= drop_ratio * median)
+        share = kept / kept.sum()
+    else:
+        share = (w / w.sum()).to(torch.float64)
+    for _ in range(iterations):
         d = x - v
-        dist = d.norm(dim=1)
-        if it == 0 and radius <= 0:
-            radius = radius_scale * float(weighted_median(dist[:, None], w)[0])
-        scale = torch.clamp(radius / dist.clamp_min(1e-30), max=1.0)
+        scale = torch.clamp(radius / d.norm(dim=1).clamp_min(1e-30), max=1.0)
         v = v + (share * scale) @ d
     return v.to(torch.float32)
 
@@ -132,7 +139,7 @@ def krum(x: torch.Tensor, f: int) -> int:
 @dataclass(frozen=True)
 class Aggregator:
     """The run's aggregation rule (run-config keys ``aggregator``, ``cc-radius``, ``cc-iterations``,
-    ``cc-radius-scale``, ``byzantine-fraction``, ``bucket-size``)."""
+    ``cc-radius-scale``, ``cc-drop-ratio``, ``byzantine-fraction``, ``bucket-size``)."""
 
     name: str = "mean"
     radius: float = 0.0  # centered-clip: tau; 0 = the weighted median distance (auto)
@@ -140,12 +147,13 @@ class Aggregator:
     byzantine_fraction: float = 0.2  # krum: f = floor(fraction * K); trimmed-mean: the weight trimmed at each end
     radius_scale: float = 1.5  # centered-clip with the auto radius: tau = scale * the median distance
     bucket_size: int = 1  # clients averaged per random bucket before the rule (1 = off)
+    drop_ratio: float = 0.0  # centered-clip: no weight beyond this many median distances (0 = off)
 
     @classmethod
     def from_config(cls, cfg: RunConfig) -> Aggregator:
         """The aggregator the run config names."""
         return cls(cfg.aggregator, cfg.cc_radius, cfg.cc_iterations, cfg.byzantine_fraction, cfg.cc_radius_scale,
-                   cfg.bucket_size)
+                   cfg.bucket_size, cfg.cc_drop_ratio)
 
     def __post_init__(self) -> None:
         if self.name not in AGGREGATORS:
@@ -162,7 +170,7 @@ class Aggregator:
             x, w = bucket_means(x, w, self.bucket_size, torch.Generator().manual_seed(seed))
         if self.name == "centered-clip":
             start = torch.zeros(x.shape[1]) if center is None else flatten(center)
-            out = centered_clip(x, w, start, self.radius, self.iterations, self.radius_scale)
+            out = centered_clip(x, w, start, self.radius, self.iterations, self.radius_scale, self.drop_ratio)
         elif self.name == "median":
             out = weighted_median(x, w)
         elif self.name == "trimmed-mean":

@@ -58,6 +58,24 @@ def test_centered_clip_bounds_each_clients_pull():
                                torch.tensor([3001.0 / 6, 2.0 / 6, 0.0]))
 
 
+def test_centered_clip_drops_the_clients_beyond_the_drop_ratio():
+    """cc-drop-ratio: a client 100 median distances away pulls by tau when clipped, not at all when dropped."""
+    center, w = torch.zeros(2), torch.ones(4)
+    x = torch.tensor([[1.0, 0.0], [0.0, 1.0], [-1.0, 0.0], [0.0, -100.0]])  # median distance 1, tau 1.5
+    clipped = centered_clip(x, w, center, radius=0.0, iterations=1, radius_scale=1.5)
+    torch.testing.assert_close(clipped, torch.tensor([0.0, (1.0 - 1.5) / 4]))
+    # dropped: the mean of the three honest rows, a fixed point (each within tau of it), so 3 iterations keep it
+    dropped = centered_clip(x, w, center, radius=0.0, iterations=3, radius_scale=1.5, drop_ratio=10.0)
+    torch.testing.assert_close(dropped, torch.tensor([0.0, 1.0 / 3]))
+    # a ratio above the far client's 100 medians keeps it: the clipped result again
+    kept = centered_clip(x, w, center, radius=0.0, iterations=1, radius_scale=1.5, drop_ratio=101.0)
+    torch.testing.assert_close(kept, clipped)
+    for bad in (0.5, 1.0, -2.0):
+        with pytest.raises(ConfigError, match=rf"'cc-drop-ratio' = {bad}: must be 0 \(off\) or > 1"):
+            RunConfig.from_mapping({"aggregator": "centered-clip", "cc-drop-ratio": bad})
+    assert Aggregator.from_config(RunConfig.from_mapping({"cc-drop-ratio": 4.0})).drop_ratio == 4.0
+
+
 def _run(setup, rounds: int = 4) -> ServerState:
     state = ServerState.initial(MODEL, seed=1, teacher={})
     for _ in range(rounds):

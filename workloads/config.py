@@ -164,6 +164,10 @@ class RunConfig:
     cc_radius_scale: float = _key(
         1.5, "`centered-clip` with `cc-radius = 0`: tau = this times the median distance; larger passes more of "
              "every client (toward `mean`), smaller clips more; 1.5 was chosen on validation ([faults.md](faults.md#choosing-the-radius))")
+    cc_drop_ratio: float = _key(
+        0.0, "`centered-clip`: clients farther from the previous aggregate than this many times the median "
+             "distance get no weight in the round (clipped, they would still pull by tau); `0` = off, else above 1 "
+             "([faults.md](faults.md#dropping-far-clients))")
     bucket_size: int = _key(
         1, "robust aggregators: average the round's clients in random buckets of this many (b_i-weighted) and "
            "aggregate the bucket means (Karimireddy et al. 2022); `1` = off "
@@ -289,6 +293,9 @@ class RunConfig:
             raise ConfigError(
                 f"run-config key 'max-norm-ratio' = {self.max_norm_ratio!r}: must be 0 (guard off) or > 1."
             )
+        if self.cc_drop_ratio != 0 and not self.cc_drop_ratio > 1:
+            raise ConfigError(f"run-config key 'cc-drop-ratio' = {self.cc_drop_ratio!r}: must be 0 (off) or > 1 "
+                              "(times the median distance; at most 1 would drop honest clients).")
         if self.secagg_threshold < 0 or self.secagg_threshold == 1:
             raise ConfigError(f"run-config key 'secagg-threshold' = {self.secagg_threshold!r}: must be 0 (auto) or >= 2.")
         if not self.secagg_clip_norm > 0:
