@@ -123,13 +123,11 @@ def run_config(dataset: str, aggregator: str, attack: str, scale: Scale, seed: i
     ``radius_scale`` and ``drop_ratio`` None keep the run-config defaults ``cc-radius-scale``, ``cc-drop-ratio``.
     """
     f = CONDITIONS[attack]
-    scale_key = {} if radius_scale is None else {"cc-radius-scale": radius_scale}
-    if drop_ratio is not None:
-        scale_key["cc-drop-ratio"] = drop_ratio
+    keys = {k: v for k, v in (("cc-radius-scale", radius_scale), ("cc-drop-ratio", drop_ratio)) if v is not None}
     return RunConfig.from_mapping({
         "dataset": dataset, "aggregator": aggregator, "num-server-rounds": scale.rounds,
         "global-batch-size": scale.global_batch, "lr": scale.lr, "seed": seed, "min-batch-fraction": 0.5,
-        "byzantine-fraction": f / N_CLIENTS if f else 0.2, "bucket-size": bucket_size, **scale_key})
+        "byzantine-fraction": f / N_CLIENTS if f else 0.2, "bucket-size": bucket_size, **keys})
 
 
 def client_vectors(bench: Bench, attack: str, state: ServerState, plan: StepPlan,

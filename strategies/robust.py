@@ -69,10 +69,10 @@ def centered_clip(x: torch.Tensor, w: torch.Tensor, center: torch.Tensor, radius
     """
     v = center.to(torch.float64)
     x = x.to(torch.float64)
-    dist = (x - v).norm(dim=1)
-    median = float(weighted_median(dist[:, None], w)[0])
-    if radius <= 0:
-        radius = radius_scale * median
+    if radius <= 0 or drop_ratio > 0:  # both measured in median distances; a fixed radius needs no sort
+        dist = (x - v).norm(dim=1)
+        median = float(weighted_median(dist[:, None], w)[0])
+        radius = radius if radius > 0 else radius_scale * median
     if drop_ratio > 0:
         kept = w.to(torch.float64) * (dist <= drop_ratio * median)
         share = kept / kept.sum()
