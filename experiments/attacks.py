@@ -91,3 +91,36 @@ def bit_flip(g: torch.Tensor, generator: torch.Generator, fraction: float = 0.01
     words = flat.view(torch.int32)
     words[where] = torch.bitwise_xor(words[where], masks)
     return flat.reshape(g.shape)
+
+
+def momentum_space(sent: dict[int, torch.Tensor], byzantine: list[int], kind: str, tracked: dict[int, torch.Tensor],
+                   beta: float, decay: torch.Tensor, n: int) -> dict[int, torch.Tensor]:
+    """The paper's attacks: the f attackers pick the momentum the aggregator sees, not the gradient they send.
+
+    In Karimireddy et al.'s released code the workers keep m_i = beta * m_i + g_i and send it;
+    ALIE and IPM are computed from the honest workers' momenta, and the Byzantine workers keep
+    no momentum (bit flipping sends ``-g``, label flipping its raw gradient). Here the server keeps
+    m_i = beta * m_i + g_i + decay (``strategies.robust.worker_momenta``, ``decay`` = weight
+    decay x the weights; for ``mean`` their average is the server's momentum), so an attacker
+    that wants momentum u sends g = u - beta * m_prev - decay. ``sent`` holds this round's
+    vectors (honest gradients; for ``sign-flip`` and ``label-flip`` the attackers' raw vectors);
+    ``tracked`` the momenta (updated in place: omniscient attackers see every honest g_i).
+    ``kind``: ``alie`` (u = mean - z std of the honest momenta), ``ipm`` (-0.1 x their mean),
+    ``sign-flip``, ``label-flip`` (u = the raw vector). Returns the vectors to send.
+    """
+    bad = set(byzantine)
+    previous = {p: tracked.get(p, torch.zeros_like(v)) for p, v in sent.items()}
+    momenta = {p: beta * previous[p] + v + decay for p, v in sent.items() if p not in bad}
+    honest = torch.stack([momenta[p] for p in sorted(momenta)])
+    if kind == "alie":
+        target = alie(honest, n, len(bad))
+    elif kind == "ipm":
+        target = ipm(honest, 0.1)
+    elif kind not in ("sign-flip", "label-flip"):
+        raise ValueError(f"momentum_space: kind {kind!r} is not one of alie, ipm, sign-flip, label-flip")
+    out = dict(sent)
+    for p in sorted(bad & set(sent)):
+        momenta[p] = target if kind in ("alie", "ipm") else sent[p]
+        out[p] = momenta[p] - beta * previous[p] - decay
+    tracked.update(momenta)
+    return out

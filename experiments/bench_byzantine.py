@@ -14,7 +14,10 @@ norm guard, the aggregator, server SGD with momentum 0.9 and the run's lr schedu
 ``byzantine-fraction = f / n`` (0.2 for ``clean``): Krum and the trimmed mean are told the
 true f. ``absent-4`` and ``absent-8`` (only through ``--attacks``) are the oracle: partitions
 0..f-1 send nothing, so each round is the honest clients' step on their share of the data, the
-best any aggregator could do if it recognised every attacker. A run whose round fails
+best any aggregator could do if it recognised every attacker. ``alie-paper``, ``ipm-paper``,
+``sign-flip-paper`` and ``label-flip-paper`` (also only through ``--attacks``) are the attacks as
+Karimireddy et al.'s released code runs them, on the momenta the aggregator sees
+(``attacks.momentum_space``). A run whose round fails
 (``RoundFailure``, ``DivergenceError``) stops there and is recorded as failed, with the
 accuracy of its last model.
 
@@ -54,7 +57,9 @@ from workloads.training import batch_gradient, draw_batch, evaluate
 N_CLIENTS = 20
 ATTACKS = {"clean": 0, "alie": 4, "ipm": 8, "sign-flip": 4, "label-flip": 4, "bit-flip": 4}  # attack -> f
 ABSENT = {"absent-4": 4, "absent-8": 8}  # the oracle: the f Byzantine partitions removed (module docstring)
-CONDITIONS = {**ATTACKS, **ABSENT}
+# the paper's attacks, in the space the aggregator sees (experiments.attacks.momentum_space); only when named
+PAPER = {"alie-paper": 4, "ipm-paper": 8, "sign-flip-paper": 4, "label-flip-paper": 4}
+CONDITIONS = {**ATTACKS, **ABSENT, **PAPER}
 QUICK_RUNS = (("mean", "clean"), ("mean", "alie"), ("centered-clip", "alie"), ("mean", "ipm"), ("centered-clip", "ipm"))
 NODE_BASE = 1000  # node id of partition p is NODE_BASE + p
 
@@ -185,13 +190,20 @@ def run_one(bench: Bench, aggregator: str, attack: str, scale: Scale, radius_sca
                             fresh.state_dict(), names, IdentityTeacher())
     state = ServerState.initial(fresh.state_dict(), bench.seed, setup.teacher.state_dict())
     usable = {NODE_BASE + p: p for p in range(N_CLIENTS)}
+    tracked: dict[int, torch.Tensor] = {}  # the paper's attacks: every partition's momentum, as the attackers track it
     generator = torch.Generator().manual_seed(bench.seed * 1_000_003 + 17)
     status, rejected = "ok", {"byzantine": 0, "honest": 0}
     for _ in range(scale.rounds):
         state, plan = plan_round(state, setup, usable, N_CLIENTS)
         bench.model.load_state_dict(state.model)
         like = [state.model[n] for n in names]
-        sent = client_vectors(bench, attack, state, plan, generator)
+        sent = client_vectors(bench, attack.removesuffix("-paper"), state, plan, generator)
+        if attack in PAPER:
+            cfg, own = setup.cfg, flatten(like)
+            moved = attacks.momentum_space({p: v for p, (v, _) in sent.items()}, list(range(f)),
+                                           attack.removesuffix("-paper"), tracked, cfg.momentum,
+                                           cfg.weight_decay * own, N_CLIENTS)
+            sent = {p: (moved[p], loss) for p, (_, loss) in sent.items()}
         replies = [reply(node, pid, b, sent[pid][0], names, like, sent[pid][1])
                    for node, (pid, b) in plan.assigned.items() if pid in sent]
         try:

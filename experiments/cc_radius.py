@@ -1,7 +1,7 @@
 """Choosing centered-clip's radius on validation: ``cc-radius-scale`` (``bucket-size``, ``cc-drop-ratio``) per attack.
 
 ``python -m experiments.cc_radius [--datasets digits] [--seeds 3] [--scales 0.5,1,1.5,2] [--bucket-sizes 1]
-[--drop-ratios 0] [--rounds 150] [--data-dir DIR] [--out DIR] [--csv cc_radius.csv]``
+[--drop-ratios 10] [--rounds 150] [--data-dir DIR] [--out DIR] [--csv cc_radius.csv]``
 
 The setting of ``experiments.bench_byzantine`` (n = 20, the same attacks and fractions, the
 product's server step). For every dataset and seed: the plain ``mean`` under every attack and
@@ -24,22 +24,23 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from experiments.bench_byzantine import ATTACKS, SCALES, Bench, Scale, run_one
+from experiments.bench_byzantine import ATTACKS, CONDITIONS, SCALES, Bench, Scale, run_one
 from workloads.files import atomic_write_text
 
 
 def sweep(datasets: list[str], seeds: int, scales: list[float], rounds: int, data_dir: str, csv: Path,
-          buckets: tuple[int, ...] = (1,), drops: tuple[float, ...] = (0.0,)) -> pd.DataFrame:
+          buckets: tuple[int, ...] = (1,), drops: tuple[float, ...] = (0.0,),
+          attacks: tuple[str, ...] = tuple(ATTACKS)) -> pd.DataFrame:
     """Every run of the module docstring, progress printed; ``csv`` rewritten after every run."""
     rows, start = [], time.perf_counter()
     runs = [("mean", 0.0, 1, 0.0)] + [("centered-clip", s, b, r) for r in drops for b in buckets for s in scales]
-    total = len(datasets) * seeds * len(ATTACKS) * len(runs)
+    total = len(datasets) * seeds * len(attacks) * len(runs)
     for dataset in datasets:
         base = SCALES[dataset]
         scale = Scale(rounds or base.rounds, base.global_batch, base.lr, base.val_examples)
         for seed in range(1, seeds + 1):
             bench = Bench.create(dataset, data_dir, seed)
-            for attack in ATTACKS:
+            for attack in attacks:
                 for aggregator, radius_scale, bucket, drop in runs:
                     row = run_one(bench, aggregator, attack, scale, radius_scale or 1.0, bucket, drop)
                     rows.append({**row, "radius_scale": radius_scale, "bucket_size": bucket, "drop_ratio": drop})
@@ -59,7 +60,7 @@ def table(df: pd.DataFrame, dataset: str, split: str) -> tuple[str, pd.Series]:
         d = d.assign(drop_ratio=0.0)
     col = f"{split}_accuracy"
     clean = 100 * d[(d.radius_scale == 0) & (d.attack == "clean")][col].mean()
-    attacks = [a for a in ATTACKS if a in set(d.attack)]
+    attacks = [a for a in CONDITIONS if a in set(d.attack)]
     lines = [f"| {split}: radius scale | " + " | ".join(attacks) + " | worst vs clean mean |",
              "| --- |" + " --- |" * (len(attacks) + 1)]
     worst = {}
@@ -82,7 +83,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--seeds", type=int, default=3)
     p.add_argument("--scales", default="0.5,1,1.5,2", help="comma-separated cc-radius-scale values (> 0)")
     p.add_argument("--bucket-sizes", default="1", help="comma-separated bucket-size values (>= 1; 1 = off)")
-    p.add_argument("--drop-ratios", default="0", help="comma-separated cc-drop-ratio values (0 = off, or > 1)")
+    p.add_argument("--drop-ratios", default="10", help="comma-separated cc-drop-ratio values (0 = off, or > 1)")
+    p.add_argument("--attacks", default=",".join(ATTACKS),
+                   help="comma-separated conditions of experiments.bench_byzantine; must include clean")
     p.add_argument("--rounds", type=int, default=150, help="rounds of every run; 0 = bench_byzantine's")
     p.add_argument("--data-dir", default=os.environ.get("FLB_DATA_DIR", ""))
     p.add_argument("--out", default="experiments/results")
@@ -102,8 +105,12 @@ def main(argv: list[str] | None = None) -> None:
     bad = [d for d in datasets if d not in SCALES]
     if bad:
         raise SystemExit(f"--datasets: {bad[0]!r} is not one of {', '.join(SCALES)}")
+    attacks = tuple(a for a in args.attacks.split(",") if a)
+    if "clean" not in attacks or any(a not in CONDITIONS for a in attacks):
+        raise SystemExit(f"--attacks = {args.attacks!r}: need 'clean' and names among {', '.join(CONDITIONS)}")
     torch.set_num_threads(1)
-    df = sweep(datasets, args.seeds, scales, args.rounds, args.data_dir, Path(args.out) / args.csv, buckets, drops)
+    df = sweep(datasets, args.seeds, scales, args.rounds, args.data_dir, Path(args.out) / args.csv, buckets, drops,
+               attacks)
     for dataset in datasets:
         val, worst = table(df, dataset, "val")
         test, _ = table(df, dataset, "test")

@@ -147,7 +147,7 @@ class Aggregator:
     byzantine_fraction: float = 0.2  # krum: f = floor(fraction * K); trimmed-mean: the weight trimmed at each end
     radius_scale: float = 1.5  # centered-clip with the auto radius: tau = scale * the median distance
     bucket_size: int = 1  # clients averaged per random bucket before the rule (1 = off)
-    drop_ratio: float = 0.0  # centered-clip: no weight beyond this many median distances (0 = off)
+    drop_ratio: float = 10.0  # centered-clip: no weight beyond this many median distances (0 = off)
 
     @classmethod
     def from_config(cls, cfg: RunConfig) -> Aggregator:

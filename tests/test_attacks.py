@@ -7,7 +7,8 @@ import torch
 from scipy.stats import norm
 from torch import nn
 
-from experiments.attacks import alie, alie_z, bit_flip, flip_labels, ipm, label_flip, sign_flip
+from experiments.attacks import alie, alie_z, bit_flip, flip_labels, ipm, label_flip, momentum_space, sign_flip
+from strategies.robust import worker_momenta
 from workloads.training import batch_gradient
 
 
@@ -61,3 +62,34 @@ def test_flip_labels_and_the_label_flip_gradient():
     batch_gradient(model, loss_fn, lambda t: t, x, torch.tensor([2, 1, 0, 2, 1, 0]))
     for a, p in zip(got, model.parameters()):
         torch.testing.assert_close(a, p.grad)
+
+
+def test_momentum_space_gives_the_attackers_the_momentum_they_choose_through_the_servers_formula():
+    """Two rounds, 3 honest partitions (2..4), 2 attackers (0, 1): what the server's ``worker_momenta`` makes of the
+    sent gradients is the paper's attack on the honest momenta, by hand."""
+    beta, n = 0.9, 5
+    gen = torch.Generator().manual_seed(0)
+    tracked, server = {}, {}
+    weights = torch.tensor([1.0, -2.0, 0.5, 3.0])
+    decay = 5e-4 * weights
+    for _ in range(2):
+        grads = {p: torch.randn(4, generator=gen) for p in range(n)}
+        honest = torch.stack([beta * server.get(p, torch.zeros(4)) + grads[p] + decay for p in (2, 3, 4)])
+        sent = momentum_space(grads, [0, 1], "alie", tracked, beta, decay, n)
+        for p in (2, 3, 4):
+            assert torch.equal(sent[p], grads[p])  # honest clients untouched
+        # the server adds the weight decay to each gradient, then m_i = beta * m_i + g_i
+        with_decay = [[sent[p] + decay] for p in range(n)]
+        server = {p: m[0] for p, m in worker_momenta(with_decay, list(range(n)), beta,
+                                                     {p: [m] for p, m in server.items()}, None).items()}
+        expected = honest.mean(0) - alie_z(n, 2) * honest.std(0)
+        for p in (0, 1):
+            torch.testing.assert_close(server[p], expected, rtol=1e-5, atol=1e-6)
+        for p in range(n):
+            torch.testing.assert_close(tracked[p], server[p], rtol=1e-5, atol=1e-6)
+    # sign flip: the attacker's momentum is its raw vector, whatever it sent before
+    prev = tracked[0].clone()
+    flipped = momentum_space({0: torch.ones(4), 2: torch.zeros(4)}, [0], "sign-flip", tracked, beta, decay, n)
+    torch.testing.assert_close(flipped[0], torch.ones(4) - beta * prev - decay)
+    with pytest.raises(ValueError, match="kind 'bit-flip'"):
+        momentum_space({0: torch.ones(4), 2: torch.zeros(4)}, [0], "bit-flip", {}, beta, decay, n)

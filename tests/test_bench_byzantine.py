@@ -71,6 +71,7 @@ def test_grid_filters_name_the_bad_value():
     with pytest.raises(ValueError, match=r"--attacks"):
         grid_runs("mean", "")
     assert grid_runs("mean", "absent-4") == [("mean", "absent-4")]  # the oracle: only when asked for
+    assert grid_runs("centered-clip", "alie-paper") == [("centered-clip", "alie-paper")]  # the paper's attacks too
 
 
 def test_cc_radius_sweep_picks_the_scale_with_the_best_worst_attack(tmp_path, capsys):
@@ -87,8 +88,8 @@ def test_cc_radius_sweep_picks_the_scale_with_the_best_worst_attack(tmp_path, ca
     df.loc[df.bucket_size == 2, "val_accuracy"] = 0.93
     df.loc[(df.radius_scale == 2.0) & (df.attack == "ipm"), "val_accuracy"] = 0.80
     _, worst = cc_radius.table(df, "digits", "val")
-    assert worst[(0.5, 1, 0.0)] == pytest.approx(-5.0) and worst[(2.0, 1, 0.0)] == pytest.approx(-15.0)
-    assert worst[(0.5, 2, 0.0)] == pytest.approx(-2.0) and worst[(2.0, 2, 0.0)] == pytest.approx(-15.0)
+    assert worst[(0.5, 1, 10.0)] == pytest.approx(-5.0) and worst[(2.0, 1, 10.0)] == pytest.approx(-15.0)
+    assert worst[(0.5, 2, 10.0)] == pytest.approx(-2.0) and worst[(2.0, 2, 10.0)] == pytest.approx(-15.0)
     with pytest.raises(SystemExit, match=r"--bucket-sizes = '1,x'"):
         cc_radius.main(["--bucket-sizes", "1,x"])
     with pytest.raises(SystemExit, match=r"--drop-ratios = '0,1': need one or more values, each 0 \(off\) or > 1"):
