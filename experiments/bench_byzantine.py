@@ -33,6 +33,7 @@ import argparse
 import math
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -179,8 +180,11 @@ def reply(node: int, pid: int, b: int, vec: torch.Tensor, names: list[str], like
 
 
 def run_one(bench: Bench, aggregator: str, attack: str, scale: Scale, radius_scale: float | None = None,
-            bucket_size: int = 1, drop_ratio: float | None = None) -> dict:
-    """One run from a fresh model of ``bench.seed``; its CSV row (module docstring)."""
+            bucket_size: int = 1, drop_ratio: float | None = None,
+            on_round: Callable[[ServerState, ServerState], None] | None = None) -> dict:
+    """One run from a fresh model of ``bench.seed``; its CSV row (module docstring).
+
+    ``on_round(before, after)``, if given, sees the server state before and after every step taken."""
     start, f = time.perf_counter(), CONDITIONS[attack]
     w = WORKLOADS[bench.dataset]
     fresh = build_model(resolve_model(bench.dataset, "auto"), w.input_shape, w.num_classes, bench.seed)
@@ -207,8 +211,10 @@ def run_one(bench: Bench, aggregator: str, attack: str, scale: Scale, radius_sca
         replies = [reply(node, pid, b, sent[pid][0], names, like, sent[pid][1])
                    for node, (pid, b) in plan.assigned.items() if pid in sent]
         try:
-            state, record = server_step(state, replies, plan)
+            before, (state, record) = state, server_step(state, replies, plan)
             failures = record.check.failures
+            if on_round is not None:
+                on_round(before, state)
         except StepError as err:
             status = f"failed in round {plan.round}: {type(err).__name__}"
             failures = err.check.failures if err.check is not None else []

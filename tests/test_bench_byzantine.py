@@ -94,3 +94,20 @@ def test_cc_radius_sweep_picks_the_scale_with_the_best_worst_attack(tmp_path, ca
         cc_radius.main(["--bucket-sizes", "1,x"])
     with pytest.raises(SystemExit, match=r"--drop-ratios = '0,1': need one or more values, each 0 \(off\) or > 1"):
         cc_radius.main(["--drop-ratios", "0,1"])
+
+
+def test_cc_distances_ratios_by_hand_and_the_report(capsys):
+    from experiments import cc_distances
+
+    rows = torch.tensor([[0.0, 0.0], [3.0, 4.0], [6.0, 8.0]])
+    assert cc_distances.ratios(rows, torch.zeros(2)).tolist() == [0.0, 1.0, 2.0]  # distances 0, 5, 10; median 5
+    assert cc_distances.ratios(rows, torch.tensor([3.0, 4.0])).tolist() == [1.0, 0.0, 1.0]
+    cc_distances.main(["--attacks", "sign-flip", "--rounds", "2"])
+    out = capsys.readouterr().out
+    assert "sign-flip (f = 4), default centered-clip" in out
+    assert out.count("round   2: attackers [") == 2  # both views, four attackers each
+    assert out.count("of 2 rounds") == 2
+    with pytest.raises(SystemExit, match=r"--attacks: 'clean' is not an attack"):
+        cc_distances.main(["--attacks", "clean"])
+    with pytest.raises(SystemExit, match=r"--ema = 1.0: must be in \[0, 1\)"):
+        cc_distances.main(["--ema", "1"])
