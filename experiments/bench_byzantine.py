@@ -186,6 +186,7 @@ def run_one(bench: Bench, aggregator: str, attack: str, scale: Scale, radius_sca
 
     ``on_round(before, after)``, if given, sees the server state before and after every step taken."""
     start, f = time.perf_counter(), CONDITIONS[attack]
+    base = attack.removesuffix("-paper")  # the paper's attacks start from ours (experiments.attacks.momentum_space)
     w = WORKLOADS[bench.dataset]
     fresh = build_model(resolve_model(bench.dataset, "auto"), w.input_shape, w.num_classes, bench.seed)
     names = [n for n, _ in fresh.named_parameters()]
@@ -201,12 +202,11 @@ def run_one(bench: Bench, aggregator: str, attack: str, scale: Scale, radius_sca
         state, plan = plan_round(state, setup, usable, N_CLIENTS)
         bench.model.load_state_dict(state.model)
         like = [state.model[n] for n in names]
-        sent = client_vectors(bench, attack.removesuffix("-paper"), state, plan, generator)
+        sent = client_vectors(bench, base, state, plan, generator)
         if attack in PAPER:
-            cfg, own = setup.cfg, flatten(like)
-            moved = attacks.momentum_space({p: v for p, (v, _) in sent.items()}, list(range(f)),
-                                           attack.removesuffix("-paper"), tracked, cfg.momentum,
-                                           cfg.weight_decay * own, N_CLIENTS)
+            cfg = setup.cfg
+            moved = attacks.momentum_space({p: v for p, (v, _) in sent.items()}, list(range(f)), base, tracked,
+                                           cfg.momentum, cfg.weight_decay * flatten(like), N_CLIENTS)
             sent = {p: (moved[p], loss) for p, (_, loss) in sent.items()}
         replies = [reply(node, pid, b, sent[pid][0], names, like, sent[pid][1])
                    for node, (pid, b) in plan.assigned.items() if pid in sent]

@@ -48,8 +48,7 @@ class Recorder:
         self.rounds: list[dict[str, tuple[np.ndarray, np.ndarray]]] = []  # per round: view -> (partitions, ratios)
 
     def __call__(self, before: ServerState, after: ServerState) -> None:
-        pids = sorted(p for p in after.client_momentum if p not in before.client_momentum
-                      or after.client_momentum[p] is not before.client_momentum[p])
+        pids = sorted(p for p, m in after.client_momentum.items() if m is not before.client_momentum.get(p))  # replied
         m = {p: flatten(after.client_momentum[p]) for p in pids}
         history = None if before.velocity is None else flatten(before.velocity)
         for p in pids:
@@ -97,8 +96,9 @@ def main(argv: list[str] | None = None) -> None:
     base = SCALES[args.dataset]
     scale = Scale(args.rounds, base.global_batch, base.lr, base.val_examples)
     bench = Bench.create(args.dataset, args.data_dir, args.seed)
+    beta = RunConfig.from_mapping({}).momentum
     for attack in names:
-        rec = Recorder(beta=RunConfig.from_mapping({}).momentum, ema=args.ema)
+        rec = Recorder(beta, args.ema)
         row = run_one(bench, "centered-clip", attack, scale, on_round=rec)
         print(f"{args.dataset} seed {args.seed}, {attack} (f = {CONDITIONS[attack]}), default centered-clip: "
               f"test {row['test_accuracy']:.4f}, {row['status']}", flush=True)

@@ -24,12 +24,12 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from experiments.bench_byzantine import ATTACKS, CONDITIONS, SCALES, Bench, Scale, run_one
+from experiments.bench_byzantine import ATTACKS, CONDITIONS, SCALES, Bench, Scale, grid_runs, run_one
 from workloads.files import atomic_write_text
 
 
 def sweep(datasets: list[str], seeds: int, scales: list[float], rounds: int, data_dir: str, csv: Path,
-          buckets: tuple[int, ...] = (1,), drops: tuple[float, ...] = (0.0,),
+          buckets: tuple[int, ...] = (1,), drops: tuple[float, ...] = (10.0,),
           attacks: tuple[str, ...] = tuple(ATTACKS)) -> pd.DataFrame:
     """Every run of the module docstring, progress printed; ``csv`` rewritten after every run."""
     rows, start = [], time.perf_counter()
@@ -105,9 +105,12 @@ def main(argv: list[str] | None = None) -> None:
     bad = [d for d in datasets if d not in SCALES]
     if bad:
         raise SystemExit(f"--datasets: {bad[0]!r} is not one of {', '.join(SCALES)}")
-    attacks = tuple(a for a in args.attacks.split(",") if a)
-    if "clean" not in attacks or any(a not in CONDITIONS for a in attacks):
-        raise SystemExit(f"--attacks = {args.attacks!r}: need 'clean' and names among {', '.join(CONDITIONS)}")
+    try:
+        attacks = tuple(a for _, a in grid_runs("mean", args.attacks))
+    except ValueError as err:
+        raise SystemExit(str(err)) from None
+    if "clean" not in attacks:
+        raise SystemExit(f"--attacks = {args.attacks!r}: needs 'clean', the reference of every other column")
     torch.set_num_threads(1)
     df = sweep(datasets, args.seeds, scales, args.rounds, args.data_dir, Path(args.out) / args.csv, buckets, drops,
                attacks)
