@@ -74,6 +74,13 @@ def test_grid_filters_name_the_bad_value():
     assert grid_runs("centered-clip", "alie-paper") == [("centered-clip", "alie-paper")]  # the paper's attacks too
 
 
+def test_unknown_dataset_is_named_before_any_run():
+    from experiments import bench_byzantine
+
+    with pytest.raises(SystemExit, match=r"--datasets = 'digits,cifar': 'cifar' is not one of digits, mnist, cifar10"):
+        bench_byzantine.main(["--datasets", "digits,cifar"])
+
+
 def test_cc_radius_sweep_picks_the_scale_with_the_best_worst_attack(tmp_path, capsys):
     from experiments import cc_radius
 
