@@ -33,7 +33,7 @@ import argparse
 import math
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Container
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -324,13 +324,17 @@ def plot(df: pd.DataFrame, path: Path) -> bool:
     return True
 
 
+def first_unknown(names: list[str], allowed: Container[str]) -> str | None:
+    """The first of ``names`` not in ``allowed``, ``"(empty)"`` when there are none, else None."""
+    return next((n for n in names if n not in allowed), None if names else "(empty)")
+
+
 def grid_runs(aggregators: str, attack_names: str) -> list[tuple[str, str]]:
     """The (aggregator, attack) pairs of two comma-separated lists; an unknown name raises ``ValueError``."""
     aggs, atts = [a for a in aggregators.split(",") if a], [a for a in attack_names.split(",") if a]
     for key, names, allowed in (("--aggregators", aggs, AGGREGATORS), ("--attacks", atts, tuple(CONDITIONS))):
-        bad = [n for n in names if n not in allowed] or ([] if names else ["(empty)"])
-        if bad:
-            raise ValueError(f"{key} = {','.join(names) or repr('')}: {bad[0]!r} is not one of {', '.join(allowed)}")
+        if (bad := first_unknown(names, allowed)) is not None:
+            raise ValueError(f"{key} = {','.join(names) or repr('')}: {bad!r} is not one of {', '.join(allowed)}")
     return [(agg, attack) for attack in atts for agg in aggs]
 
 
@@ -351,9 +355,8 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
     torch.set_num_threads(1)
     datasets = ["mnist"] if args.quick else [d for d in args.datasets.split(",") if d]
-    unknown = [d for d in datasets if d not in SCALES] or ([] if datasets else ["(empty)"])
-    if unknown:
-        raise SystemExit(f"--datasets = {args.datasets!r}: {unknown[0]!r} is not one of {', '.join(SCALES)}")
+    if (bad := first_unknown(datasets, SCALES)) is not None:
+        raise SystemExit(f"--datasets = {args.datasets!r}: {bad!r} is not one of {', '.join(SCALES)}")
     seeds = 1 if args.quick else args.seeds
     runs = list(QUICK_RUNS) if args.quick else grid_runs(args.aggregators, args.attacks)
     scales = {d: Scale(args.rounds or s.rounds, s.global_batch, args.lr or s.lr, s.val_examples)
