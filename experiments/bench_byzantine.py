@@ -1,7 +1,7 @@
 """Byzantine clients against the robust aggregators, through the product's server step.
 
 ``python -m experiments.bench_byzantine [--quick] [--datasets digits,mnist[,cifar10]] [--seeds 3] [--rounds R]
-[--lr LR] [--data-dir DIR] [--out DIR]``
+[--lr LR] [--global-batch B] [--data-dir DIR] [--out DIR]``
 
 n = 20 clients, each an IID partition of the training split (``workloads.partition``, seeded
 by the run seed), each sending the gradient of its own batch of b_i = B / 20 examples, drawn
@@ -227,7 +227,7 @@ def run_one(bench: Bench, aggregator: str, attack: str, scale: Scale, radius_sca
             break
     test_acc, val_acc = final_accuracies(bench, state, scale.val_examples)
     return {"dataset": bench.dataset, "aggregator": aggregator, "attack": attack, "f": f, "seed": bench.seed,
-            "test_accuracy": test_acc, "val_accuracy": val_acc, "rounds": state.round,
+            "global_batch": scale.global_batch, "lr": scale.lr, "test_accuracy": test_acc, "val_accuracy": val_acc, "rounds": state.round,
             "seconds": time.perf_counter() - start, "status": status,
             "rejected_byzantine": rejected["byzantine"], "rejected_honest": rejected["honest"]}
 
@@ -346,6 +346,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--seeds", type=int, default=3)
     p.add_argument("--rounds", type=int, default=0, help="rounds of every run; 0 = the dataset's (SCALES)")
     p.add_argument("--lr", type=float, default=0.0, help="peak lr of every run; 0 = the dataset's (SCALES)")
+    p.add_argument("--global-batch", type=int, default=0,
+                   help=f"global batch B of every run, a multiple of {N_CLIENTS} (b_i = B / {N_CLIENTS}); 0 = the dataset's")
     p.add_argument("--aggregators", default=",".join(AGGREGATORS), help="comma-separated subset of the aggregators")
     p.add_argument("--attacks", default=",".join(ATTACKS),
                    help="comma-separated attacks and 'clean'; the oracle 'absent-4', 'absent-8' only when named")
@@ -357,9 +359,12 @@ def main(argv: list[str] | None = None) -> None:
     datasets = ["mnist"] if args.quick else [d for d in args.datasets.split(",") if d]
     if (bad := first_unknown(datasets, SCALES)) is not None:
         raise SystemExit(f"--datasets = {args.datasets!r}: {bad!r} is not one of {', '.join(SCALES)}")
+    if args.global_batch < 0 or args.global_batch % N_CLIENTS:
+        raise SystemExit(f"--global-batch = {args.global_batch}: must be 0 (the dataset's) or a positive multiple "
+                         f"of {N_CLIENTS}, the number of clients")
     seeds = 1 if args.quick else args.seeds
     runs = list(QUICK_RUNS) if args.quick else grid_runs(args.aggregators, args.attacks)
-    scales = {d: Scale(args.rounds or s.rounds, s.global_batch, args.lr or s.lr, s.val_examples)
+    scales = {d: Scale(args.rounds or s.rounds, args.global_batch or s.global_batch, args.lr or s.lr, s.val_examples)
               for d, s in SCALES.items()}
     for d in datasets:
         s = scales[d]

@@ -23,6 +23,7 @@ def test_clean_mean_learns_and_centered_clip_survives_ipm_with_8_of_20(bench):
     assert clean["status"] == "ok" and clean["rounds"] == 15 and clean["f"] == 0
     assert clean["test_accuracy"] > 0.6  # chance is 0.1
     assert clean["rejected_byzantine"] == clean["rejected_honest"] == 0
+    assert (clean["global_batch"], clean["lr"]) == (320, 0.3)
     cc = run_one(bench, "centered-clip", "ipm", scale)
     assert cc["status"] == "ok" and cc["f"] == 8
     assert cc["test_accuracy"] > 0.4
@@ -79,6 +80,8 @@ def test_unknown_dataset_is_named_before_any_run():
 
     with pytest.raises(SystemExit, match=r"--datasets = 'digits,cifar': 'cifar' is not one of digits, mnist, cifar10"):
         bench_byzantine.main(["--datasets", "digits,cifar"])
+    with pytest.raises(SystemExit, match=r"--global-batch = 650: must be 0 \(the dataset's\) or a positive multiple of 20"):
+        bench_byzantine.main(["--datasets", "digits", "--global-batch", "650"])
 
 
 def test_cc_radius_sweep_picks_the_scale_with_the_best_worst_attack(tmp_path, capsys):
