@@ -121,3 +121,5 @@ def test_cc_distances_ratios_by_hand_and_the_report(capsys):
         cc_distances.main(["--attacks", "clean"])
     with pytest.raises(SystemExit, match=r"--ema = 1.0: must be in \[0, 1\)"):
         cc_distances.main(["--ema", "1"])
+    with pytest.raises(SystemExit, match=r"--global-batch = 30: must be 0 \(the dataset's\) or a positive multiple of 20"):
+        cc_distances.main(["--global-batch", "30"])
