@@ -227,8 +227,8 @@ def run_one(bench: Bench, aggregator: str, attack: str, scale: Scale, radius_sca
             break
     test_acc, val_acc = final_accuracies(bench, state, scale.val_examples)
     return {"dataset": bench.dataset, "aggregator": aggregator, "attack": attack, "f": f, "seed": bench.seed,
-            "global_batch": scale.global_batch, "lr": scale.lr, "test_accuracy": test_acc, "val_accuracy": val_acc, "rounds": state.round,
-            "seconds": time.perf_counter() - start, "status": status,
+            "global_batch": scale.global_batch, "lr": scale.lr, "test_accuracy": test_acc, "val_accuracy": val_acc,
+            "rounds": state.round, "seconds": time.perf_counter() - start, "status": status,
             "rejected_byzantine": rejected["byzantine"], "rejected_honest": rejected["honest"]}
 
 
@@ -324,6 +324,14 @@ def plot(df: pd.DataFrame, path: Path) -> bool:
     return True
 
 
+def overridden(base: Scale, rounds: int = 0, global_batch: int = 0, lr: float = 0.0) -> Scale:
+    """``base`` with the rounds, B and lr given on the command line (0 keeps ``base``'s); a bad B exits, named."""
+    if global_batch < 0 or global_batch % N_CLIENTS:
+        raise SystemExit(f"--global-batch = {global_batch}: must be 0 (the dataset's) or a positive multiple "
+                         f"of {N_CLIENTS}, the number of clients")
+    return Scale(rounds or base.rounds, global_batch or base.global_batch, lr or base.lr, base.val_examples)
+
+
 def first_unknown(names: list[str], allowed: Container[str]) -> str | None:
     """The first of ``names`` not in ``allowed``, ``"(empty)"`` when there are none, else None."""
     return next((n for n in names if n not in allowed), None if names else "(empty)")
@@ -359,13 +367,9 @@ def main(argv: list[str] | None = None) -> None:
     datasets = ["mnist"] if args.quick else [d for d in args.datasets.split(",") if d]
     if (bad := first_unknown(datasets, SCALES)) is not None:
         raise SystemExit(f"--datasets = {args.datasets!r}: {bad!r} is not one of {', '.join(SCALES)}")
-    if args.global_batch < 0 or args.global_batch % N_CLIENTS:
-        raise SystemExit(f"--global-batch = {args.global_batch}: must be 0 (the dataset's) or a positive multiple "
-                         f"of {N_CLIENTS}, the number of clients")
+    scales = {d: overridden(s, args.rounds, args.global_batch, args.lr) for d, s in SCALES.items()}
     seeds = 1 if args.quick else args.seeds
     runs = list(QUICK_RUNS) if args.quick else grid_runs(args.aggregators, args.attacks)
-    scales = {d: Scale(args.rounds or s.rounds, args.global_batch or s.global_batch, args.lr or s.lr, s.val_examples)
-              for d, s in SCALES.items()}
     for d in datasets:
         s = scales[d]
         print(f"{d}: n = {N_CLIENTS}, B = {s.global_batch} (b_i = {s.global_batch // N_CLIENTS}), {s.rounds} rounds, "

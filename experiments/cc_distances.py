@@ -25,7 +25,7 @@ import os
 import numpy as np
 import torch
 
-from experiments.bench_byzantine import CONDITIONS, N_CLIENTS, SCALES, Bench, Scale, run_one
+from experiments.bench_byzantine import CONDITIONS, N_CLIENTS, SCALES, Bench, overridden, run_one
 from strategies.robust import flatten
 from strategies.server_state import ServerState
 from workloads.config import RunConfig
@@ -82,7 +82,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--attacks", default="alie,sign-flip")
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--rounds", type=int, default=150)
-    p.add_argument("--global-batch", type=int, default=0, help="B, a multiple of 20; 0 = the dataset's")
+    p.add_argument("--global-batch", type=int, default=0, help=f"B, a multiple of {N_CLIENTS}; 0 = the dataset's")
     p.add_argument("--lr", type=float, default=0.0, help="peak lr; 0 = the dataset's")
     p.add_argument("--ema", type=float, default=0.99, help="a of the long average, in [0, 1)")
     p.add_argument("--data-dir", default=os.environ.get("FLB_DATA_DIR", ""))
@@ -92,14 +92,10 @@ def main(argv: list[str] | None = None) -> None:
     if bad:
         raise SystemExit(f"--attacks: {bad[0]!r} is not an attack; allowed: "
                          f"{', '.join(a for a, f in CONDITIONS.items() if f)}")
-    if args.global_batch < 0 or args.global_batch % N_CLIENTS:
-        raise SystemExit(f"--global-batch = {args.global_batch}: must be 0 (the dataset's) or a positive multiple "
-                         f"of {N_CLIENTS}")
     if not 0 <= args.ema < 1:
         raise SystemExit(f"--ema = {args.ema}: must be in [0, 1)")
     torch.set_num_threads(1)
-    base = SCALES[args.dataset]
-    scale = Scale(args.rounds, args.global_batch or base.global_batch, args.lr or base.lr, base.val_examples)
+    scale = overridden(SCALES[args.dataset], args.rounds, args.global_batch, args.lr)
     bench = Bench.create(args.dataset, args.data_dir, args.seed)
     beta = RunConfig.from_mapping({}).momentum
     for attack in names:

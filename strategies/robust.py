@@ -64,8 +64,9 @@ def centered_clip(x: torch.Tensor, w: torch.Tensor, center: torch.Tensor, radius
 
     ``radius`` (tau) is in the units of the rows; 0 takes ``radius_scale`` times the weighted median
     of the distances |x_i - center|: while honest rows hold more than half of the weight it lies
-    between two honest distances, but rows placed near ``center`` can make it small. ``drop_ratio`` r > 1 gives no weight to the rows farther than r times that median
-    (0 = keep every row): a clipped row still pulls by tau, a dropped one not at all.
+    between two honest distances, but rows placed near ``center`` can make it small.
+    ``drop_ratio`` r > 1 gives no weight to the rows farther than r times that median (0 = keep
+    every row): a clipped row still pulls by tau, a dropped one not at all.
     """
     v = center.to(torch.float64)
     x = x.to(torch.float64)
