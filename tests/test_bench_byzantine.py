@@ -123,3 +123,23 @@ def test_cc_distances_ratios_by_hand_and_the_report(capsys):
         cc_distances.main(["--ema", "1"])
     with pytest.raises(SystemExit, match=r"--global-batch = 30: must be 0 \(the dataset's\) or a positive multiple of 20"):
         cc_distances.main(["--global-batch", "30"])
+
+
+def test_byz_trace_points_match_the_run_and_bad_runs_are_named(bench, capsys):
+    from experiments import byz_trace
+
+    assert byz_trace.model_norm({"w": torch.tensor([3.0, 4.0]), "steps": torch.tensor([7])}) == 5.0  # ints skipped
+    trace = byz_trace.Trace(bench, every=2, last=5)
+    row = run_one(bench, "centered-clip", "alie", Scale(rounds=5, global_batch=320, lr=0.3), on_round=trace)
+    assert [r for r, _, _ in trace.points] == [2, 4, 5]
+    assert trace.points[-1][1] == pytest.approx(row["val_accuracy"], abs=1e-9)  # the same model, the whole val split
+    assert trace.points[0][2] > 0 and all(0 <= v <= 1 for _, v, _ in trace.points)
+    byz_trace.main(["--runs", "mean:clean", "--rounds", "3", "--every", "2"])
+    out = capsys.readouterr().out
+    assert re.search(r"mean clean: test 0\.\d{4} ok \| 2:\d+\.\d/\d+\.\d 3:\d+\.\d/\d+\.\d$", out.strip())
+    with pytest.raises(SystemExit, match=r"--runs: 'mean:alie:x' is not aggregator:condition"):
+        byz_trace.main(["--runs", "mean:alie:x"])
+    with pytest.raises(SystemExit, match=r"--runs: 'median:nope' is not aggregator:condition"):
+        byz_trace.main(["--runs", "median:nope"])
+    with pytest.raises(SystemExit, match=r"--every = 0, --rounds = 400: both must be >= 1"):
+        byz_trace.main(["--every", "0"])
