@@ -1,7 +1,7 @@
 """Byzantine clients against the robust aggregators, through the product's server step.
 
 ``python -m experiments.bench_byzantine [--quick] [--datasets digits,mnist[,cifar10]] [--seeds 3] [--rounds R]
-[--lr LR] [--global-batch B] [--data-dir DIR] [--out DIR]``
+[--lr LR] [--global-batch B] [--weight-decay WD] [--data-dir DIR] [--out DIR]``
 
 n = 20 clients, each an IID partition of the training split (``workloads.partition``, seeded
 by the run seed), each sending the gradient of its own batch of b_i = B / 20 examples, drawn
@@ -67,12 +67,14 @@ NODE_BASE = 1000  # node id of partition p is NODE_BASE + p
 
 @dataclass(frozen=True)
 class Scale:
-    """A dataset's run length: rounds, global batch B (b_i = B / 20), peak lr, validation examples evaluated."""
+    """A dataset's run length: rounds, global batch B (b_i = B / 20), peak lr, validation examples evaluated,
+    and the server's L2 coefficient (None = run-config ``weight-decay``'s default)."""
 
     rounds: int
     global_batch: int
     lr: float
     val_examples: int = 0  # 0 = the whole validation split
+    weight_decay: float | None = None
 
 
 # digits: the run-config defaults (lr 0.3). MNIST CNN: lr 0.3 stays at chance and 0.07 or more spikes; 0.04 had
@@ -132,7 +134,8 @@ def run_config(dataset: str, aggregator: str, attack: str, scale: Scale, seed: i
     ``radius_scale`` and ``drop_ratio`` None keep the run-config defaults ``cc-radius-scale``, ``cc-drop-ratio``.
     """
     f = CONDITIONS[attack]
-    keys = {k: v for k, v in (("cc-radius-scale", radius_scale), ("cc-drop-ratio", drop_ratio)) if v is not None}
+    keys = {k: v for k, v in (("cc-radius-scale", radius_scale), ("cc-drop-ratio", drop_ratio),
+                              ("weight-decay", scale.weight_decay)) if v is not None}
     return RunConfig.from_mapping({
         "dataset": dataset, "aggregator": aggregator, "num-server-rounds": scale.rounds,
         "global-batch-size": scale.global_batch, "lr": scale.lr, "seed": seed, "min-batch-fraction": 0.5,
@@ -227,7 +230,8 @@ def run_one(bench: Bench, aggregator: str, attack: str, scale: Scale, radius_sca
             break
     test_acc, val_acc = final_accuracies(bench, state, scale.val_examples)
     return {"dataset": bench.dataset, "aggregator": aggregator, "attack": attack, "f": f, "seed": bench.seed,
-            "global_batch": scale.global_batch, "lr": scale.lr, "test_accuracy": test_acc, "val_accuracy": val_acc,
+            "global_batch": scale.global_batch, "lr": scale.lr, "weight_decay": setup.cfg.weight_decay,
+            "test_accuracy": test_acc, "val_accuracy": val_acc,
             "rounds": state.round, "seconds": time.perf_counter() - start, "status": status,
             "rejected_byzantine": rejected["byzantine"], "rejected_honest": rejected["honest"]}
 
@@ -324,12 +328,17 @@ def plot(df: pd.DataFrame, path: Path) -> bool:
     return True
 
 
-def overridden(base: Scale, rounds: int = 0, global_batch: int = 0, lr: float = 0.0) -> Scale:
-    """``base`` with the rounds, B and lr given on the command line (0 keeps ``base``'s); a bad B exits, named."""
+def overridden(base: Scale, rounds: int = 0, global_batch: int = 0, lr: float = 0.0,
+               weight_decay: float | None = None) -> Scale:
+    """``base`` with the rounds, B, lr (0 keeps ``base``'s) and weight decay (None keeps it) given on the
+    command line; a bad B or weight decay exits, named."""
     if global_batch < 0 or global_batch % N_CLIENTS:
         raise SystemExit(f"--global-batch = {global_batch}: must be 0 (the dataset's) or a positive multiple "
                          f"of {N_CLIENTS}, the number of clients")
-    return Scale(rounds or base.rounds, global_batch or base.global_batch, lr or base.lr, base.val_examples)
+    if weight_decay is not None and not 0 <= weight_decay < 1:
+        raise SystemExit(f"--weight-decay = {weight_decay}: must be in [0, 1)")
+    wd = base.weight_decay if weight_decay is None else weight_decay
+    return Scale(rounds or base.rounds, global_batch or base.global_batch, lr or base.lr, base.val_examples, wd)
 
 
 def first_unknown(names: list[str], allowed: Container[str]) -> str | None:
@@ -356,6 +365,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--lr", type=float, default=0.0, help="peak lr of every run; 0 = the dataset's (SCALES)")
     p.add_argument("--global-batch", type=int, default=0,
                    help=f"global batch B of every run, a multiple of {N_CLIENTS} (b_i = B / {N_CLIENTS}); 0 = the dataset's")
+    p.add_argument("--weight-decay", type=float, default=None,
+                   help="server L2 coefficient of every run, in [0, 1); default: run-config weight-decay's")
     p.add_argument("--aggregators", default=",".join(AGGREGATORS), help="comma-separated subset of the aggregators")
     p.add_argument("--attacks", default=",".join(ATTACKS),
                    help="comma-separated attacks and 'clean'; the oracle 'absent-4', 'absent-8' only when named")
@@ -367,13 +378,15 @@ def main(argv: list[str] | None = None) -> None:
     datasets = ["mnist"] if args.quick else [d for d in args.datasets.split(",") if d]
     if (bad := first_unknown(datasets, SCALES)) is not None:
         raise SystemExit(f"--datasets = {args.datasets!r}: {bad!r} is not one of {', '.join(SCALES)}")
-    scales = {d: overridden(s, args.rounds, args.global_batch, args.lr) for d, s in SCALES.items()}
+    scales = {d: overridden(s, args.rounds, args.global_batch, args.lr, args.weight_decay) for d, s in SCALES.items()}
     seeds = 1 if args.quick else args.seeds
     runs = list(QUICK_RUNS) if args.quick else grid_runs(args.aggregators, args.attacks)
     for d in datasets:
         s = scales[d]
+        wd = "the run-config default" if s.weight_decay is None else f"{s.weight_decay:g}"
         print(f"{d}: n = {N_CLIENTS}, B = {s.global_batch} (b_i = {s.global_batch // N_CLIENTS}), {s.rounds} rounds, "
-              f"lr {s.lr:g} (warmup 2, cosine), momentum 0.9, seeds 1..{seeds}, {len(runs)} runs per seed", flush=True)
+              f"lr {s.lr:g} (warmup 2, cosine), momentum 0.9, weight decay {wd}, seeds 1..{seeds}, "
+              f"{len(runs)} runs per seed", flush=True)
     start = time.perf_counter()
     df = run_grid(datasets, seeds, runs, scales, args.data_dir,
                   Path(args.out) / f"bench_byzantine{'_quick' if args.quick else ''}.csv")

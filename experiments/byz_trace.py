@@ -1,7 +1,7 @@
 """How a Byzantine run gets where it ends: validation accuracy and the model's norm every few rounds.
 
 ``python -m experiments.byz_trace [--dataset digits] [--runs mean:alie,centered-clip:alie,mean:clean]
-[--seed 1] [--rounds 400] [--every 25] [--global-batch B] [--lr LR] [--data-dir DIR]``
+[--seed 1] [--rounds 400] [--every 25] [--global-batch B] [--lr LR] [--weight-decay WD] [--data-dir DIR]``
 
 One run of ``experiments.bench_byzantine`` per ``aggregator:condition`` pair, with the
 benchmark's settings. Every ``--every`` rounds (and after the last) it prints
@@ -64,13 +64,14 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--every", type=int, default=25, help="rounds between two points (>= 1)")
     p.add_argument("--global-batch", type=int, default=0, help=f"B, a multiple of {N_CLIENTS}; 0 = the dataset's")
     p.add_argument("--lr", type=float, default=0.0, help="peak lr; 0 = the dataset's")
+    p.add_argument("--weight-decay", type=float, default=None, help="server L2 coefficient; default: run-config's")
     p.add_argument("--data-dir", default=os.environ.get("FLB_DATA_DIR", ""))
     args = p.parse_args(argv)
     runs = parse_runs(args.runs)
     if args.every < 1 or args.rounds < 1:
         raise SystemExit(f"--every = {args.every}, --rounds = {args.rounds}: both must be >= 1")
     torch.set_num_threads(1)
-    scale = overridden(SCALES[args.dataset], args.rounds, args.global_batch, args.lr)
+    scale = overridden(SCALES[args.dataset], args.rounds, args.global_batch, args.lr, args.weight_decay)
     bench = Bench.create(args.dataset, args.data_dir, args.seed)
     print(f"{args.dataset} seed {args.seed}, {scale.rounds} rounds, B = {scale.global_batch}, lr {scale.lr:g}; "
           "round:val%/|w|", flush=True)

@@ -143,3 +143,17 @@ def test_byz_trace_points_match_the_run_and_bad_runs_are_named(bench, capsys):
         byz_trace.main(["--runs", "median:nope"])
     with pytest.raises(SystemExit, match=r"--every = 0, --rounds = 400: both must be >= 1"):
         byz_trace.main(["--every", "0"])
+
+
+def test_weight_decay_override_reaches_the_run_config_and_bad_values_are_named():
+    from experiments.bench_byzantine import SCALES, overridden, run_config
+
+    base = SCALES["digits"]
+    assert overridden(base).weight_decay is None
+    s = overridden(base, rounds=400, weight_decay=0.01)
+    assert (s.rounds, s.global_batch, s.lr, s.weight_decay) == (400, 320, 0.3, 0.01)
+    assert run_config("digits", "centered-clip", "alie", s, 1).weight_decay == 0.01
+    assert run_config("digits", "centered-clip", "alie", base, 1).weight_decay == 5e-4  # the run-config default
+    assert overridden(s, lr=0.2).weight_decay == 0.01  # kept when not given
+    with pytest.raises(SystemExit, match=r"--weight-decay = -0.1: must be in \[0, 1\)"):
+        overridden(base, weight_decay=-0.1)
