@@ -73,8 +73,9 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(1)
     scale = overridden(SCALES[args.dataset], args.rounds, args.global_batch, args.lr, args.weight_decay)
     bench = Bench.create(args.dataset, args.data_dir, args.seed)
-    print(f"{args.dataset} seed {args.seed}, {scale.rounds} rounds, B = {scale.global_batch}, lr {scale.lr:g}; "
-          "round:val%/|w|", flush=True)
+    wd = "default" if scale.weight_decay is None else f"{scale.weight_decay:g}"
+    print(f"{args.dataset} seed {args.seed}, {scale.rounds} rounds, B = {scale.global_batch}, lr {scale.lr:g}, "
+          f"weight decay {wd}; round:val%/|w|", flush=True)
     for agg, cond in runs:
         trace = Trace(bench, args.every, scale.rounds)
         row = run_one(bench, agg, cond, scale, on_round=trace)
