@@ -1,7 +1,7 @@
 """Choosing centered-clip's radius on validation: ``cc-radius-scale`` (``bucket-size``, ``cc-drop-ratio``) per attack.
 
 ``python -m experiments.cc_radius [--datasets digits] [--seeds 3] [--scales 0.5,1,1.5,2] [--bucket-sizes 1]
-[--drop-ratios 10] [--rounds 150] [--data-dir DIR] [--out DIR] [--csv cc_radius.csv]``
+[--drop-ratios 10] [--rounds 150] [--weight-decay WD] [--data-dir DIR] [--out DIR] [--csv cc_radius.csv]``
 
 The setting of ``experiments.bench_byzantine`` (n = 20, the same attacks and fractions, the
 product's server step). For every dataset and seed: the plain ``mean`` under every attack and
@@ -24,20 +24,20 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from experiments.bench_byzantine import ATTACKS, CONDITIONS, SCALES, Bench, Scale, grid_runs, run_one
+from experiments.bench_byzantine import ATTACKS, CONDITIONS, SCALES, Bench, grid_runs, overridden, run_one
 from workloads.files import atomic_write_text
 
 
 def sweep(datasets: list[str], seeds: int, scales: list[float], rounds: int, data_dir: str, csv: Path,
           buckets: tuple[int, ...] = (1,), drops: tuple[float, ...] = (10.0,),
-          attacks: tuple[str, ...] = tuple(ATTACKS)) -> pd.DataFrame:
+          attacks: tuple[str, ...] = tuple(ATTACKS), weight_decay: float | None = None) -> pd.DataFrame:
     """Every run of the module docstring, progress printed; ``csv`` rewritten after every run."""
     rows, start = [], time.perf_counter()
     runs = [("mean", 0.0, 1, 0.0)] + [("centered-clip", s, b, r) for r in drops for b in buckets for s in scales]
     total = len(datasets) * seeds * len(attacks) * len(runs)
     for dataset in datasets:
         base = SCALES[dataset]
-        scale = Scale(rounds or base.rounds, base.global_batch, base.lr, base.val_examples)
+        scale = overridden(base, rounds, weight_decay=weight_decay)
         for seed in range(1, seeds + 1):
             bench = Bench.create(dataset, data_dir, seed)
             for attack in attacks:
@@ -87,6 +87,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--attacks", default=",".join(ATTACKS),
                    help="comma-separated conditions of experiments.bench_byzantine; must include clean")
     p.add_argument("--rounds", type=int, default=150, help="rounds of every run; 0 = bench_byzantine's")
+    p.add_argument("--weight-decay", type=float, default=None,
+                   help="server L2 coefficient of every run, in [0, 1); default: run-config weight-decay's")
     p.add_argument("--data-dir", default=os.environ.get("FLB_DATA_DIR", ""))
     p.add_argument("--out", default="experiments/results")
     p.add_argument("--csv", default="cc_radius.csv", help="file name of the rows, in --out")
@@ -111,9 +113,10 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(str(err)) from None
     if "clean" not in attacks:
         raise SystemExit(f"--attacks = {args.attacks!r}: needs 'clean', the reference of every other column")
+    overridden(SCALES["digits"], weight_decay=args.weight_decay)  # a bad value exits here, named
     torch.set_num_threads(1)
     df = sweep(datasets, args.seeds, scales, args.rounds, args.data_dir, Path(args.out) / args.csv, buckets, drops,
-               attacks)
+               attacks, args.weight_decay)
     for dataset in datasets:
         val, worst = table(df, dataset, "val")
         test, _ = table(df, dataset, "test")

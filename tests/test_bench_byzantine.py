@@ -104,6 +104,8 @@ def test_cc_radius_sweep_picks_the_scale_with_the_best_worst_attack(tmp_path, ca
         cc_radius.main(["--bucket-sizes", "1,x"])
     with pytest.raises(SystemExit, match=r"--drop-ratios = '0,1': need one or more values, each 0 \(off\) or > 1"):
         cc_radius.main(["--drop-ratios", "0,1"])
+    with pytest.raises(SystemExit, match=r"--weight-decay = 1.5: must be in \[0, 1\)"):
+        cc_radius.main(["--weight-decay", "1.5"])
 
 
 def test_cc_distances_ratios_by_hand_and_the_report(capsys):
