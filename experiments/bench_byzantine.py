@@ -236,13 +236,18 @@ def run_one(bench: Bench, aggregator: str, attack: str, scale: Scale, radius_sca
             "rejected_byzantine": rejected["byzantine"], "rejected_honest": rejected["honest"]}
 
 
-def final_accuracies(bench: Bench, state: ServerState, val_examples: int) -> tuple[float, float]:
-    """Test accuracy (the whole test split) and validation accuracy (its first ``val_examples``; 0 = all)."""
-    bench.model.load_state_dict(state.model)
+def val_accuracy(bench: Bench, model: dict[str, torch.Tensor], val_examples: int) -> float:
+    """Validation accuracy of ``model`` on the first ``val_examples`` of the validation split (0 = all)."""
+    bench.model.load_state_dict(model)
     s = bench.splits
     n_val = val_examples or len(s.y_val)
-    _, test = evaluate(bench.model, bench.loss_fn, s.inputs, s.x_test, s.y_test)
-    _, val = evaluate(bench.model, bench.loss_fn, s.inputs, s.x_val[:n_val], s.y_val[:n_val])
+    return evaluate(bench.model, bench.loss_fn, s.inputs, s.x_val[:n_val], s.y_val[:n_val])[1]
+
+
+def final_accuracies(bench: Bench, state: ServerState, val_examples: int) -> tuple[float, float]:
+    """Test accuracy (the whole test split) and validation accuracy (``val_accuracy``)."""
+    val = val_accuracy(bench, state.model, val_examples)
+    _, test = evaluate(bench.model, bench.loss_fn, bench.splits.inputs, bench.splits.x_test, bench.splits.y_test)
     return test, val
 
 
@@ -328,6 +333,13 @@ def plot(df: pd.DataFrame, path: Path) -> bool:
     return True
 
 
+def checked_weight_decay(weight_decay: float | None) -> float | None:
+    """``--weight-decay`` as given (None = run-config default); a value outside [0, 1) exits, named."""
+    if weight_decay is not None and not 0 <= weight_decay < 1:
+        raise SystemExit(f"--weight-decay = {weight_decay}: must be in [0, 1)")
+    return weight_decay
+
+
 def overridden(base: Scale, rounds: int = 0, global_batch: int = 0, lr: float = 0.0,
                weight_decay: float | None = None) -> Scale:
     """``base`` with the rounds, B, lr (0 keeps ``base``'s) and weight decay (None keeps it) given on the
@@ -335,10 +347,26 @@ def overridden(base: Scale, rounds: int = 0, global_batch: int = 0, lr: float = 
     if global_batch < 0 or global_batch % N_CLIENTS:
         raise SystemExit(f"--global-batch = {global_batch}: must be 0 (the dataset's) or a positive multiple "
                          f"of {N_CLIENTS}, the number of clients")
-    if weight_decay is not None and not 0 <= weight_decay < 1:
-        raise SystemExit(f"--weight-decay = {weight_decay}: must be in [0, 1)")
-    wd = base.weight_decay if weight_decay is None else weight_decay
+    wd = base.weight_decay if checked_weight_decay(weight_decay) is None else weight_decay
     return Scale(rounds or base.rounds, global_batch or base.global_batch, lr or base.lr, base.val_examples, wd)
+
+
+def add_run_args(p: argparse.ArgumentParser, rounds: int) -> None:
+    """The options of a script that runs single seeds of this benchmark (``run_setting`` reads them)."""
+    p.add_argument("--dataset", default="digits", choices=sorted(SCALES))
+    p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--rounds", type=int, default=rounds)
+    p.add_argument("--global-batch", type=int, default=0, help=f"B, a multiple of {N_CLIENTS}; 0 = the dataset's")
+    p.add_argument("--lr", type=float, default=0.0, help="peak lr; 0 = the dataset's")
+    p.add_argument("--weight-decay", type=float, default=None, help="server L2 coefficient; default: run-config's")
+    p.add_argument("--data-dir", default=os.environ.get("FLB_DATA_DIR", ""))
+
+
+def run_setting(args: argparse.Namespace) -> tuple[Scale, Bench]:
+    """The scale and bench of ``add_run_args``' options (a bad B or weight decay exits, named); one thread."""
+    torch.set_num_threads(1)
+    scale = overridden(SCALES[args.dataset], args.rounds, args.global_batch, args.lr, args.weight_decay)
+    return scale, Bench.create(args.dataset, args.data_dir, args.seed)
 
 
 def first_unknown(names: list[str], allowed: Container[str]) -> str | None:

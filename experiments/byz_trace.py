@@ -13,14 +13,12 @@ model's floating-point weights and buffers. A bias that sits inside the honest s
 from __future__ import annotations
 
 import argparse
-import os
 
 import torch
 
-from experiments.bench_byzantine import CONDITIONS, N_CLIENTS, SCALES, Bench, overridden, run_one
+from experiments.bench_byzantine import CONDITIONS, Bench, add_run_args, run_one, run_setting, val_accuracy
 from strategies.server_state import ServerState
 from workloads.config import AGGREGATORS
-from workloads.training import evaluate
 
 
 def model_norm(state: dict[str, torch.Tensor]) -> float:
@@ -31,16 +29,14 @@ def model_norm(state: dict[str, torch.Tensor]) -> float:
 class Trace:
     """``run_one``'s ``on_round``: (round, validation accuracy, |w|) every ``every`` rounds and at ``last``."""
 
-    def __init__(self, bench: Bench, every: int, last: int):
-        self.bench, self.every, self.last = bench, every, last
+    def __init__(self, bench: Bench, every: int, last: int, val_examples: int = 0):
+        self.bench, self.every, self.last, self.val_examples = bench, every, last, val_examples
         self.points: list[tuple[int, float, float]] = []
 
     def __call__(self, before: ServerState, after: ServerState) -> None:
         if after.round % self.every and after.round != self.last:
             return
-        b = self.bench
-        b.model.load_state_dict(after.model)
-        _, val = evaluate(b.model, b.loss_fn, b.splits.inputs, b.splits.x_val, b.splits.y_val)
+        val = val_accuracy(self.bench, after.model, self.val_examples)
         self.points.append((after.round, val, model_norm(after.model)))
 
 
@@ -57,27 +53,19 @@ def parse_runs(text: str) -> list[tuple[str, str]]:
 def main(argv: list[str] | None = None) -> None:
     """Run each pair once and print its trace."""
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--dataset", default="digits", choices=sorted(SCALES))
+    add_run_args(p, rounds=400)
     p.add_argument("--runs", default="mean:alie,centered-clip:alie,mean:clean")
-    p.add_argument("--seed", type=int, default=1)
-    p.add_argument("--rounds", type=int, default=400)
     p.add_argument("--every", type=int, default=25, help="rounds between two points (>= 1)")
-    p.add_argument("--global-batch", type=int, default=0, help=f"B, a multiple of {N_CLIENTS}; 0 = the dataset's")
-    p.add_argument("--lr", type=float, default=0.0, help="peak lr; 0 = the dataset's")
-    p.add_argument("--weight-decay", type=float, default=None, help="server L2 coefficient; default: run-config's")
-    p.add_argument("--data-dir", default=os.environ.get("FLB_DATA_DIR", ""))
     args = p.parse_args(argv)
     runs = parse_runs(args.runs)
     if args.every < 1 or args.rounds < 1:
         raise SystemExit(f"--every = {args.every}, --rounds = {args.rounds}: both must be >= 1")
-    torch.set_num_threads(1)
-    scale = overridden(SCALES[args.dataset], args.rounds, args.global_batch, args.lr, args.weight_decay)
-    bench = Bench.create(args.dataset, args.data_dir, args.seed)
+    scale, bench = run_setting(args)
     wd = "default" if scale.weight_decay is None else f"{scale.weight_decay:g}"
     print(f"{args.dataset} seed {args.seed}, {scale.rounds} rounds, B = {scale.global_batch}, lr {scale.lr:g}, "
           f"weight decay {wd}; round:val%/|w|", flush=True)
     for agg, cond in runs:
-        trace = Trace(bench, args.every, scale.rounds)
+        trace = Trace(bench, args.every, scale.rounds, scale.val_examples)
         row = run_one(bench, agg, cond, scale, on_round=trace)
         points = " ".join(f"{r}:{100 * v:.1f}/{n:.1f}" for r, v, n in trace.points)
         print(f"{agg} {cond}: test {row['test_accuracy']:.4f} {row['status']} | {points}", flush=True)

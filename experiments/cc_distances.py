@@ -1,7 +1,7 @@
 """Where the attackers sit among the honest clients, round by round, as centered clipping measures distance.
 
 ``python -m experiments.cc_distances [--dataset digits] [--attacks alie,sign-flip] [--seed 1] [--rounds 150]
-[--global-batch B] [--lr LR] [--ema 0.99] [--data-dir DIR]``
+[--global-batch B] [--lr LR] [--weight-decay WD] [--ema 0.99] [--data-dir DIR]``
 
 For each attack, one run of ``experiments.bench_byzantine`` with the default centered-clip
 (n = 20, partitions 0..f-1 Byzantine). After every step, two distance ratios per client, each
@@ -20,12 +20,11 @@ the rounds in which a distance rule could tell them apart without hurting an hon
 from __future__ import annotations
 
 import argparse
-import os
 
 import numpy as np
 import torch
 
-from experiments.bench_byzantine import CONDITIONS, N_CLIENTS, SCALES, Bench, overridden, run_one
+from experiments.bench_byzantine import CONDITIONS, add_run_args, run_one, run_setting
 from strategies.robust import flatten
 from strategies.server_state import ServerState
 from workloads.config import RunConfig
@@ -78,14 +77,9 @@ class Recorder:
 def main(argv: list[str] | None = None) -> None:
     """Run each attack once and print both views."""
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--dataset", default="digits", choices=sorted(SCALES))
+    add_run_args(p, rounds=150)
     p.add_argument("--attacks", default="alie,sign-flip")
-    p.add_argument("--seed", type=int, default=1)
-    p.add_argument("--rounds", type=int, default=150)
-    p.add_argument("--global-batch", type=int, default=0, help=f"B, a multiple of {N_CLIENTS}; 0 = the dataset's")
-    p.add_argument("--lr", type=float, default=0.0, help="peak lr; 0 = the dataset's")
     p.add_argument("--ema", type=float, default=0.99, help="a of the long average, in [0, 1)")
-    p.add_argument("--data-dir", default=os.environ.get("FLB_DATA_DIR", ""))
     args = p.parse_args(argv)
     names = [a for a in args.attacks.split(",") if a]
     bad = [a for a in names if a not in CONDITIONS or CONDITIONS[a] == 0] or ([] if names else ["(empty)"])
@@ -94,9 +88,7 @@ def main(argv: list[str] | None = None) -> None:
                          f"{', '.join(a for a, f in CONDITIONS.items() if f)}")
     if not 0 <= args.ema < 1:
         raise SystemExit(f"--ema = {args.ema}: must be in [0, 1)")
-    torch.set_num_threads(1)
-    scale = overridden(SCALES[args.dataset], args.rounds, args.global_batch, args.lr)
-    bench = Bench.create(args.dataset, args.data_dir, args.seed)
+    scale, bench = run_setting(args)
     beta = RunConfig.from_mapping({}).momentum
     for attack in names:
         rec = Recorder(beta, args.ema)

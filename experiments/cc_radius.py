@@ -24,7 +24,8 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from experiments.bench_byzantine import ATTACKS, CONDITIONS, SCALES, Bench, grid_runs, overridden, run_one
+from experiments.bench_byzantine import (ATTACKS, CONDITIONS, SCALES, Bench, checked_weight_decay, grid_runs, overridden,
+                                         run_one)
 from workloads.files import atomic_write_text
 
 
@@ -113,7 +114,7 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(str(err)) from None
     if "clean" not in attacks:
         raise SystemExit(f"--attacks = {args.attacks!r}: needs 'clean', the reference of every other column")
-    overridden(SCALES["digits"], weight_decay=args.weight_decay)  # a bad value exits here, named
+    checked_weight_decay(args.weight_decay)
     torch.set_num_threads(1)
     df = sweep(datasets, args.seeds, scales, args.rounds, args.data_dir, Path(args.out) / args.csv, buckets, drops,
                attacks, args.weight_decay)
