@@ -68,13 +68,15 @@ NODE_BASE = 1000  # node id of partition p is NODE_BASE + p
 @dataclass(frozen=True)
 class Scale:
     """A dataset's run length: rounds, global batch B (b_i = B / 20), peak lr, validation examples evaluated,
-    and the server's L2 coefficient (None = run-config ``weight-decay``'s default)."""
+    the server's L2 coefficient and centered-clip's drop ratio (None = run-config ``weight-decay``'s,
+    ``cc-drop-ratio``'s default)."""
 
     rounds: int
     global_batch: int
     lr: float
     val_examples: int = 0  # 0 = the whole validation split
     weight_decay: float | None = None
+    cc_drop_ratio: float | None = None
 
 
 # digits: the run-config defaults (lr 0.3). MNIST CNN: lr 0.3 stays at chance and 0.07 or more spikes; 0.04 had
@@ -131,10 +133,11 @@ def run_config(dataset: str, aggregator: str, attack: str, scale: Scale, seed: i
                radius_scale: float | None = None, bucket_size: int = 1, drop_ratio: float | None = None) -> RunConfig:
     """The run config of one run: the defaults but for the keys the module docstring names.
 
-    ``radius_scale`` and ``drop_ratio`` None keep the run-config defaults ``cc-radius-scale``, ``cc-drop-ratio``.
+    ``radius_scale`` None keeps the run-config default ``cc-radius-scale``; ``drop_ratio`` None, ``scale``'s.
     """
     f = CONDITIONS[attack]
-    keys = {k: v for k, v in (("cc-radius-scale", radius_scale), ("cc-drop-ratio", drop_ratio),
+    drop = scale.cc_drop_ratio if drop_ratio is None else drop_ratio
+    keys = {k: v for k, v in (("cc-radius-scale", radius_scale), ("cc-drop-ratio", drop),
                               ("weight-decay", scale.weight_decay)) if v is not None}
     return RunConfig.from_mapping({
         "dataset": dataset, "aggregator": aggregator, "num-server-rounds": scale.rounds,
@@ -231,6 +234,7 @@ def run_one(bench: Bench, aggregator: str, attack: str, scale: Scale, radius_sca
     test_acc, val_acc = final_accuracies(bench, state, scale.val_examples)
     return {"dataset": bench.dataset, "aggregator": aggregator, "attack": attack, "f": f, "seed": bench.seed,
             "global_batch": scale.global_batch, "lr": scale.lr, "weight_decay": setup.cfg.weight_decay,
+            "cc_drop_ratio": setup.cfg.cc_drop_ratio,
             "test_accuracy": test_acc, "val_accuracy": val_acc,
             "rounds": state.round, "seconds": time.perf_counter() - start, "status": status,
             "rejected_byzantine": rejected["byzantine"], "rejected_honest": rejected["honest"]}
@@ -341,14 +345,17 @@ def checked_weight_decay(weight_decay: float | None) -> float | None:
 
 
 def overridden(base: Scale, rounds: int = 0, global_batch: int = 0, lr: float = 0.0,
-               weight_decay: float | None = None) -> Scale:
-    """``base`` with the rounds, B, lr (0 keeps ``base``'s) and weight decay (None keeps it) given on the
-    command line; a bad B or weight decay exits, named."""
+               weight_decay: float | None = None, cc_drop_ratio: float | None = None) -> Scale:
+    """``base`` with the rounds, B, lr (0 keeps ``base``'s), weight decay and drop ratio (None keeps them) given
+    on the command line; a bad B, weight decay or drop ratio exits, named."""
     if global_batch < 0 or global_batch % N_CLIENTS:
         raise SystemExit(f"--global-batch = {global_batch}: must be 0 (the dataset's) or a positive multiple "
                          f"of {N_CLIENTS}, the number of clients")
+    if cc_drop_ratio is not None and cc_drop_ratio != 0 and not cc_drop_ratio > 1:
+        raise SystemExit(f"--cc-drop-ratio = {cc_drop_ratio}: must be 0 (off) or > 1")
     wd = base.weight_decay if checked_weight_decay(weight_decay) is None else weight_decay
-    return Scale(rounds or base.rounds, global_batch or base.global_batch, lr or base.lr, base.val_examples, wd)
+    drop = base.cc_drop_ratio if cc_drop_ratio is None else cc_drop_ratio
+    return Scale(rounds or base.rounds, global_batch or base.global_batch, lr or base.lr, base.val_examples, wd, drop)
 
 
 def add_run_args(p: argparse.ArgumentParser, rounds: int) -> None:
@@ -395,6 +402,8 @@ def main(argv: list[str] | None = None) -> None:
                    help=f"global batch B of every run, a multiple of {N_CLIENTS} (b_i = B / {N_CLIENTS}); 0 = the dataset's")
     p.add_argument("--weight-decay", type=float, default=None,
                    help="server L2 coefficient of every run, in [0, 1); default: run-config weight-decay's")
+    p.add_argument("--cc-drop-ratio", type=float, default=None,
+                   help="centered-clip's cc-drop-ratio of every run, 0 (off) or > 1; default: run-config's")
     p.add_argument("--aggregators", default=",".join(AGGREGATORS), help="comma-separated subset of the aggregators")
     p.add_argument("--attacks", default=",".join(ATTACKS),
                    help="comma-separated attacks and 'clean'; the oracle 'absent-4', 'absent-8' only when named")
@@ -406,14 +415,16 @@ def main(argv: list[str] | None = None) -> None:
     datasets = ["mnist"] if args.quick else [d for d in args.datasets.split(",") if d]
     if (bad := first_unknown(datasets, SCALES)) is not None:
         raise SystemExit(f"--datasets = {args.datasets!r}: {bad!r} is not one of {', '.join(SCALES)}")
-    scales = {d: overridden(s, args.rounds, args.global_batch, args.lr, args.weight_decay) for d, s in SCALES.items()}
+    scales = {d: overridden(s, args.rounds, args.global_batch, args.lr, args.weight_decay, args.cc_drop_ratio)
+              for d, s in SCALES.items()}
     seeds = 1 if args.quick else args.seeds
     runs = list(QUICK_RUNS) if args.quick else grid_runs(args.aggregators, args.attacks)
     for d in datasets:
         s = scales[d]
-        wd = "the run-config default" if s.weight_decay is None else f"{s.weight_decay:g}"
+        wd, drop = ("the run-config default" if v is None else f"{v:g}" for v in (s.weight_decay, s.cc_drop_ratio))
         print(f"{d}: n = {N_CLIENTS}, B = {s.global_batch} (b_i = {s.global_batch // N_CLIENTS}), {s.rounds} rounds, "
-              f"lr {s.lr:g} (warmup 2, cosine), momentum 0.9, weight decay {wd}, seeds 1..{seeds}, "
+              f"lr {s.lr:g} (warmup 2, cosine), momentum 0.9, weight decay {wd}, cc-drop-ratio {drop}, "
+              f"seeds 1..{seeds}, "
               f"{len(runs)} runs per seed", flush=True)
     start = time.perf_counter()
     df = run_grid(datasets, seeds, runs, scales, args.data_dir,

@@ -159,3 +159,20 @@ def test_weight_decay_override_reaches_the_run_config_and_bad_values_are_named()
     assert overridden(s, lr=0.2).weight_decay == 0.01  # kept when not given
     with pytest.raises(SystemExit, match=r"--weight-decay = -0.1: must be in \[0, 1\)"):
         overridden(base, weight_decay=-0.1)
+
+
+def test_drop_ratio_override_reaches_the_run_config_and_bad_values_are_named(bench):
+    from experiments.bench_byzantine import SCALES, overridden, run_config
+
+    base = SCALES["mnist"]
+    s = overridden(base, rounds=400, weight_decay=0.005, cc_drop_ratio=4)
+    assert (s.rounds, s.weight_decay, s.cc_drop_ratio) == (400, 0.005, 4)
+    assert run_config("mnist", "centered-clip", "alie", s, 1).cc_drop_ratio == 4
+    assert run_config("mnist", "centered-clip", "alie", s, 1, drop_ratio=0.0).cc_drop_ratio == 0  # cc_radius's sweep
+    assert run_config("mnist", "centered-clip", "alie", base, 1).cc_drop_ratio == 10  # the run-config default
+    assert overridden(s, lr=0.2).cc_drop_ratio == 4  # kept when not given
+    assert overridden(base, cc_drop_ratio=0).cc_drop_ratio == 0  # 0 turns dropping off
+    assert run_one(bench, "centered-clip", "clean", Scale(2, 320, 0.3, cc_drop_ratio=4))["cc_drop_ratio"] == 4
+    for bad in (1.0, 0.5, -2.0):
+        with pytest.raises(SystemExit, match=rf"--cc-drop-ratio = {bad}: must be 0 \(off\) or > 1"):
+            overridden(base, cc_drop_ratio=bad)
