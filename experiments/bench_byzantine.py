@@ -1,7 +1,7 @@
 """Byzantine clients against the robust aggregators, through the product's server step.
 
-``python -m experiments.bench_byzantine [--quick] [--datasets digits,mnist[,cifar10]] [--seeds 3] [--rounds R]
-[--lr LR] [--global-batch B] [--weight-decay WD] [--data-dir DIR] [--out DIR]``
+``python -m experiments.bench_byzantine [--quick] [--datasets digits,mnist[,cifar10]] [--seeds 3] [--first-seed 1]
+[--rounds R] [--lr LR] [--global-batch B] [--weight-decay WD] [--cc-drop-ratio R] [--data-dir DIR] [--out DIR]``
 
 n = 20 clients, each an IID partition of the training split (``workloads.partition``, seeded
 by the run seed), each sending the gradient of its own batch of b_i = B / 20 examples, drawn
@@ -21,8 +21,9 @@ Karimireddy et al.'s released code runs them, on the momenta the aggregator sees
 (``RoundFailure``, ``DivergenceError``) stops there and is recorded as failed, with the
 accuracy of its last model.
 
-Full run: every aggregator x every attack x seeds 1..S; writes ``<out>/bench_byzantine.csv``
-(one row per run) and ``docs/byzantine.png``, prints mean +- std of the final test accuracy.
+Full run: every aggregator x every attack x seeds F..F+S-1 (``--first-seed`` F, default 1, ``--seeds`` S);
+writes ``<out>/bench_byzantine.csv`` (one row per run) and ``docs/byzantine.png``, prints mean +- std of the
+final test accuracy.
 ``--quick``: MNIST, seed 1, only the five runs of the last line, which reads
 ``clean=<acc> mean_alie=<acc> cc_alie=<acc> mean_ipm=<acc> cc_ipm=<acc>``.
 """
@@ -255,16 +256,16 @@ def final_accuracies(bench: Bench, state: ServerState, val_examples: int) -> tup
     return test, val
 
 
-def run_grid(datasets: list[str], seeds: int, runs: list[tuple[str, str]], scales: dict[str, Scale],
+def run_grid(datasets: list[str], seeds: range, runs: list[tuple[str, str]], scales: dict[str, Scale],
              data_dir: str, csv: Path) -> pd.DataFrame:
-    """Every (aggregator, attack) of ``runs`` on every dataset and seed 1..``seeds``, progress printed.
+    """Every (aggregator, attack) of ``runs`` on every dataset and seed of ``seeds``, progress printed.
 
     ``csv`` is rewritten (atomically) after every run, so an interrupted grid keeps its finished runs.
     """
     rows = []
-    total = len(datasets) * seeds * len(runs)
+    total = len(datasets) * len(seeds) * len(runs)
     for dataset in datasets:
-        for seed in range(1, seeds + 1):
+        for seed in seeds:
             bench = Bench.create(dataset, data_dir, seed)
             for aggregator, attack in runs:
                 rows.append(run_one(bench, aggregator, attack, scales[dataset]))
@@ -396,6 +397,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--quick", action="store_true", help="MNIST, seed 1, the five runs of the last line")
     p.add_argument("--datasets", default="digits,mnist")
     p.add_argument("--seeds", type=int, default=3)
+    p.add_argument("--first-seed", type=int, default=1, help="seeds are first-seed .. first-seed + seeds - 1")
     p.add_argument("--rounds", type=int, default=0, help="rounds of every run; 0 = the dataset's (SCALES)")
     p.add_argument("--lr", type=float, default=0.0, help="peak lr of every run; 0 = the dataset's (SCALES)")
     p.add_argument("--global-batch", type=int, default=0,
@@ -417,14 +419,16 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(f"--datasets = {args.datasets!r}: {bad!r} is not one of {', '.join(SCALES)}")
     scales = {d: overridden(s, args.rounds, args.global_batch, args.lr, args.weight_decay, args.cc_drop_ratio)
               for d, s in SCALES.items()}
-    seeds = 1 if args.quick else args.seeds
+    if args.seeds < 1 or args.first_seed < 1:
+        raise SystemExit(f"--seeds = {args.seeds}, --first-seed = {args.first_seed}: both must be >= 1")
+    seeds = range(1, 2) if args.quick else range(args.first_seed, args.first_seed + args.seeds)
     runs = list(QUICK_RUNS) if args.quick else grid_runs(args.aggregators, args.attacks)
     for d in datasets:
         s = scales[d]
         wd, drop = ("the run-config default" if v is None else f"{v:g}" for v in (s.weight_decay, s.cc_drop_ratio))
         print(f"{d}: n = {N_CLIENTS}, B = {s.global_batch} (b_i = {s.global_batch // N_CLIENTS}), {s.rounds} rounds, "
               f"lr {s.lr:g} (warmup 2, cosine), momentum 0.9, weight decay {wd}, cc-drop-ratio {drop}, "
-              f"seeds 1..{seeds}, "
+              f"seeds {seeds[0]}..{seeds[-1]}, "
               f"{len(runs)} runs per seed", flush=True)
     start = time.perf_counter()
     df = run_grid(datasets, seeds, runs, scales, args.data_dir,
@@ -433,7 +437,7 @@ def main(argv: list[str] | None = None) -> None:
           + ", ".join(f"{d} {df[df.dataset == d].seconds.mean():.1f}" for d in datasets))
     if not args.quick:
         for d in datasets:
-            print(f"\n{d}: final test accuracy (%), mean ± std over {seeds} seeds (*k: k runs failed)\n"
+            print(f"\n{d}: final test accuracy (%), mean ± std over {len(seeds)} seeds (*k: k runs failed)\n"
                   + summary(df, d))
         print("plot: " + (args.plot if plot(df, Path(args.plot)) else "skipped (matplotlib not installed)"))
     if {tuple(r) for r in QUICK_RUNS} <= set(zip(df.aggregator, df.attack)) and "mnist" in datasets:

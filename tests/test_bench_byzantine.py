@@ -82,6 +82,21 @@ def test_unknown_dataset_is_named_before_any_run():
         bench_byzantine.main(["--datasets", "digits,cifar"])
     with pytest.raises(SystemExit, match=r"--global-batch = 650: must be 0 \(the dataset's\) or a positive multiple of 20"):
         bench_byzantine.main(["--datasets", "digits", "--global-batch", "650"])
+    with pytest.raises(SystemExit, match=r"--seeds = 3, --first-seed = 0: both must be >= 1"):
+        bench_byzantine.main(["--datasets", "digits", "--first-seed", "0"])
+
+
+def test_first_seed_extends_a_grid_with_the_same_runs(tmp_path):
+    """Seeds 2..3 of a grid started at seed 2 are the runs seeds 2..3 of a grid started at 1."""
+    from experiments import bench_byzantine
+
+    common = ["--datasets", "digits", "--rounds", "3", "--aggregators", "mean", "--attacks", "clean",
+              "--plot", str(tmp_path / "p.png")]
+    bench_byzantine.main(common + ["--seeds", "3", "--out", str(tmp_path / "a")])
+    bench_byzantine.main(common + ["--seeds", "2", "--first-seed", "2", "--out", str(tmp_path / "b")])
+    a, b = (pd.read_csv(tmp_path / d / "bench_byzantine.csv") for d in ("a", "b"))
+    assert list(a.seed) == [1, 2, 3] and list(b.seed) == [2, 3]
+    assert list(b.test_accuracy) == list(a.test_accuracy[1:])
 
 
 def test_cc_radius_sweep_picks_the_scale_with_the_best_worst_attack(tmp_path, capsys):
