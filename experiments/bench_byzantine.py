@@ -338,6 +338,12 @@ def plot(df: pd.DataFrame, path: Path) -> bool:
     return True
 
 
+def add_weight_decay_arg(p: argparse.ArgumentParser) -> None:
+    """``--weight-decay`` (``checked_weight_decay`` checks it): the server L2 coefficient of every run."""
+    p.add_argument("--weight-decay", type=float, default=None,
+                   help="server L2 coefficient of every run, in [0, 1); default: run-config weight-decay's")
+
+
 def checked_weight_decay(weight_decay: float | None) -> float | None:
     """``--weight-decay`` as given (None = run-config default); a value outside [0, 1) exits, named."""
     if weight_decay is not None and not 0 <= weight_decay < 1:
@@ -366,7 +372,7 @@ def add_run_args(p: argparse.ArgumentParser, rounds: int) -> None:
     p.add_argument("--rounds", type=int, default=rounds)
     p.add_argument("--global-batch", type=int, default=0, help=f"B, a multiple of {N_CLIENTS}; 0 = the dataset's")
     p.add_argument("--lr", type=float, default=0.0, help="peak lr; 0 = the dataset's")
-    p.add_argument("--weight-decay", type=float, default=None, help="server L2 coefficient; default: run-config's")
+    add_weight_decay_arg(p)
     p.add_argument("--data-dir", default=os.environ.get("FLB_DATA_DIR", ""))
 
 
@@ -402,8 +408,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--lr", type=float, default=0.0, help="peak lr of every run; 0 = the dataset's (SCALES)")
     p.add_argument("--global-batch", type=int, default=0,
                    help=f"global batch B of every run, a multiple of {N_CLIENTS} (b_i = B / {N_CLIENTS}); 0 = the dataset's")
-    p.add_argument("--weight-decay", type=float, default=None,
-                   help="server L2 coefficient of every run, in [0, 1); default: run-config weight-decay's")
+    add_weight_decay_arg(p)
     p.add_argument("--cc-drop-ratio", type=float, default=None,
                    help="centered-clip's cc-drop-ratio of every run, 0 (off) or > 1; default: run-config's")
     p.add_argument("--aggregators", default=",".join(AGGREGATORS), help="comma-separated subset of the aggregators")

@@ -24,8 +24,8 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from experiments.bench_byzantine import (ATTACKS, CONDITIONS, SCALES, Bench, checked_weight_decay, grid_runs, overridden,
-                                         run_one)
+from experiments.bench_byzantine import (ATTACKS, CONDITIONS, SCALES, Bench, add_weight_decay_arg, checked_weight_decay,
+                                         grid_runs, overridden, run_one)
 from workloads.files import atomic_write_text
 
 
@@ -44,7 +44,7 @@ def sweep(datasets: list[str], seeds: int, scales: list[float], rounds: int, dat
             for attack in attacks:
                 for aggregator, radius_scale, bucket, drop in runs:
                     row = run_one(bench, aggregator, attack, scale, radius_scale or 1.0, bucket, drop)
-                    rows.append({**row, "radius_scale": radius_scale, "bucket_size": bucket, "drop_ratio": drop})
+                    rows.append({**row, "radius_scale": radius_scale, "bucket_size": bucket})
                     print(f"[{len(rows)}/{total}] {dataset} seed {seed} {attack:<10} {aggregator:<13} "
                           f"scale {radius_scale:<4g} bucket {bucket} drop {drop:g} val {row['val_accuracy']:.4f} "
                           f"test {row['test_accuracy']:.4f} {row['status']} ({time.perf_counter() - start:.0f} s)",
@@ -57,8 +57,8 @@ def table(df: pd.DataFrame, dataset: str, split: str) -> tuple[str, pd.Series]:
     """Markdown: accuracy (%) mean +- std over seeds, row per (scale, bucket size, drop ratio) (scale 0 = mean),
     column per attack; and each row's worst drop (pp) below the clean ``mean`` run, on ``split``, indexed by them."""
     d = df[df.dataset == dataset]
-    if "drop_ratio" not in d:  # rows written before cc-drop-ratio existed
-        d = d.assign(drop_ratio=0.0)
+    if "drop_ratio" not in d:  # run_one's cc_drop_ratio; older files wrote drop_ratio, the oldest neither (off)
+        d = d.assign(drop_ratio=d["cc_drop_ratio"] if "cc_drop_ratio" in d else 0.0)
     col = f"{split}_accuracy"
     clean = 100 * d[(d.radius_scale == 0) & (d.attack == "clean")][col].mean()
     attacks = [a for a in CONDITIONS if a in set(d.attack)]
@@ -88,8 +88,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--attacks", default=",".join(ATTACKS),
                    help="comma-separated conditions of experiments.bench_byzantine; must include clean")
     p.add_argument("--rounds", type=int, default=150, help="rounds of every run; 0 = bench_byzantine's")
-    p.add_argument("--weight-decay", type=float, default=None,
-                   help="server L2 coefficient of every run, in [0, 1); default: run-config weight-decay's")
+    add_weight_decay_arg(p)
     p.add_argument("--data-dir", default=os.environ.get("FLB_DATA_DIR", ""))
     p.add_argument("--out", default="experiments/results")
     p.add_argument("--csv", default="cc_radius.csv", help="file name of the rows, in --out")

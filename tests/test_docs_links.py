@@ -3,6 +3,7 @@ page names one of its headings (GitHub's slugs)."""
 
 from __future__ import annotations
 
+import functools
 import re
 from pathlib import Path
 
@@ -11,6 +12,7 @@ LINK = re.compile(r"\]\(([^)\s]+)\)")
 PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 
 
+@functools.cache  # read each page once, not once per link into it
 def anchors(page: Path) -> set[str]:
     """GitHub's heading ids of ``page``: lowercased, punctuation dropped, spaces to hyphens, repeats ``-1``, ..."""
     seen: dict[str, int] = {}
