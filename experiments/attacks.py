@@ -28,6 +28,14 @@ from torch import nn
 
 from workloads.training import InputFn, batch_gradient
 
+# the benchmark's threat model (experiments.bench_byzantine): attack -> f Byzantine of N_CLIENTS
+N_CLIENTS = 20
+ATTACKS = {"clean": 0, "alie": 4, "ipm": 8, "sign-flip": 4, "label-flip": 4, "bit-flip": 4}  # attack -> f
+ABSENT = {"absent-4": 4, "absent-8": 8}  # the oracle: the f Byzantine partitions removed (bench_byzantine's docstring)
+# the paper's attacks, in the space the aggregator sees (experiments.attacks.momentum_space); only when named
+PAPER = {"alie-paper": 4, "ipm-paper": 8, "sign-flip-paper": 4, "label-flip-paper": 4}
+CONDITIONS = {**ATTACKS, **ABSENT, **PAPER}
+
 
 def alie_z(n: int, f: int) -> float:
     """ALIE's z_max = Phi^-1((n - s) / n) with s = floor(n / 2 + 1) - f (Baruch et al. 2019, eq. 3).

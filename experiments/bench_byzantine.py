@@ -44,6 +44,8 @@ import torch
 from torch import nn
 
 from experiments import attacks
+from experiments.attacks import ABSENT, ATTACKS, CONDITIONS, N_CLIENTS, PAPER
+from experiments.byzantine_report import plot, quick_line, summary
 from strategies.robust import flatten, unflatten
 from strategies.server_state import ServerState
 from strategies.server_step import ClientReply, RunSetup, StepError, StepPlan, plan_round, server_step
@@ -56,12 +58,6 @@ from workloads.partition import client_partition
 from workloads.registry import WORKLOADS, resolve_model
 from workloads.training import batch_gradient, draw_batch, evaluate
 
-N_CLIENTS = 20
-ATTACKS = {"clean": 0, "alie": 4, "ipm": 8, "sign-flip": 4, "label-flip": 4, "bit-flip": 4}  # attack -> f
-ABSENT = {"absent-4": 4, "absent-8": 8}  # the oracle: the f Byzantine partitions removed (module docstring)
-# the paper's attacks, in the space the aggregator sees (experiments.attacks.momentum_space); only when named
-PAPER = {"alie-paper": 4, "ipm-paper": 8, "sign-flip-paper": 4, "label-flip-paper": 4}
-CONDITIONS = {**ATTACKS, **ABSENT, **PAPER}
 QUICK_RUNS = (("mean", "clean"), ("mean", "alie"), ("centered-clip", "alie"), ("mean", "ipm"), ("centered-clip", "ipm"))
 NODE_BASE = 1000  # node id of partition p is NODE_BASE + p
 
@@ -276,66 +272,6 @@ def run_grid(datasets: list[str], seeds: range, runs: list[tuple[str, str]], sca
                       flush=True)
                 atomic_write_text(csv, pd.DataFrame(rows).to_csv(index=False))
     return pd.DataFrame(rows)
-
-
-def quick_line(df: pd.DataFrame) -> str:
-    """``clean=<acc> mean_alie=<acc> cc_alie=<acc> mean_ipm=<acc> cc_ipm=<acc>`` (test accuracy, mean over seeds)."""
-    acc = df.groupby(["aggregator", "attack"])["test_accuracy"].mean()
-    keys = {"clean": ("mean", "clean"), "mean_alie": ("mean", "alie"), "cc_alie": ("centered-clip", "alie"),
-            "mean_ipm": ("mean", "ipm"), "cc_ipm": ("centered-clip", "ipm")}
-    return " ".join(f"{k}={acc[v]:.4f}" for k, v in keys.items())
-
-
-def summary(df: pd.DataFrame, dataset: str) -> str:
-    """A markdown table of test accuracy (%) mean +- std over seeds, aggregator x attack; ``*k``: k runs failed."""
-    d = df[df.dataset == dataset]
-    attack_names = [a for a in CONDITIONS if a in set(d.attack)]
-    lines = ["| aggregator | " + " | ".join(f"{a} (f={CONDITIONS[a]})" for a in attack_names) + " |",
-             "| --- |" + " --- |" * len(attack_names)]
-    for agg in [a for a in AGGREGATORS if a in set(d.aggregator)]:
-        cells = []
-        for attack in attack_names:
-            runs = d[(d.aggregator == agg) & (d.attack == attack)]
-            acc, failed = 100 * runs.test_accuracy, int((runs.status != "ok").sum())
-            cell = f"{acc.mean():.1f} ± {acc.std(ddof=1) if len(acc) > 1 else 0.0:.1f}" if len(runs) else ""
-            cells.append(cell + (f" *{failed}" if failed else ""))
-        lines.append(f"| {agg} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
-
-
-def plot(df: pd.DataFrame, path: Path) -> bool:
-    """Bars of test accuracy (mean +- std over seeds) per attack and aggregator, one panel per dataset."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return False
-    datasets = list(dict.fromkeys(df.dataset))
-    fig, axes = plt.subplots(len(datasets), 1, figsize=(10, 4.2 * len(datasets)), squeeze=False)
-    for ax, dataset in zip(axes[:, 0], datasets):
-        stats = df[df.dataset == dataset].groupby(["attack", "aggregator"])["test_accuracy"].agg(["mean", "std"])
-        attack_names = [a for a in CONDITIONS if a in stats.index.get_level_values(0)]
-        aggs = [a for a in AGGREGATORS if a in stats.index.get_level_values(1)]
-        width = 0.8 / len(aggs)
-        for j, agg in enumerate(aggs):
-            rows = [stats.loc[(a, agg)] if (a, agg) in stats.index else pd.Series({"mean": np.nan, "std": 0.0})
-                    for a in attack_names]
-            ax.bar(np.arange(len(attack_names)) + j * width, [100 * r["mean"] for r in rows], width,
-                   yerr=[100 * (0.0 if np.isnan(r["std"]) else r["std"]) for r in rows], label=agg, capsize=2)
-        ax.set_xticks(np.arange(len(attack_names)) + 0.4 - width / 2)
-        ax.set_xticklabels([f"{a}\n(f={CONDITIONS[a]})" for a in attack_names])
-        ax.set_ylabel("final test accuracy (%)")
-        ax.set_ylim(0, 100)
-        ax.axhline(10, color="grey", linestyle=":", linewidth=1)  # chance: 10 classes
-        ax.set_title(f"{dataset}: n = {N_CLIENTS} clients, partitions 0..f-1 Byzantine, seeds {sorted(set(df.seed))}")
-        ax.legend(fontsize=8, ncol=len(aggs), loc="upper center", bbox_to_anchor=(0.5, -0.2))
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return True
 
 
 def add_weight_decay_arg(p: argparse.ArgumentParser) -> None:

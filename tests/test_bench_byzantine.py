@@ -8,7 +8,8 @@ import pandas as pd
 import pytest
 import torch
 
-from experiments.bench_byzantine import QUICK_RUNS, Bench, Scale, quick_line, run_one, summary
+from experiments.bench_byzantine import QUICK_RUNS, Bench, Scale, run_one
+from experiments.byzantine_report import quick_line, summary
 
 
 @pytest.fixture(scope="module")

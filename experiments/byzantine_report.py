@@ -1,0 +1,71 @@
+"""Tables, the plot and the ``--quick`` line of ``experiments.bench_byzantine``, from its rows (one per run)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from experiments.attacks import CONDITIONS, N_CLIENTS
+from workloads.config import AGGREGATORS
+
+
+def quick_line(df: pd.DataFrame) -> str:
+    """``clean=<acc> mean_alie=<acc> cc_alie=<acc> mean_ipm=<acc> cc_ipm=<acc>`` (test accuracy, mean over seeds)."""
+    acc = df.groupby(["aggregator", "attack"])["test_accuracy"].mean()
+    keys = {"clean": ("mean", "clean"), "mean_alie": ("mean", "alie"), "cc_alie": ("centered-clip", "alie"),
+            "mean_ipm": ("mean", "ipm"), "cc_ipm": ("centered-clip", "ipm")}
+    return " ".join(f"{k}={acc[v]:.4f}" for k, v in keys.items())
+
+
+def summary(df: pd.DataFrame, dataset: str) -> str:
+    """A markdown table of test accuracy (%) mean +- std over seeds, aggregator x attack; ``*k``: k runs failed."""
+    d = df[df.dataset == dataset]
+    attack_names = [a for a in CONDITIONS if a in set(d.attack)]
+    lines = ["| aggregator | " + " | ".join(f"{a} (f={CONDITIONS[a]})" for a in attack_names) + " |",
+             "| --- |" + " --- |" * len(attack_names)]
+    for agg in [a for a in AGGREGATORS if a in set(d.aggregator)]:
+        cells = []
+        for attack in attack_names:
+            runs = d[(d.aggregator == agg) & (d.attack == attack)]
+            acc, failed = 100 * runs.test_accuracy, int((runs.status != "ok").sum())
+            cell = f"{acc.mean():.1f} ± {acc.std(ddof=1) if len(acc) > 1 else 0.0:.1f}" if len(runs) else ""
+            cells.append(cell + (f" *{failed}" if failed else ""))
+        lines.append(f"| {agg} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def plot(df: pd.DataFrame, path: Path) -> bool:
+    """Bars of test accuracy (mean +- std over seeds) per attack and aggregator, one panel per dataset."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    datasets = list(dict.fromkeys(df.dataset))
+    fig, axes = plt.subplots(len(datasets), 1, figsize=(10, 4.2 * len(datasets)), squeeze=False)
+    for ax, dataset in zip(axes[:, 0], datasets):
+        stats = df[df.dataset == dataset].groupby(["attack", "aggregator"])["test_accuracy"].agg(["mean", "std"])
+        attack_names = [a for a in CONDITIONS if a in stats.index.get_level_values(0)]
+        aggs = [a for a in AGGREGATORS if a in stats.index.get_level_values(1)]
+        width = 0.8 / len(aggs)
+        for j, agg in enumerate(aggs):
+            rows = [stats.loc[(a, agg)] if (a, agg) in stats.index else pd.Series({"mean": np.nan, "std": 0.0})
+                    for a in attack_names]
+            ax.bar(np.arange(len(attack_names)) + j * width, [100 * r["mean"] for r in rows], width,
+                   yerr=[100 * (0.0 if np.isnan(r["std"]) else r["std"]) for r in rows], label=agg, capsize=2)
+        ax.set_xticks(np.arange(len(attack_names)) + 0.4 - width / 2)
+        ax.set_xticklabels([f"{a}\n(f={CONDITIONS[a]})" for a in attack_names])
+        ax.set_ylabel("final test accuracy (%)")
+        ax.set_ylim(0, 100)
+        ax.axhline(10, color="grey", linestyle=":", linewidth=1)  # chance: 10 classes
+        ax.set_title(f"{dataset}: n = {N_CLIENTS} clients, partitions 0..f-1 Byzantine, seeds {sorted(set(df.seed))}")
+        ax.legend(fontsize=8, ncol=len(aggs), loc="upper center", bbox_to_anchor=(0.5, -0.2))
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
