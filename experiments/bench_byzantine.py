@@ -45,7 +45,7 @@ from torch import nn
 
 from experiments import attacks
 from experiments.attacks import ABSENT, ATTACKS, CONDITIONS, N_CLIENTS, PAPER
-from experiments.byzantine_report import plot, quick_line, summary
+from experiments.byzantine_report import gap_table, paired_gaps, plot, quick_line, summary
 from strategies.robust import flatten, unflatten
 from strategies.server_state import ServerState
 from strategies.server_step import ClientReply, RunSetup, StepError, StepPlan, plan_round, server_step
@@ -380,6 +380,10 @@ def main(argv: list[str] | None = None) -> None:
         for d in datasets:
             print(f"\n{d}: final test accuracy (%), mean ± std over {len(seeds)} seeds (*k: k runs failed)\n"
                   + summary(df, d))
+            for split in ("val", "test"):
+                if not (gaps := paired_gaps(df, d, split=split)).empty:
+                    print(f"\n{d}: centered-clip minus the clean mean run of the same seed, {split} accuracy\n"
+                          + gap_table(gaps))
         print("plot: " + (args.plot if plot(df, Path(args.plot)) else "skipped (matplotlib not installed)"))
     if {tuple(r) for r in QUICK_RUNS} <= set(zip(df.aggregator, df.attack)) and "mnist" in datasets:
         print(quick_line(df[df.dataset == "mnist"]))

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from scipy import stats
 
 from experiments.attacks import CONDITIONS, N_CLIENTS
 from workloads.config import AGGREGATORS
@@ -33,6 +34,45 @@ def summary(df: pd.DataFrame, dataset: str) -> str:
             cell = f"{acc.mean():.1f} ± {acc.std(ddof=1) if len(acc) > 1 else 0.0:.1f}" if len(runs) else ""
             cells.append(cell + (f" *{failed}" if failed else ""))
         lines.append(f"| {agg} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def paired_gaps(df: pd.DataFrame, dataset: str, aggregator: str = "centered-clip", split: str = "test",
+                reference: tuple[str, str] = ("mean", "clean")) -> pd.DataFrame:
+    """Per attack, ``aggregator``'s accuracy minus the ``reference`` run's of the same seed, in points.
+
+    Columns: ``seeds``, ``gap`` (mean over seeds), ``low`` and ``high`` (the 95% Student-t interval
+    of that mean, ``gap -+ t_{0.975, n-1} * sd / sqrt(n)``; NaN with one seed) and ``worst_seed``.
+    Pairing by seed removes what the two runs share (partition, initial model, batch order).
+    ``split``: ``"test"`` or ``"val"``.
+    """
+    if split not in ("test", "val"):
+        raise ValueError(f"split = {split!r}: must be 'test' or 'val'")
+    d = df[(df.dataset == dataset) & (df.status == "ok")]
+    col = f"{split}_accuracy"
+    ref = d[(d.aggregator == reference[0]) & (d.attack == reference[1])].groupby("seed")[col].mean()
+    rows = []
+    for attack in [a for a in CONDITIONS if a in set(d.attack)]:
+        own = d[(d.aggregator == aggregator) & (d.attack == attack)].groupby("seed")[col].mean()
+        gaps = 100 * (own - ref).dropna()
+        if gaps.empty:
+            continue
+        n, mean = len(gaps), float(gaps.mean())
+        half = stats.t.ppf(0.975, n - 1) * gaps.std(ddof=1) / np.sqrt(n) if n > 1 else np.nan
+        rows.append({"attack": attack, "seeds": n, "gap": mean, "low": mean - half, "high": mean + half,
+                     "worst_seed": float(gaps.min())})
+    return pd.DataFrame(rows, columns=["attack", "seeds", "gap", "low", "high", "worst_seed"])
+
+
+def gap_table(gaps: pd.DataFrame, goal_pp: float = 1.0) -> str:
+    """Markdown of ``paired_gaps``: within ``goal_pp`` when the mean gap is >= -goal_pp; the interval says how sure."""
+    lines = ["| attack | seeds | gap (points) | 95% interval | worst seed | within the goal |",
+             "| --- | --- | --- | --- | --- | --- |"]
+    for r in gaps.itertuples():
+        verdict = ("yes" if r.low >= -goal_pp else "yes (interval crosses)") if r.gap >= -goal_pp else (
+            "no" if r.high < -goal_pp else "no (interval crosses)")
+        lines.append(f"| {r.attack} | {r.seeds} | {r.gap:+.2f} | [{r.low:+.2f}, {r.high:+.2f}] | "
+                     f"{r.worst_seed:+.2f} | {verdict} |")
     return "\n".join(lines)
 
 

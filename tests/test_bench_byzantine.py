@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import re
 
 import pandas as pd
@@ -9,7 +10,7 @@ import pytest
 import torch
 
 from experiments.bench_byzantine import QUICK_RUNS, Bench, Scale, run_one
-from experiments.byzantine_report import quick_line, summary
+from experiments.byzantine_report import gap_table, paired_gaps, quick_line, summary
 
 
 @pytest.fixture(scope="module")
@@ -61,6 +62,28 @@ def test_the_quick_line_and_the_table():
     table = summary(df.assign(status=["ok"] * 9 + ["failed in round 3: RoundFailure"]), "mnist")
     assert "| mean | 51.5 ± 0.7 | 61.5 ± 0.7 | 81.5 ± 0.7 |" in table
     assert "| centered-clip |  | 71.5 ± 0.7 | 91.5 ± 0.7 *1 |" in table
+
+
+def test_paired_gaps_pair_by_seed_and_give_the_t_interval():
+    """Gaps -1, -2, -1 points: mean -4/3, sd 0.577, t(0.975, 2) = 4.303, half-width 1.434; failed runs are left out."""
+    rows = [("mean", "clean", s, acc, "ok") for s, acc in ((1, 0.90), (2, 0.92), (3, 0.94))]
+    rows += [("centered-clip", "alie", s, acc, "ok") for s, acc in ((1, 0.89), (2, 0.90), (3, 0.93))]
+    rows += [("centered-clip", "alie", 4, 0.10, "failed in round 3: RoundFailure"),  # no clean seed 4 either
+             ("centered-clip", "ipm", 2, 0.925, "ok")]
+    df = pd.DataFrame(rows, columns=["aggregator", "attack", "seed", "test_accuracy", "status"]).assign(
+        dataset="mnist", val_accuracy=lambda d: d.test_accuracy)
+    gaps = paired_gaps(df, "mnist").set_index("attack")
+    assert list(gaps.index) == ["alie", "ipm"]
+    assert gaps.loc["alie", "seeds"] == 3 and gaps.loc["alie", "worst_seed"] == pytest.approx(-2.0)
+    assert gaps.loc["alie", "gap"] == pytest.approx(-4 / 3)
+    assert (gaps.loc["alie", "low"], gaps.loc["alie", "high"]) == pytest.approx((-2.7676, 0.1009), abs=1e-4)
+    assert gaps.loc["ipm", "gap"] == pytest.approx(0.5) and math.isnan(gaps.loc["ipm", "low"])  # one seed: no interval
+    table = gap_table(gaps.reset_index())
+    assert "| alie | 3 | -1.33 | [-2.77, +0.10] | -2.00 | no (interval crosses) |" in table
+    assert "| -2.00 | yes (interval crosses) |" in gap_table(gaps.reset_index(), goal_pp=2.0)
+    assert "| -2.00 | yes |" in gap_table(gaps.reset_index(), goal_pp=3.0)
+    with pytest.raises(ValueError, match="split = 'train'"):
+        paired_gaps(df, "mnist", split="train")
 
 
 def test_grid_filters_name_the_bad_value():
