@@ -69,9 +69,13 @@ def gap_table(gaps: pd.DataFrame, goal_pp: float = 1.0) -> str:
     lines = ["| attack | seeds | gap (points) | 95% interval | worst seed | within the goal |",
              "| --- | --- | --- | --- | --- | --- |"]
     for r in gaps.itertuples():
-        verdict = ("yes" if r.low >= -goal_pp else "yes (interval crosses)") if r.gap >= -goal_pp else (
-            "no" if r.high < -goal_pp else "no (interval crosses)")
-        lines.append(f"| {r.attack} | {r.seeds} | {r.gap:+.2f} | [{r.low:+.2f}, {r.high:+.2f}] | "
+        verdict = "yes" if r.gap >= -goal_pp else "no"
+        if r.seeds < 2:
+            verdict += " (one seed)"
+        elif r.low < -goal_pp <= r.high:  # the seeds run cannot tell
+            verdict += " (interval crosses)"
+        interval = f"[{r.low:+.2f}, {r.high:+.2f}]" if r.seeds > 1 else "none"
+        lines.append(f"| {r.attack} | {r.seeds} | {r.gap:+.2f} | {interval} | "
                      f"{r.worst_seed:+.2f} | {verdict} |")
     return "\n".join(lines)
 

@@ -81,6 +81,7 @@ def test_paired_gaps_pair_by_seed_and_give_the_t_interval():
     table = gap_table(gaps.reset_index())
     assert "| alie | 3 | -1.33 | [-2.77, +0.10] | -2.00 | no (interval crosses) |" in table
     assert "| -2.00 | yes (interval crosses) |" in gap_table(gaps.reset_index(), goal_pp=2.0)
+    assert "| ipm | 1 | +0.50 | none | +0.50 | yes (one seed) |" in table
     assert "| -2.00 | yes |" in gap_table(gaps.reset_index(), goal_pp=3.0)
     with pytest.raises(ValueError, match="split = 'train'"):
         paired_gaps(df, "mnist", split="train")
