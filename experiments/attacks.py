@@ -32,7 +32,7 @@ from workloads.training import InputFn, batch_gradient
 N_CLIENTS = 20
 ATTACKS = {"clean": 0, "alie": 4, "ipm": 8, "sign-flip": 4, "label-flip": 4, "bit-flip": 4}  # attack -> f
 ABSENT = {"absent-4": 4, "absent-8": 8}  # the oracle: the f Byzantine partitions removed (bench_byzantine's docstring)
-# the paper's attacks, in the space the aggregator sees (experiments.attacks.momentum_space); only when named
+# the paper's attacks, in the space the aggregator sees (momentum_space below); only when named
 PAPER = {"alie-paper": 4, "ipm-paper": 8, "sign-flip-paper": 4, "label-flip-paper": 4}
 CONDITIONS = {**ATTACKS, **ABSENT, **PAPER}
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
@@ -10,6 +11,12 @@ from scipy import stats
 
 from experiments.attacks import CONDITIONS, N_CLIENTS
 from workloads.config import AGGREGATORS
+
+
+def conditions_in(attacks: Iterable[str]) -> list[str]:
+    """The conditions (``experiments.attacks.CONDITIONS``) present in ``attacks``, in the benchmark's order."""
+    present = set(attacks)
+    return [a for a in CONDITIONS if a in present]
 
 
 def quick_line(df: pd.DataFrame) -> str:
@@ -23,7 +30,7 @@ def quick_line(df: pd.DataFrame) -> str:
 def summary(df: pd.DataFrame, dataset: str) -> str:
     """A markdown table of test accuracy (%) mean +- std over seeds, aggregator x attack; ``*k``: k runs failed."""
     d = df[df.dataset == dataset]
-    attack_names = [a for a in CONDITIONS if a in set(d.attack)]
+    attack_names = conditions_in(d.attack)
     lines = ["| aggregator | " + " | ".join(f"{a} (f={CONDITIONS[a]})" for a in attack_names) + " |",
              "| --- |" + " --- |" * len(attack_names)]
     for agg in [a for a in AGGREGATORS if a in set(d.aggregator)]:
@@ -52,7 +59,7 @@ def paired_gaps(df: pd.DataFrame, dataset: str, aggregator: str = "centered-clip
     col = f"{split}_accuracy"
     ref = d[(d.aggregator == reference[0]) & (d.attack == reference[1])].groupby("seed")[col].mean()
     rows = []
-    for attack in [a for a in CONDITIONS if a in set(d.attack)]:
+    for attack in conditions_in(d.attack):
         own = d[(d.aggregator == aggregator) & (d.attack == attack)].groupby("seed")[col].mean()
         gaps = 100 * (own - ref).dropna()
         if gaps.empty:
@@ -92,12 +99,12 @@ def plot(df: pd.DataFrame, path: Path) -> bool:
     datasets = list(dict.fromkeys(df.dataset))
     fig, axes = plt.subplots(len(datasets), 1, figsize=(10, 4.2 * len(datasets)), squeeze=False)
     for ax, dataset in zip(axes[:, 0], datasets):
-        stats = df[df.dataset == dataset].groupby(["attack", "aggregator"])["test_accuracy"].agg(["mean", "std"])
-        attack_names = [a for a in CONDITIONS if a in stats.index.get_level_values(0)]
-        aggs = [a for a in AGGREGATORS if a in stats.index.get_level_values(1)]
+        acc = df[df.dataset == dataset].groupby(["attack", "aggregator"])["test_accuracy"].agg(["mean", "std"])
+        attack_names = conditions_in(acc.index.get_level_values(0))
+        aggs = [a for a in AGGREGATORS if a in acc.index.get_level_values(1)]
         width = 0.8 / len(aggs)
         for j, agg in enumerate(aggs):
-            rows = [stats.loc[(a, agg)] if (a, agg) in stats.index else pd.Series({"mean": np.nan, "std": 0.0})
+            rows = [acc.loc[(a, agg)] if (a, agg) in acc.index else pd.Series({"mean": np.nan, "std": 0.0})
                     for a in attack_names]
             ax.bar(np.arange(len(attack_names)) + j * width, [100 * r["mean"] for r in rows], width,
                    yerr=[100 * (0.0 if np.isnan(r["std"]) else r["std"]) for r in rows], label=agg, capsize=2)
