@@ -384,6 +384,9 @@ def main(argv: list[str] | None = None) -> None:
                 if not (gaps := paired_gaps(df, d, split=split)).empty:
                     print(f"\n{d}: centered-clip minus the clean mean run of the same seed, {split} accuracy\n"
                           + gap_table(gaps))
+                if not (gaps := paired_gaps(df, d, split=split, floor=True)).empty:
+                    print(f"\n{d}: centered-clip minus the mean run of the same seed without the f attackers "
+                          f"(absent-f), {split} accuracy\n" + gap_table(gaps))
         print("plot: " + (args.plot if plot(df, Path(args.plot)) else "skipped (matplotlib not installed)"))
     if {tuple(r) for r in QUICK_RUNS} <= set(zip(df.aggregator, df.attack)) and "mnist" in datasets:
         print(quick_line(df[df.dataset == "mnist"]))

@@ -9,7 +9,7 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
-from experiments.attacks import CONDITIONS, N_CLIENTS
+from experiments.attacks import ABSENT, CONDITIONS, N_CLIENTS
 from workloads.config import AGGREGATORS
 
 
@@ -45,23 +45,30 @@ def summary(df: pd.DataFrame, dataset: str) -> str:
 
 
 def paired_gaps(df: pd.DataFrame, dataset: str, aggregator: str = "centered-clip", split: str = "test",
-                reference: tuple[str, str] = ("mean", "clean")) -> pd.DataFrame:
+                reference: tuple[str, str] = ("mean", "clean"), floor: bool = False) -> pd.DataFrame:
     """Per attack, ``aggregator``'s accuracy minus the ``reference`` run's of the same seed, in points.
 
     Columns: ``seeds``, ``gap`` (mean over seeds), ``low`` and ``high`` (the 95% Student-t interval
     of that mean, ``gap -+ t_{0.975, n-1} * sd / sqrt(n)``; NaN with one seed) and ``worst_seed``.
     Pairing by seed removes what the two runs share (partition, initial model, batch order).
-    ``split``: ``"test"`` or ``"val"``.
+    ``split``: ``"test"`` or ``"val"``. ``floor``: each attack of f clients is compared instead with
+    ``reference[0]``'s run without those f clients (``absent-f``), which leaves the attack's own harm
+    and not the missing data's.
     """
     if split not in ("test", "val"):
         raise ValueError(f"split = {split!r}: must be 'test' or 'val'")
     d = df[(df.dataset == dataset) & (df.status == "ok")]
     col = f"{split}_accuracy"
-    ref = d[(d.aggregator == reference[0]) & (d.attack == reference[1])].groupby("seed")[col].mean()
+
+    def by_seed(agg: str, attack: str) -> pd.Series:
+        return d[(d.aggregator == agg) & (d.attack == attack)].groupby("seed")[col].mean()
+
     rows = []
     for attack in conditions_in(d.attack):
-        own = d[(d.aggregator == aggregator) & (d.attack == attack)].groupby("seed")[col].mean()
-        gaps = 100 * (own - ref).dropna()
+        if floor and (attack in ABSENT or CONDITIONS[attack] == 0):
+            continue
+        ref = by_seed(reference[0], f"absent-{CONDITIONS[attack]}" if floor else reference[1])
+        gaps = 100 * (by_seed(aggregator, attack) - ref).dropna()
         if gaps.empty:
             continue
         n, mean = len(gaps), float(gaps.mean())

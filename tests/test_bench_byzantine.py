@@ -87,6 +87,23 @@ def test_paired_gaps_pair_by_seed_and_give_the_t_interval():
         paired_gaps(df, "mnist", split="train")
 
 
+def test_floor_gaps_compare_each_attack_with_the_run_without_its_f_clients():
+    """ALIE (f = 4) against absent-4, IPM (f = 8) against absent-8, seed by seed; clean and absent-f are not rows."""
+    rows = [("mean", "clean", s, 0.95) for s in (1, 2)]
+    rows += [("mean", "absent-4", 1, 0.94), ("mean", "absent-4", 2, 0.93),
+             ("mean", "absent-8", 1, 0.90), ("mean", "absent-8", 2, 0.91)]
+    rows += [("centered-clip", "alie", 1, 0.93), ("centered-clip", "alie", 2, 0.93),
+             ("centered-clip", "ipm", 1, 0.91), ("centered-clip", "ipm", 2, 0.89),
+             ("centered-clip", "absent-8", 1, 0.99)]
+    df = pd.DataFrame(rows, columns=["aggregator", "attack", "seed", "test_accuracy"]).assign(
+        dataset="digits", status="ok", val_accuracy=lambda d: d.test_accuracy)
+    gaps = paired_gaps(df, "digits", floor=True).set_index("attack")
+    assert list(gaps.index) == ["alie", "ipm"]
+    assert gaps.loc["alie", "gap"] == pytest.approx(-0.5) and gaps.loc["alie", "worst_seed"] == pytest.approx(-1.0)
+    assert gaps.loc["ipm", "gap"] == pytest.approx(-0.5) and gaps.loc["ipm", "worst_seed"] == pytest.approx(-2.0)
+    assert paired_gaps(df, "digits").set_index("attack").loc["ipm", "gap"] == pytest.approx(-5.0)
+
+
 def test_grid_filters_name_the_bad_value():
     from experiments.bench_byzantine import grid_runs
 
