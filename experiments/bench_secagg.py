@@ -84,7 +84,8 @@ def step_difference(clients: int, root: Path) -> tuple[float, float]:
     """(|G_secure - G_plain| / |G_plain|, the documented bound / |G_plain|) for round 1."""
     from flb.inprocess import run_inprocess
     from strategies.secure import quantisation_bound, secagg_params
-    from workloads.config import RunConfig, split_global_batch
+    from workloads.batches import split_global_batch
+    from workloads.config import RunConfig
     from workloads.models import build_model
     from workloads.registry import WORKLOADS
 

@@ -28,7 +28,7 @@ from strategies.aggregation import weighted_mean
 from strategies.batch_policy import noise_batch, noise_moments, noise_scale_of, scheduled_batch
 from strategies.noise_scale import NoiseStats, noise_stats
 from strategies.server_opt import ServerSGD, lr_at, running_mean, velocity_from_weights
-from workloads.config import split_global_batch
+from workloads.batches import split_global_batch
 from workloads.data import Splits
 from workloads.devices import DeviceProfile, parse_profiles
 from workloads.files import atomic_write_json

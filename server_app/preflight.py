@@ -22,7 +22,8 @@ from strategies.privacy import check_privacy, check_private_model, dp_on
 from strategies.tail_average import average_start
 from strategies.teacher_registry import check_teacher
 from strategies.teachers import parse_steps
-from workloads.config import RunConfig, check_batches_fit, split_global_batch
+from workloads.batches import check_batches_fit, split_global_batch
+from workloads.config import RunConfig
 from workloads.devices import MIB, memory_budget_mb, parse_profiles
 from workloads.errors import ConfigError
 from workloads.registry import check_workload

@@ -53,7 +53,8 @@ from estimators.performance import (
 )
 from strategies.noise_scale import NoiseStats
 from strategies.teachers import parse_steps
-from workloads.config import RunConfig, split_global_batch
+from workloads.batches import split_global_batch
+from workloads.config import RunConfig
 from workloads.devices import DeviceProfile, profile_for
 from protocol import messages as proto
 

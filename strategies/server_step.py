@@ -59,7 +59,7 @@ from strategies.step_values import (  # noqa: F401 - the round's values, importe
     refused_by_config,
 )
 from strategies.teachers import TeacherInput, TeacherOutput
-from workloads.config import split_global_batch
+from workloads.batches import split_global_batch
 from workloads.devices import profile_for
 
 

@@ -12,7 +12,8 @@ from flb.launch.run import parse_federation, parse_pairs, prepare
 from server_app.preflight import parse_run_config
 from tests.conftest import REPO_ROOT
 from workloads import config_doc
-from workloads.config import RunConfig, check_batches_fit, split_global_batch
+from workloads.batches import check_batches_fit, split_global_batch
+from workloads.config import RunConfig
 from workloads.errors import ConfigError
 
 
