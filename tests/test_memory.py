@@ -15,7 +15,7 @@ import torch
 
 from estimators.memory import MemoryEstimator, StepMemoryModel, fit_step_model, measure_peak_bytes
 from estimators.memory_trace import StepTrace, default_make_input, trace_steps
-from experiments.bench_memory import LSTMClassifier, TokenTransformer
+from experiments.memory_models import LSTMClassifier, TokenTransformer
 from workloads.models import build_model
 
 SHAPES = {"mlp": (1, 8, 8), "cnn": (3, 32, 32)}
