@@ -381,12 +381,10 @@ def main(argv: list[str] | None = None) -> None:
             print(f"\n{d}: final test accuracy (%), mean ± std over {len(seeds)} seeds (*k: k runs failed)\n"
                   + summary(df, d))
             for split in ("val", "test"):
-                if not (gaps := paired_gaps(df, d, split=split)).empty:
-                    print(f"\n{d}: centered-clip minus the clean mean run of the same seed, {split} accuracy\n"
-                          + gap_table(gaps))
-                if not (gaps := paired_gaps(df, d, split=split, floor=True)).empty:
-                    print(f"\n{d}: centered-clip minus the mean run of the same seed without the f attackers "
-                          f"(absent-f), {split} accuracy\n" + gap_table(gaps))
+                for floor, ref in ((False, "the clean mean run of the same seed"),
+                                   (True, "the mean run of the same seed without the f attackers (absent-f)")):
+                    if not (gaps := paired_gaps(df, d, split=split, floor=floor)).empty:
+                        print(f"\n{d}: centered-clip minus {ref}, {split} accuracy\n" + gap_table(gaps))
         print("plot: " + (args.plot if plot(df, Path(args.plot)) else "skipped (matplotlib not installed)"))
     if {tuple(r) for r in QUICK_RUNS} <= set(zip(df.aggregator, df.attack)) and "mnist" in datasets:
         print(quick_line(df[df.dataset == "mnist"]))

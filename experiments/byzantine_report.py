@@ -63,11 +63,12 @@ def paired_gaps(df: pd.DataFrame, dataset: str, aggregator: str = "centered-clip
     def by_seed(agg: str, attack: str) -> pd.Series:
         return d[(d.aggregator == agg) & (d.attack == attack)].groupby("seed")[col].mean()
 
+    absent_of = {f: name for name, f in ABSENT.items()}  # f -> the condition without those f clients
     rows = []
     for attack in conditions_in(d.attack):
-        if floor and (attack in ABSENT or CONDITIONS[attack] == 0):
+        if floor and (attack in ABSENT or CONDITIONS[attack] not in absent_of):
             continue
-        ref = by_seed(reference[0], f"absent-{CONDITIONS[attack]}" if floor else reference[1])
+        ref = by_seed(reference[0], absent_of[CONDITIONS[attack]] if floor else reference[1])
         gaps = 100 * (by_seed(aggregator, attack) - ref).dropna()
         if gaps.empty:
             continue
