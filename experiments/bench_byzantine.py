@@ -77,11 +77,11 @@ class Scale:
 
 
 # digits: the run-config defaults (lr 0.3). MNIST CNN: lr 0.3 stays at chance and 0.07 or more spikes; 0.04 had
-# the best validation accuracy of 0.03-0.07 at 40 rounds (docs/faults.md#byzantine-clients). 40 rounds of
+# the best validation accuracy of 0.03-0.07 at 40 rounds (docs/byzantine.md#byzantine-clients). 40 rounds of
 # B = 160 keep a run near half a minute with 1 thread: the robust aggregators sort 20 x 390k entries a round.
 # CIFAR-10 CNN (only when named): 200 rounds (0.7 epoch); lr 0.08 had the best validation accuracy, mean of
 # seeds 1-3, of 0.04-0.16 for the clean mean run (0.16 leads on seed 1 and falls to 41 % on seed 3; 0.32
-# diverges) (docs/faults.md#cifar-10).
+# diverges) (docs/byzantine.md#cifar-10).
 SCALES = {"digits": Scale(60, 320, 0.3), "mnist": Scale(40, 160, 0.04, 2000), "cifar10": Scale(200, 160, 0.08, 2000)}
 
 

@@ -163,15 +163,15 @@ class RunConfig:
     cc_iterations: int = _key(3, "`centered-clip`: clipping iterations L per round")
     cc_radius_scale: float = _key(
         1.5, "`centered-clip` with `cc-radius = 0`: tau = this times the median distance; larger passes more of "
-             "every client (toward `mean`), smaller clips more; 1.5 was chosen on validation ([faults.md](faults.md#choosing-the-radius))")
+             "every client (toward `mean`), smaller clips more; 1.5 was chosen on validation ([byzantine.md](byzantine.md#choosing-the-radius))")
     cc_drop_ratio: float = _key(
         10.0, "`centered-clip`: clients farther from the previous aggregate than this many times the median "
               "distance get no weight in the round (clipped, they would still pull by tau); `0` = off, else above 1; "
-              "10 was chosen on validation ([faults.md](faults.md#dropping-far-clients))")
+              "10 was chosen on validation ([byzantine.md](byzantine.md#dropping-far-clients))")
     bucket_size: int = _key(
         1, "robust aggregators: average the round's clients in random buckets of this many (b_i-weighted) and "
            "aggregate the bucket means (Karimireddy et al. 2022); `1` = off "
-           "([faults.md](faults.md#bucketing))")
+           "([byzantine.md](byzantine.md#bucketing))")
     byzantine_fraction: float = _key(
         0.2, "`krum`: assumes floor(fraction * K) Byzantine clients; `trimmed-mean`: share of the weight (b_i) "
              "trimmed at each end, per coordinate")
