@@ -22,8 +22,8 @@ Karimireddy et al.'s released code runs them, on the momenta the aggregator sees
 accuracy of its last model.
 
 Full run: every aggregator x every attack x seeds F..F+S-1 (``--first-seed`` F, default 1, ``--seeds`` S);
-writes ``<out>/bench_byzantine.csv`` (one row per run) and ``docs/byzantine.png``, prints mean +- std of the
-final test accuracy.
+writes ``<out>/bench_byzantine.csv`` (one row per run) and its plot (``--plot``, default
+``<out>/bench_byzantine.png``, never a committed figure unless named), prints mean +- std of the final test accuracy.
 ``--quick``: MNIST, seed 1, only the five runs of the last line, which reads
 ``clean=<acc> mean_alie=<acc> cc_alie=<acc> mean_ipm=<acc> cc_ipm=<acc>``.
 """
@@ -352,7 +352,7 @@ def main(argv: list[str] | None = None) -> None:
                    help="comma-separated attacks and 'clean'; the oracle 'absent-4', 'absent-8' only when named")
     p.add_argument("--data-dir", default=os.environ.get("FLB_DATA_DIR", ""))
     p.add_argument("--out", default="experiments/results")
-    p.add_argument("--plot", default="docs/byzantine.png")
+    p.add_argument("--plot", default="", help="the bars' PNG; default: <out>/bench_byzantine.png")
     args = p.parse_args(argv)
     torch.set_num_threads(1)
     datasets = ["mnist"] if args.quick else [d for d in args.datasets.split(",") if d]
@@ -385,7 +385,8 @@ def main(argv: list[str] | None = None) -> None:
                                    (True, "the mean run of the same seed without the f attackers (absent-f)")):
                     if not (gaps := paired_gaps(df, d, split=split, floor=floor)).empty:
                         print(f"\n{d}: centered-clip minus {ref}, {split} accuracy\n" + gap_table(gaps))
-        print("plot: " + (args.plot if plot(df, Path(args.plot)) else "skipped (matplotlib not installed)"))
+        png = Path(args.plot or Path(args.out) / "bench_byzantine.png")
+        print(f"plot: {png}" if plot(df, png) else "plot: skipped (matplotlib not installed)")
     if {tuple(r) for r in QUICK_RUNS} <= set(zip(df.aggregator, df.attack)) and "mnist" in datasets:
         print(quick_line(df[df.dataset == "mnist"]))
 

@@ -43,6 +43,7 @@ import torch
 
 from experiments import privacy_attack as pa
 from workloads.data import Splits, load_splits
+from workloads.files import atomic_save_figure
 from workloads.models import build_model
 from workloads.registry import WORKLOADS
 from workloads.training import batch_gradient, evaluate
@@ -256,7 +257,7 @@ def figure(shown: list[tuple[str, torch.Tensor, torch.Tensor]], path: Path, colu
                     ax.set_title(("original", "rebuilt")[k], fontsize=7)
         axes[r, 0].text(-0.3, 0.5, name, transform=axes[r, 0].transAxes, ha="right", va="center", fontsize=7)
     fig.subplots_adjust(left=0.3, wspace=0.05, hspace=0.1)
-    fig.savefig(path, dpi=110, bbox_inches="tight")
+    atomic_save_figure(fig, path, dpi=110, bbox_inches="tight")
     plt.close(fig)
 
 

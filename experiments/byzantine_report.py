@@ -11,6 +11,7 @@ from scipy import stats
 
 from experiments.attacks import ABSENT, CONDITIONS, N_CLIENTS
 from workloads.config import AGGREGATORS
+from workloads.files import atomic_save_figure
 
 
 def conditions_in(attacks: Iterable[str]) -> list[str]:
@@ -124,7 +125,6 @@ def plot(df: pd.DataFrame, path: Path) -> bool:
         ax.set_title(f"{dataset}: n = {N_CLIENTS} clients, partitions 0..f-1 Byzantine, seeds {sorted(set(df.seed))}")
         ax.legend(fontsize=8, ncol=len(aggs), loc="upper center", bbox_to_anchor=(0.5, -0.2))
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
+    atomic_save_figure(fig, path, dpi=110)
     plt.close(fig)
     return True

@@ -4,10 +4,11 @@ budget and method, its markdown tables, the goal check and the plot."""
 from __future__ import annotations
 
 import math
-import os
 from pathlib import Path
 
 import pandas as pd
+
+from workloads.files import atomic_save_figure
 
 DONE_GAP_PP = 1.5  # "done": plain large batch at least this far behind small batch at equal epochs
 GOAL_PP = 0.5  # goal: a teacher within this of small batch at equal epochs
@@ -92,9 +93,7 @@ def plot(summary: pd.DataFrame, learned: pd.DataFrame | None, path: Path) -> Non
         ax.set_title("learned teacher: per-tensor gains")
         ax.legend(fontsize=6, ncol=2)
     fig.tight_layout()
-    tmp = path.with_suffix(".tmp.png")
-    fig.savefig(tmp, dpi=110)
-    os.replace(tmp, path)
+    atomic_save_figure(fig, path, dpi=110)
 
 
 def learned_gains(final: pd.DataFrame) -> pd.DataFrame | None:

@@ -84,7 +84,7 @@ from experiments.tta_methods import (
 )
 from experiments.tta_training import FLEET, FleetClock, calibrate, train
 from workloads.data import Splits, load_splits
-from workloads.files import atomic_write_json, atomic_write_text
+from workloads.files import atomic_save_figure, atomic_write_json, atomic_write_text
 from workloads.models import build_model
 from workloads.registry import WORKLOADS
 
@@ -209,8 +209,7 @@ def plot(curves: pd.DataFrame, target: float, path: Path) -> bool:
     ax.set_title(f"CIFAR-10 cnn, {TRAIN_LIMIT} images, {EPOCHS} epochs; mean over seeds")
     ax.legend(fontsize=8)
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
+    atomic_save_figure(fig, path, dpi=110)
     plt.close(fig)
     return True
 

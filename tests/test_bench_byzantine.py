@@ -132,13 +132,13 @@ def test_first_seed_extends_a_grid_with_the_same_runs(tmp_path):
     """Seeds 2..3 of a grid started at seed 2 are the runs seeds 2..3 of a grid started at 1."""
     from experiments import bench_byzantine
 
-    common = ["--datasets", "digits", "--rounds", "3", "--aggregators", "mean", "--attacks", "clean",
-              "--plot", str(tmp_path / "p.png")]
+    common = ["--datasets", "digits", "--rounds", "3", "--aggregators", "mean", "--attacks", "clean"]
     bench_byzantine.main(common + ["--seeds", "3", "--out", str(tmp_path / "a")])
     bench_byzantine.main(common + ["--seeds", "2", "--first-seed", "2", "--out", str(tmp_path / "b")])
     a, b = (pd.read_csv(tmp_path / d / "bench_byzantine.csv") for d in ("a", "b"))
     assert list(a.seed) == [1, 2, 3] and list(b.seed) == [2, 3]
     assert list(b.test_accuracy) == list(a.test_accuracy[1:])
+    assert (tmp_path / "a" / "bench_byzantine.png").is_file()  # without --plot, beside its CSV
 
 
 def test_cc_radius_sweep_picks_the_scale_with_the_best_worst_attack(tmp_path, capsys):

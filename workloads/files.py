@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import tempfile
@@ -51,10 +52,15 @@ def atomic_write_json(path: str | Path, obj: Any) -> None:
 
 def atomic_torch_save(path: str | Path, obj: Any) -> None:
     """``torch.save`` atomically."""
-    import io
-
     import torch
 
     buf = io.BytesIO()
     torch.save(obj, buf)
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def atomic_save_figure(fig: Any, path: str | Path, **savefig_kwargs: Any) -> None:
+    """Render a matplotlib figure in memory (format from the suffix, PNG by default), then write it atomically."""
+    buf = io.BytesIO()
+    fig.savefig(buf, format=Path(path).suffix.lstrip(".") or "png", **savefig_kwargs)
     atomic_write_bytes(path, buf.getvalue())
