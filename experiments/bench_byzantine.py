@@ -1,7 +1,8 @@
 """Byzantine clients against the robust aggregators, through the product's server step.
 
 ``python -m experiments.bench_byzantine [--quick] [--datasets digits,mnist[,cifar10]] [--seeds 3] [--first-seed 1]
-[--rounds R] [--lr LR] [--global-batch B] [--weight-decay WD] [--cc-drop-ratio R] [--data-dir DIR] [--out DIR]``
+[--rounds R] [--lr LR] [--global-batch B] [--weight-decay WD] [--momentum M] [--cc-drop-ratio R] [--data-dir DIR]
+[--out DIR]``
 
 n = 20 clients, each an IID partition of the training split (``workloads.partition``, seeded
 by the run seed), each sending the gradient of its own batch of b_i = B / 20 examples, drawn
@@ -9,7 +10,7 @@ as the ClientApp draws (an epoch-wise shuffle of its partition seeded by seed * 
 Partitions 0..f-1 are Byzantine and collude (experiments/attacks.py): f = 4 (20%) for ``alie``,
 ``sign-flip``, ``label-flip`` and ``bit-flip``, f = 8 (40%) for ``ipm``; ``clean`` has none.
 Every round goes through the product's ``plan_round`` and ``server_step`` (reply checks, the
-norm guard, the aggregator, server SGD with momentum 0.9 and the run's lr schedule), with
+norm guard, the aggregator, server SGD with momentum 0.9 (``--momentum``) and the run's lr schedule), with
 ``min-batch-fraction = 0.5`` so that rejected attackers do not stop the round, and
 ``byzantine-fraction = f / n`` (0.2 for ``clean``): Krum and the trimmed mean are told the
 true f. ``absent-4`` and ``absent-8`` (only through ``--attacks``) are the oracle: partitions
@@ -65,8 +66,8 @@ NODE_BASE = 1000  # node id of partition p is NODE_BASE + p
 @dataclass(frozen=True)
 class Scale:
     """A dataset's run length: rounds, global batch B (b_i = B / 20), peak lr, validation examples evaluated,
-    the server's L2 coefficient and centered-clip's drop ratio (None = run-config ``weight-decay``'s,
-    ``cc-drop-ratio``'s default)."""
+    the server's L2 coefficient, centered-clip's drop ratio and the momentum (None = run-config
+    ``weight-decay``'s, ``cc-drop-ratio``'s, ``momentum``'s default)."""
 
     rounds: int
     global_batch: int
@@ -74,6 +75,7 @@ class Scale:
     val_examples: int = 0  # 0 = the whole validation split
     weight_decay: float | None = None
     cc_drop_ratio: float | None = None
+    momentum: float | None = None
 
 
 # digits: the run-config defaults (lr 0.3). MNIST CNN: lr 0.3 stays at chance and 0.07 or more spikes; 0.04 had
@@ -135,7 +137,7 @@ def run_config(dataset: str, aggregator: str, attack: str, scale: Scale, seed: i
     f = CONDITIONS[attack]
     drop = scale.cc_drop_ratio if drop_ratio is None else drop_ratio
     keys = {k: v for k, v in (("cc-radius-scale", radius_scale), ("cc-drop-ratio", drop),
-                              ("weight-decay", scale.weight_decay)) if v is not None}
+                              ("weight-decay", scale.weight_decay), ("momentum", scale.momentum)) if v is not None}
     return RunConfig.from_mapping({
         "dataset": dataset, "aggregator": aggregator, "num-server-rounds": scale.rounds,
         "global-batch-size": scale.global_batch, "lr": scale.lr, "seed": seed, "min-batch-fraction": 0.5,
@@ -231,7 +233,7 @@ def run_one(bench: Bench, aggregator: str, attack: str, scale: Scale, radius_sca
     test_acc, val_acc = final_accuracies(bench, state, scale.val_examples)
     return {"dataset": bench.dataset, "aggregator": aggregator, "attack": attack, "f": f, "seed": bench.seed,
             "global_batch": scale.global_batch, "lr": scale.lr, "weight_decay": setup.cfg.weight_decay,
-            "cc_drop_ratio": setup.cfg.cc_drop_ratio,
+            "cc_drop_ratio": setup.cfg.cc_drop_ratio, "momentum": setup.cfg.momentum,
             "test_accuracy": test_acc, "val_accuracy": val_acc,
             "rounds": state.round, "seconds": time.perf_counter() - start, "status": status,
             "rejected_byzantine": rejected["byzantine"], "rejected_honest": rejected["honest"]}
@@ -288,17 +290,22 @@ def checked_weight_decay(weight_decay: float | None) -> float | None:
 
 
 def overridden(base: Scale, rounds: int = 0, global_batch: int = 0, lr: float = 0.0,
-               weight_decay: float | None = None, cc_drop_ratio: float | None = None) -> Scale:
-    """``base`` with the rounds, B, lr (0 keeps ``base``'s), weight decay and drop ratio (None keeps them) given
-    on the command line; a bad B, weight decay or drop ratio exits, named."""
+               weight_decay: float | None = None, cc_drop_ratio: float | None = None,
+               momentum: float | None = None) -> Scale:
+    """``base`` with the rounds, B, lr (0 keeps ``base``'s), weight decay, drop ratio and momentum (None keeps
+    them) given on the command line; a bad B, weight decay, drop ratio or momentum exits, named."""
     if global_batch < 0 or global_batch % N_CLIENTS:
         raise SystemExit(f"--global-batch = {global_batch}: must be 0 (the dataset's) or a positive multiple "
                          f"of {N_CLIENTS}, the number of clients")
     if cc_drop_ratio is not None and cc_drop_ratio != 0 and not cc_drop_ratio > 1:
         raise SystemExit(f"--cc-drop-ratio = {cc_drop_ratio}: must be 0 (off) or > 1")
+    if momentum is not None and not 0 <= momentum < 1:
+        raise SystemExit(f"--momentum = {momentum}: must be in [0, 1)")
     wd = base.weight_decay if checked_weight_decay(weight_decay) is None else weight_decay
     drop = base.cc_drop_ratio if cc_drop_ratio is None else cc_drop_ratio
-    return Scale(rounds or base.rounds, global_batch or base.global_batch, lr or base.lr, base.val_examples, wd, drop)
+    mom = base.momentum if momentum is None else momentum
+    return Scale(rounds or base.rounds, global_batch or base.global_batch, lr or base.lr, base.val_examples, wd, drop,
+                 mom)
 
 
 def add_run_args(p: argparse.ArgumentParser, rounds: int) -> None:
@@ -347,6 +354,9 @@ def main(argv: list[str] | None = None) -> None:
     add_weight_decay_arg(p)
     p.add_argument("--cc-drop-ratio", type=float, default=None,
                    help="centered-clip's cc-drop-ratio of every run, 0 (off) or > 1; default: run-config's")
+    p.add_argument("--momentum", type=float, default=None,
+                   help="server SGD momentum of every run (centered-clip's worker momentum), in [0, 1); "
+                        "default: run-config's")
     p.add_argument("--aggregators", default=",".join(AGGREGATORS), help="comma-separated subset of the aggregators")
     p.add_argument("--attacks", default=",".join(ATTACKS),
                    help="comma-separated attacks and 'clean'; the oracle 'absent-4', 'absent-8' only when named")
@@ -358,17 +368,18 @@ def main(argv: list[str] | None = None) -> None:
     datasets = ["mnist"] if args.quick else [d for d in args.datasets.split(",") if d]
     if (bad := first_unknown(datasets, SCALES)) is not None:
         raise SystemExit(f"--datasets = {args.datasets!r}: {bad!r} is not one of {', '.join(SCALES)}")
-    scales = {d: overridden(s, args.rounds, args.global_batch, args.lr, args.weight_decay, args.cc_drop_ratio)
-              for d, s in SCALES.items()}
+    scales = {d: overridden(s, args.rounds, args.global_batch, args.lr, args.weight_decay, args.cc_drop_ratio,
+                            args.momentum) for d, s in SCALES.items()}
     if args.seeds < 1 or args.first_seed < 1:
         raise SystemExit(f"--seeds = {args.seeds}, --first-seed = {args.first_seed}: both must be >= 1")
     seeds = range(1, 2) if args.quick else range(args.first_seed, args.first_seed + args.seeds)
     runs = list(QUICK_RUNS) if args.quick else grid_runs(args.aggregators, args.attacks)
     for d in datasets:
         s = scales[d]
-        wd, drop = ("the run-config default" if v is None else f"{v:g}" for v in (s.weight_decay, s.cc_drop_ratio))
+        wd, drop, mom = ("the run-config default" if v is None else f"{v:g}"
+                         for v in (s.weight_decay, s.cc_drop_ratio, s.momentum))
         print(f"{d}: n = {N_CLIENTS}, B = {s.global_batch} (b_i = {s.global_batch // N_CLIENTS}), {s.rounds} rounds, "
-              f"lr {s.lr:g} (warmup 2, cosine), momentum 0.9, weight decay {wd}, cc-drop-ratio {drop}, "
+              f"lr {s.lr:g} (warmup 2, cosine), momentum {mom}, weight decay {wd}, cc-drop-ratio {drop}, "
               f"seeds {seeds[0]}..{seeds[-1]}, "
               f"{len(runs)} runs per seed", flush=True)
     start = time.perf_counter()

@@ -233,3 +233,21 @@ def test_drop_ratio_override_reaches_the_run_config_and_bad_values_are_named(ben
     for bad in (1.0, 0.5, -2.0):
         with pytest.raises(SystemExit, match=rf"--cc-drop-ratio = {bad}: must be 0 \(off\) or > 1"):
             overridden(base, cc_drop_ratio=bad)
+
+
+def test_momentum_override_reaches_the_run_config_and_the_row_and_bad_values_are_named(bench):
+    from experiments.bench_byzantine import SCALES, overridden, run_config
+
+    base = SCALES["digits"]
+    s = overridden(base, lr=0.03, momentum=0.99)
+    assert (s.lr, s.momentum) == (0.03, 0.99)
+    assert run_config("digits", "centered-clip", "alie", s, 1).momentum == 0.99
+    assert run_config("digits", "centered-clip", "alie", base, 1).momentum == 0.9  # the run-config default
+    assert overridden(s, rounds=5).momentum == 0.99  # kept when not given
+    a = run_one(bench, "centered-clip", "clean", Scale(3, 320, 0.3, momentum=0.0))
+    b = run_one(bench, "centered-clip", "clean", Scale(3, 320, 0.3))
+    assert (a["momentum"], b["momentum"]) == (0.0, 0.9)
+    assert a["val_accuracy"] != b["val_accuracy"]  # the momentum changed the steps
+    for bad in (1.0, -0.1):
+        with pytest.raises(SystemExit, match=rf"--momentum = {bad}: must be in \[0, 1\)"):
+            overridden(base, momentum=bad)
