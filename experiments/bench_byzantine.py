@@ -282,6 +282,13 @@ def add_weight_decay_arg(p: argparse.ArgumentParser) -> None:
                    help="server L2 coefficient of every run, in [0, 1); default: run-config weight-decay's")
 
 
+def add_momentum_arg(p: argparse.ArgumentParser) -> None:
+    """``--momentum`` (``overridden`` checks it): the server SGD momentum, centered-clip's worker momentum."""
+    p.add_argument("--momentum", type=float, default=None,
+                   help="server SGD momentum of every run (centered-clip's worker momentum), in [0, 1); "
+                        "default: run-config's")
+
+
 def checked_weight_decay(weight_decay: float | None) -> float | None:
     """``--weight-decay`` as given (None = run-config default); a value outside [0, 1) exits, named."""
     if weight_decay is not None and not 0 <= weight_decay < 1:
@@ -316,13 +323,16 @@ def add_run_args(p: argparse.ArgumentParser, rounds: int) -> None:
     p.add_argument("--global-batch", type=int, default=0, help=f"B, a multiple of {N_CLIENTS}; 0 = the dataset's")
     p.add_argument("--lr", type=float, default=0.0, help="peak lr; 0 = the dataset's")
     add_weight_decay_arg(p)
+    add_momentum_arg(p)
     p.add_argument("--data-dir", default=os.environ.get("FLB_DATA_DIR", ""))
 
 
 def run_setting(args: argparse.Namespace) -> tuple[Scale, Bench]:
-    """The scale and bench of ``add_run_args``' options (a bad B or weight decay exits, named); one thread."""
+    """The scale and bench of ``add_run_args``' options (a bad B, weight decay or momentum exits, named); one
+    thread."""
     torch.set_num_threads(1)
-    scale = overridden(SCALES[args.dataset], args.rounds, args.global_batch, args.lr, args.weight_decay)
+    scale = overridden(SCALES[args.dataset], args.rounds, args.global_batch, args.lr, args.weight_decay,
+                       momentum=args.momentum)
     return scale, Bench.create(args.dataset, args.data_dir, args.seed)
 
 
@@ -354,9 +364,7 @@ def main(argv: list[str] | None = None) -> None:
     add_weight_decay_arg(p)
     p.add_argument("--cc-drop-ratio", type=float, default=None,
                    help="centered-clip's cc-drop-ratio of every run, 0 (off) or > 1; default: run-config's")
-    p.add_argument("--momentum", type=float, default=None,
-                   help="server SGD momentum of every run (centered-clip's worker momentum), in [0, 1); "
-                        "default: run-config's")
+    add_momentum_arg(p)
     p.add_argument("--aggregators", default=",".join(AGGREGATORS), help="comma-separated subset of the aggregators")
     p.add_argument("--attacks", default=",".join(ATTACKS),
                    help="comma-separated attacks and 'clean'; the oracle 'absent-4', 'absent-8' only when named")

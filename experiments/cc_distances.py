@@ -89,7 +89,7 @@ def main(argv: list[str] | None = None) -> None:
     if not 0 <= args.ema < 1:
         raise SystemExit(f"--ema = {args.ema}: must be in [0, 1)")
     scale, bench = run_setting(args)
-    beta = RunConfig.from_mapping({}).momentum
+    beta = RunConfig.from_mapping({}).momentum if scale.momentum is None else scale.momentum
     for attack in names:
         rec = Recorder(beta, args.ema)
         row = run_one(bench, "centered-clip", attack, scale, on_round=rec)

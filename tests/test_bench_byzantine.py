@@ -251,3 +251,17 @@ def test_momentum_override_reaches_the_run_config_and_the_row_and_bad_values_are
     for bad in (1.0, -0.1):
         with pytest.raises(SystemExit, match=rf"--momentum = {bad}: must be in \[0, 1\)"):
             overridden(base, momentum=bad)
+
+
+def test_single_seed_scripts_take_the_momentum():
+    import argparse
+
+    from experiments.bench_byzantine import add_run_args, run_setting
+
+    p = argparse.ArgumentParser()
+    add_run_args(p, rounds=10)
+    scale, _ = run_setting(p.parse_args(["--momentum", "0.99", "--lr", "0.03"]))
+    assert (scale.rounds, scale.lr, scale.momentum) == (10, 0.03, 0.99)
+    assert run_setting(p.parse_args([]))[0].momentum is None  # the run-config default
+    with pytest.raises(SystemExit, match=r"--momentum = 1.5: must be in \[0, 1\)"):
+        run_setting(p.parse_args(["--momentum", "1.5"]))
