@@ -24,10 +24,9 @@ import argparse
 import numpy as np
 import torch
 
-from experiments.bench_byzantine import CONDITIONS, add_run_args, run_one, run_setting
+from experiments.bench_byzantine import CONDITIONS, add_run_args, run_config, run_one, run_setting
 from strategies.robust import flatten
 from strategies.server_state import ServerState
-from workloads.config import RunConfig
 
 SHOWN = (2, 6, 21, 41, 81, 121)  # rounds printed, and the last one
 
@@ -89,9 +88,8 @@ def main(argv: list[str] | None = None) -> None:
     if not 0 <= args.ema < 1:
         raise SystemExit(f"--ema = {args.ema}: must be in [0, 1)")
     scale, bench = run_setting(args)
-    beta = RunConfig.from_mapping({}).momentum if scale.momentum is None else scale.momentum
     for attack in names:
-        rec = Recorder(beta, args.ema)
+        rec = Recorder(run_config(args.dataset, "centered-clip", attack, scale, args.seed).momentum, args.ema)
         row = run_one(bench, "centered-clip", attack, scale, on_round=rec)
         print(f"{args.dataset} seed {args.seed}, {attack} (f = {CONDITIONS[attack]}), default centered-clip: "
               f"test {row['test_accuracy']:.4f}, {row['status']}", flush=True)
