@@ -24,8 +24,9 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from experiments.bench_byzantine import (ATTACKS, CONDITIONS, SCALES, Bench, add_weight_decay_arg, checked_weight_decay,
-                                         grid_runs, overridden, run_one)
+from experiments.attacks import ATTACKS, CONDITIONS
+from experiments.bench_byzantine import Bench, run_one
+from experiments.byzantine_args import SCALES, add_weight_decay_arg, checked_weight_decay, grid_runs, overridden
 from workloads.files import atomic_write_text
 
 

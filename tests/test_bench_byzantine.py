@@ -9,7 +9,8 @@ import pandas as pd
 import pytest
 import torch
 
-from experiments.bench_byzantine import QUICK_RUNS, Bench, Scale, run_one
+from experiments.bench_byzantine import QUICK_RUNS, Bench, run_one
+from experiments.byzantine_args import Scale
 from experiments.byzantine_report import gap_table, paired_gaps, quick_line, summary
 
 
@@ -105,7 +106,7 @@ def test_floor_gaps_compare_each_attack_with_the_run_without_its_f_clients():
 
 
 def test_grid_filters_name_the_bad_value():
-    from experiments.bench_byzantine import grid_runs
+    from experiments.byzantine_args import grid_runs
 
     assert grid_runs("mean,centered-clip", "clean,ipm") == [
         ("mean", "clean"), ("centered-clip", "clean"), ("mean", "ipm"), ("centered-clip", "ipm")]
@@ -205,7 +206,8 @@ def test_byz_trace_points_match_the_run_and_bad_runs_are_named(bench, capsys):
 
 
 def test_weight_decay_override_reaches_the_run_config_and_bad_values_are_named():
-    from experiments.bench_byzantine import SCALES, overridden, run_config
+    from experiments.bench_byzantine import run_config
+    from experiments.byzantine_args import SCALES, overridden
 
     base = SCALES["digits"]
     assert overridden(base).weight_decay is None
@@ -219,7 +221,8 @@ def test_weight_decay_override_reaches_the_run_config_and_bad_values_are_named()
 
 
 def test_drop_ratio_override_reaches_the_run_config_and_bad_values_are_named(bench):
-    from experiments.bench_byzantine import SCALES, overridden, run_config
+    from experiments.bench_byzantine import run_config
+    from experiments.byzantine_args import SCALES, overridden
 
     base = SCALES["mnist"]
     s = overridden(base, rounds=400, weight_decay=0.005, cc_drop_ratio=4)
@@ -236,7 +239,8 @@ def test_drop_ratio_override_reaches_the_run_config_and_bad_values_are_named(ben
 
 
 def test_momentum_override_reaches_the_run_config_and_the_row_and_bad_values_are_named(bench):
-    from experiments.bench_byzantine import SCALES, overridden, run_config
+    from experiments.bench_byzantine import run_config
+    from experiments.byzantine_args import SCALES, overridden
 
     base = SCALES["digits"]
     s = overridden(base, lr=0.03, momentum=0.99)
