@@ -115,7 +115,8 @@ def run_config(dataset: str, aggregator: str, attack: str, scale: Scale, seed: i
     f = CONDITIONS[attack]
     drop = scale.cc_drop_ratio if drop_ratio is None else drop_ratio
     keys = {k: v for k, v in (("cc-radius-scale", radius_scale), ("cc-drop-ratio", drop),
-                              ("weight-decay", scale.weight_decay), ("momentum", scale.momentum)) if v is not None}
+                              ("weight-decay", scale.weight_decay), ("momentum", scale.momentum),
+                              ("exclude-ratio", None if aggregator == "mean" else scale.exclude_ratio)) if v is not None}
     return RunConfig.from_mapping({
         "dataset": dataset, "aggregator": aggregator, "num-server-rounds": scale.rounds,
         "global-batch-size": scale.global_batch, "lr": scale.lr, "seed": seed, "min-batch-fraction": 0.5,
@@ -212,7 +213,8 @@ def run_one(bench: Bench, aggregator: str, attack: str, scale: Scale, radius_sca
     return {"dataset": bench.dataset, "aggregator": aggregator, "attack": attack, "f": f, "seed": bench.seed,
             "global_batch": scale.global_batch, "lr": scale.lr, "weight_decay": setup.cfg.weight_decay,
             "cc_drop_ratio": setup.cfg.cc_drop_ratio, "momentum": setup.cfg.momentum,
-            "test_accuracy": test_acc, "val_accuracy": val_acc,
+            "exclude_ratio": setup.cfg.exclude_ratio, "excluded_byzantine": sum(p < f for p in state.persistence.excluded),
+            "excluded_honest": sum(p >= f for p in state.persistence.excluded), "test_accuracy": test_acc, "val_accuracy": val_acc,
             "rounds": state.round, "seconds": time.perf_counter() - start, "status": status,
             "rejected_byzantine": rejected["byzantine"], "rejected_honest": rejected["honest"]}
 
@@ -248,7 +250,8 @@ def run_grid(datasets: list[str], seeds: range, runs: list[tuple[str, str]], sca
                 r = rows[-1]
                 print(f"[{len(rows)}/{total}] {dataset} seed {seed} {aggregator:<13} {attack:<10} f={r['f']} "
                       f"test {r['test_accuracy']:.4f} val {r['val_accuracy']:.4f} rounds {r['rounds']} "
-                      f"rejected {r['rejected_byzantine']}+{r['rejected_honest']} {r['seconds']:.1f} s {r['status']}",
+                      f"rejected {r['rejected_byzantine']}+{r['rejected_honest']} excluded {r['excluded_byzantine']}+"
+                      f"{r['excluded_honest']} {r['seconds']:.1f} s {r['status']}",
                       flush=True)
                 atomic_write_text(csv, pd.DataFrame(rows).to_csv(index=False))
     return pd.DataFrame(rows)
@@ -290,6 +293,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--cc-drop-ratio", type=float, default=None,
                    help="centered-clip's cc-drop-ratio of every run, 0 (off) or > 1; default: run-config's")
     add_momentum_arg(p)
+    p.add_argument("--exclude-ratio", type=float, default=None,
+                   help="robust aggregators' exclude-ratio of every run, 0 (off) or > 1; default: run-config's")
     p.add_argument("--aggregators", default=",".join(AGGREGATORS), help="comma-separated subset of the aggregators")
     p.add_argument("--attacks", default=",".join(ATTACKS),
                    help="comma-separated attacks and 'clean'; the oracle 'absent-4', 'absent-8' only when named")
@@ -302,17 +307,18 @@ def main(argv: list[str] | None = None) -> None:
     if (bad := first_unknown(datasets, SCALES)) is not None:
         raise SystemExit(f"--datasets = {args.datasets!r}: {bad!r} is not one of {', '.join(SCALES)}")
     scales = {d: overridden(s, args.rounds, args.global_batch, args.lr, args.weight_decay, args.cc_drop_ratio,
-                            args.momentum) for d, s in SCALES.items()}
+                            args.momentum, args.exclude_ratio) for d, s in SCALES.items()}
     if args.seeds < 1 or args.first_seed < 1:
         raise SystemExit(f"--seeds = {args.seeds}, --first-seed = {args.first_seed}: both must be >= 1")
     seeds = range(1, 2) if args.quick else range(args.first_seed, args.first_seed + args.seeds)
     runs = list(QUICK_RUNS) if args.quick else grid_runs(args.aggregators, args.attacks)
     for d in datasets:
         s = scales[d]
-        wd, drop, mom = ("the run-config default" if v is None else f"{v:g}"
-                         for v in (s.weight_decay, s.cc_drop_ratio, s.momentum))
+        wd, drop, mom, excl = ("the run-config default" if v is None else f"{v:g}"
+                               for v in (s.weight_decay, s.cc_drop_ratio, s.momentum, s.exclude_ratio))
         print(f"{d}: n = {N_CLIENTS}, B = {s.global_batch} (b_i = {s.global_batch // N_CLIENTS}), {s.rounds} rounds, "
               f"lr {s.lr:g} (warmup 2, cosine), momentum {mom}, weight decay {wd}, cc-drop-ratio {drop}, "
+              f"exclude-ratio {excl}, "
               f"seeds {seeds[0]}..{seeds[-1]}, "
               f"{len(runs)} runs per seed", flush=True)
     start = time.perf_counter()

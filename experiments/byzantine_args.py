@@ -27,6 +27,7 @@ class Scale:
     weight_decay: float | None = None
     cc_drop_ratio: float | None = None
     momentum: float | None = None
+    exclude_ratio: float | None = None  # robust aggregators' exclude-ratio (None = run-config default)
 
 
 # digits: the run-config defaults (lr 0.3). MNIST CNN: lr 0.3 stays at chance and 0.07 or more spikes; 0.04 had
@@ -60,21 +61,24 @@ def checked_weight_decay(weight_decay: float | None) -> float | None:
 
 def overridden(base: Scale, rounds: int = 0, global_batch: int = 0, lr: float = 0.0,
                weight_decay: float | None = None, cc_drop_ratio: float | None = None,
-               momentum: float | None = None) -> Scale:
-    """``base`` with the rounds, B, lr (0 keeps ``base``'s), weight decay, drop ratio and momentum (None keeps
-    them) given on the command line; a bad B, weight decay, drop ratio or momentum exits, named."""
+               momentum: float | None = None, exclude_ratio: float | None = None) -> Scale:
+    """``base`` with the rounds, B, lr (0 keeps ``base``'s), weight decay, drop ratio, momentum and exclude ratio
+    (None keeps them) given on the command line; a bad B, weight decay, ratio or momentum exits, named."""
     if global_batch < 0 or global_batch % N_CLIENTS:
         raise SystemExit(f"--global-batch = {global_batch}: must be 0 (the dataset's) or a positive multiple "
                          f"of {N_CLIENTS}, the number of clients")
     if cc_drop_ratio is not None and cc_drop_ratio != 0 and not cc_drop_ratio > 1:
         raise SystemExit(f"--cc-drop-ratio = {cc_drop_ratio}: must be 0 (off) or > 1")
+    if exclude_ratio is not None and exclude_ratio != 0 and not exclude_ratio > 1:
+        raise SystemExit(f"--exclude-ratio = {exclude_ratio}: must be 0 (off) or > 1")
     if momentum is not None and not 0 <= momentum < 1:
         raise SystemExit(f"--momentum = {momentum}: must be in [0, 1)")
     wd = base.weight_decay if checked_weight_decay(weight_decay) is None else weight_decay
     drop = base.cc_drop_ratio if cc_drop_ratio is None else cc_drop_ratio
     mom = base.momentum if momentum is None else momentum
+    exclude = base.exclude_ratio if exclude_ratio is None else exclude_ratio
     return Scale(rounds or base.rounds, global_batch or base.global_batch, lr or base.lr, base.val_examples, wd, drop,
-                 mom)
+                 mom, exclude)
 
 
 def first_unknown(names: list[str], allowed: Container[str]) -> str | None:

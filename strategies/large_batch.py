@@ -123,6 +123,9 @@ class LargeBatchStrategy(FedAvg):
         log(INFO, "\t└──> faults: min-batch-fraction %.3g (round-retries %d, max-failed-rounds %d), round-timeout-s "
             "%.0f, max-norm-ratio %s, aggregator %s", c.min_batch_fraction, c.round_retries, c.max_failed_rounds,
             c.round_timeout_s, c.max_norm_ratio or "off", c.aggregator)
+        if c.exclude_ratio:
+            log(INFO, "\t└──> exclude-ratio %g after %d rounds: persistent clients are excluded for good", c.exclude_ratio,
+                c.exclude_after)
         if c.dp_clip_norm > 0:
             log(INFO, "\t└──> client-level DP: clip %.4g, noise multiplier %s, delta %.3g, accountant %s",
                 c.dp_clip_norm, f"chosen for epsilon <= {c.dp_target_epsilon:g}" if c.dp_target_epsilon else
@@ -246,6 +249,10 @@ class LargeBatchStrategy(FedAvg):
                     self._report(err.check)
                 raise
             self._report(record.check)
+            if newly := [p for p in state.persistence.excluded if p not in self.server_state.persistence.excluded]:
+                log(WARNING, "round %d: partition(s) %s excluded for the rest of the run: their gradients differ from "
+                    "most clients' the same way round after round (exclude-ratio = %g)", plan.round,
+                    ", ".join(map(str, newly)), cfg.exclude_ratio)
             return state, record
 
     def _skip(self, err: RoundFailure) -> tuple[ServerState, StepRecord]:

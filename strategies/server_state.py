@@ -6,7 +6,7 @@ server_app/results.py saves ``to_dict()`` as checkpoint.pt and reads it back wit
 Everything a resumed run needs to continue bit for bit is here: the model, the optimizer's
 velocity, the teacher's ``state_dict``, the client sampler's generator, every partition's
 sampler position, the norm guard's memory, the batch policy's and the DP accountant's history, and
-the tail average of ``average-from``.
+the tail average of ``average-from`` and the clients ``exclude-ratio`` excluded.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from strategies.batch_policy import PolicyMemory
+from strategies.persistence import Persistence
 
 
 @dataclass(frozen=True)
@@ -48,6 +49,7 @@ class ServerState:
     dp_noise_seed: int | None = None  # DP: the noise generator's seed, fixed in round 1 (a secret by default)
     average: OrderedDict[str, torch.Tensor] | None = None  # average-from: the tail mean of the global models
     averaged: int = 0  # average-from: the global models in ``average``
+    persistence: Persistence = field(default_factory=Persistence)  # exclude-ratio: offsets summed, clients excluded
 
     @classmethod
     def initial(cls, model: Mapping[str, torch.Tensor], seed: int, teacher: Mapping[str, Any]) -> ServerState:
@@ -72,6 +74,7 @@ class ServerState:
             "failed_rounds": self.failed_rounds, "dp_noise_multiplier": self.dp_noise_multiplier,
             "dp_history": [list(step) for step in self.dp_history], "dp_noise_seed": self.dp_noise_seed,
             "average": None if self.average is None else OrderedDict(self.average), "averaged": self.averaged,
+            "persistence": self.persistence.to_dict(),
         }
 
     @classmethod
@@ -90,6 +93,7 @@ class ServerState:
             dp_history=tuple((float(z), float(q), int(n)) for z, q, n in state.get("dp_history", [])),
             dp_noise_seed=_optional(int, state.get("dp_noise_seed")),
             average=_optional(OrderedDict, state.get("average")), averaged=int(state.get("averaged", 0)),
+            persistence=Persistence.from_dict(state.get("persistence")),
         )
 
 

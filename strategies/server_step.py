@@ -49,7 +49,8 @@ from strategies.privacy import (
 from strategies.reply_check import (
     NORM_WINDOW, Expected, check_buffers, check_grad_sq, check_metrics, check_tensors, norm_outliers,
 )
-from strategies.robust import worker_momenta
+from strategies.persistence import update as update_persistence
+from strategies.robust import flatten, worker_momenta
 from strategies.round_plan import round_stats
 from strategies.server_opt import ServerSGD, lr_at, velocity_from_weights
 from strategies.server_state import ServerState
@@ -72,6 +73,9 @@ def plan_round(state: ServerState, setup: RunSetup, usable: Mapping[int, int], k
     """
     cfg, rnd = setup.cfg, state.round + 1
     rng = state.sampler()
+    if state.persistence.excluded:  # exclude-ratio: excluded partitions are no longer sampled
+        usable = {n: p for n, p in usable.items() if p not in state.persistence.excluded}
+        k = min(k, len(usable))
     sampled = sample_nodes(usable, k, rng)
     sizes = [batches[usable[n]] for n in sampled] if batches is not None else split_global_batch(cfg.global_batch_size, k)
     assigned = {n: (usable[n], b) for n, b in zip(sampled, sizes)}
@@ -174,6 +178,11 @@ def server_step(state: ServerState, replies: Sequence[ClientReply], plan: StepPl
                         [r.partition_id for r in valid], [r.norm ** 2 for r in valid])
     params = [state.model[name] for name in setup.param_names]
     direction, momenta = _aggregate(state, plan, grads, batches, [r.partition_id for r in valid], params, global_grad)
+    persistence = state.persistence
+    if setup.cfg.exclude_ratio:  # counts this round's gradients; a newly excluded client is left out from the next
+        persistence = update_persistence(persistence, [r.partition_id for r in valid],
+                                         torch.stack([flatten(g) for g in grads]), setup.cfg.exclude_ratio,
+                                         setup.cfg.exclude_after)
     taught, teacher_state, teacher_s = _teach(state, plan, TeacherInput(
         direction, grads, batches, plan.round, lr=plan.lr, params=params, weight_decay=setup.cfg.weight_decay,
         stats=stats))
@@ -196,7 +205,7 @@ def server_step(state: ServerState, replies: Sequence[ClientReply], plan: StepPl
     drawn, virtual, virtual_s = round_progress(state, plan, valid, server_s)
     state = dataclasses.replace(
         state, model=model, velocity=velocity, teacher=teacher_state, drawn=drawn, round=plan.round,
-        client_momentum=momenta, failed_rounds=0, dp_history=_dp_history(state, plan),
+        client_momentum=momenta, failed_rounds=0, dp_history=_dp_history(state, plan), persistence=persistence,
         norm_history=(*state.norm_history, max(r.norm for r in valid))[-NORM_WINDOW:],
         samples_seen=state.samples_seen + sum(batches) * plan.local_steps, virtual_total=state.virtual_total + virtual_s,
         policy=state.policy.observe(setup.cfg, plan.round, stats, server_s))
@@ -359,6 +368,7 @@ def _round_row(state: ServerState, plan: StepPlan, check: ReplyCheck, stats: Noi
         "client_peak_mem_mb_max": max(peaks) if peaks else math.nan,
         "round_trip_s": timing["round_trip_s"], "server_s": timing["server_s"], "teacher_time_s": timing["teacher_time_s"],
         **{f"teacher_{k}": v for k, v in ({"scale": 1.0, "noise_norm": 0.0} | taught.metrics).items()},
+        **({"excluded_clients": len(state.persistence.excluded)} if plan.setup.cfg.exclude_ratio else {}),
     }
 
 

@@ -172,6 +172,11 @@ class RunConfig:
         1, "robust aggregators: average the round's clients in random buckets of this many (b_i-weighted) and "
            "aggregate the bucket means (Karimireddy et al. 2022); `1` = off "
            "([byzantine.md](byzantine.md#bucketing))")
+    exclude_ratio: float = _key(
+        0.0, "robust aggregators: exclude for good a client whose summed gradients differ from most clients' by more "
+             "than this many times what noise alone gives; `0` = off, else above 1; 6 suits IID clients with much data "
+             "([byzantine.md](byzantine.md#excluding-persistent-clients))")
+    exclude_after: int = _key(10, "`exclude-ratio`: rounds a client must have sent before it can be excluded")
     byzantine_fraction: float = _key(
         0.2, "`krum`: assumes floor(fraction * K) Byzantine clients; `trimmed-mean`: share of the weight (b_i) "
              "trimmed at each end, per coordinate")
@@ -296,6 +301,9 @@ class RunConfig:
         if self.cc_drop_ratio != 0 and not self.cc_drop_ratio > 1:
             raise ConfigError(f"run-config key 'cc-drop-ratio' = {self.cc_drop_ratio!r}: must be 0 (off) or > 1 "
                               "(times the median distance; at most 1 would drop honest clients).")
+        if self.exclude_ratio != 0 and not (self.exclude_ratio > 1 and self.aggregator != "mean"):
+            raise ConfigError(f"run-config key 'exclude-ratio' = {self.exclude_ratio!r} with aggregator = "
+                              f"{self.aggregator!r}: must be 0 (off), or > 1 with a robust aggregator (not mean).")
         if self.secagg_threshold < 0 or self.secagg_threshold == 1:
             raise ConfigError(f"run-config key 'secagg-threshold' = {self.secagg_threshold!r}: must be 0 (auto) or >= 2.")
         if not self.secagg_clip_norm > 0:
@@ -350,7 +358,7 @@ _CHOICES = (("partitioner", PARTITIONERS), ("schedule", SCHEDULES), ("device", D
             ("dp-accountant", DP_ACCOUNTANTS), ("teacher-velocity", ("sent", "from-weights")))
 _POSITIVE = ("calibration-rounds", "dirichlet-alpha", "num-server-rounds", "global-batch-size", "local-steps", "lr",
              "eval-every", "teacher-small-batch", "teacher-local-steps", "teacher-val-batch", "round-timeout-s",
-             "cc-iterations", "cc-radius-scale", "bucket-size")
+             "cc-iterations", "cc-radius-scale", "bucket-size", "exclude-after")
 _NON_NEGATIVE = ("clients-per-round", "virtual-clients", "client-threads", "micro-batch-size", "weight-decay",
                  "warmup-rounds", "seed", "train-limit", "teacher-hyper-lr", "memory-budget-mb", "checkpoint-every",
                  "round-retries", "max-failed-rounds", "cc-radius", "round-latency-s", "dp-clip-norm",
