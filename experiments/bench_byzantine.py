@@ -46,8 +46,8 @@ from torch import nn
 
 from experiments import attacks
 from experiments.attacks import ABSENT, ATTACKS, CONDITIONS, N_CLIENTS, PAPER
-from experiments.byzantine_args import (SCALES, Scale, add_momentum_arg, add_weight_decay_arg, first_unknown, grid_runs,
-                                      overridden)
+from experiments.byzantine_args import (SCALES, Scale, add_momentum_arg, add_ratio_args, add_weight_decay_arg, first_unknown,
+                                      grid_runs, overridden)
 from experiments.byzantine_report import gap_table, paired_gaps, plot, quick_line, summary
 from strategies.robust import flatten, unflatten
 from strategies.server_state import ServerState
@@ -290,11 +290,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--global-batch", type=int, default=0,
                    help=f"global batch B of every run, a multiple of {N_CLIENTS} (b_i = B / {N_CLIENTS}); 0 = the dataset's")
     add_weight_decay_arg(p)
-    p.add_argument("--cc-drop-ratio", type=float, default=None,
-                   help="centered-clip's cc-drop-ratio of every run, 0 (off) or > 1; default: run-config's")
+    add_ratio_args(p)
     add_momentum_arg(p)
-    p.add_argument("--exclude-ratio", type=float, default=None,
-                   help="robust aggregators' exclude-ratio of every run, 0 (off) or > 1; default: run-config's")
     p.add_argument("--aggregators", default=",".join(AGGREGATORS), help="comma-separated subset of the aggregators")
     p.add_argument("--attacks", default=",".join(ATTACKS),
                    help="comma-separated attacks and 'clean'; the oracle 'absent-4', 'absent-8' only when named")

@@ -45,6 +45,14 @@ def add_weight_decay_arg(p: argparse.ArgumentParser) -> None:
                    help="server L2 coefficient of every run, in [0, 1); default: run-config weight-decay's")
 
 
+def add_ratio_args(p: argparse.ArgumentParser) -> None:
+    """``--cc-drop-ratio`` and ``--exclude-ratio`` (``overridden`` checks them): 0 (off) or > 1, None = run-config's."""
+    p.add_argument("--cc-drop-ratio", type=float, default=None,
+                   help="centered-clip's cc-drop-ratio of every run, 0 (off) or > 1; default: run-config's")
+    p.add_argument("--exclude-ratio", type=float, default=None,
+                   help="robust aggregators' exclude-ratio of every run, 0 (off) or > 1; default: run-config's")
+
+
 def add_momentum_arg(p: argparse.ArgumentParser) -> None:
     """``--momentum`` (``overridden`` checks it): the server SGD momentum, centered-clip's worker momentum."""
     p.add_argument("--momentum", type=float, default=None,
